@@ -1,0 +1,129 @@
+"""Batched image and text encoding: plain functions from a batch of inputs to (n, d) float32.
+
+Each `*_batch` function maps one batch to L2-normalised embeddings and has no other state,
+so it can serve a DataLoader loop here or a Ray Data `map_batches` actor elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import numpy as np
+import open_clip
+import torch
+
+from retrieval.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
+from retrieval.model import ClipModel
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """fp16 autocast on CUDA by default; fp32 on CPU unless bf16 is asked for."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _normalised(features: torch.Tensor) -> np.ndarray:
+    features = features.float()
+    features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return features.cpu().numpy()
+
+
+def encode_image_batch(clip: ClipModel, pixels: torch.Tensor, precision: str = "auto") -> np.ndarray:
+    """(n, 3, H, W) preprocessed pixels -> (n, d) unit-norm float32 embeddings."""
+    non_blocking = clip.device.type == "cuda"
+    with torch.inference_mode(), autocast_for(clip.device, precision):
+        features = clip.model.encode_image(pixels.to(clip.device, non_blocking=non_blocking))
+    return _normalised(features)
+
+
+def trim_padding(tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Cut a right-padded (n, context_length) batch to its longest real sequence.
+
+    Both open_clip text towers give the same result on the trimmed batch: the HF tower masks
+    padding, and the causal CLIP tower pools at the end token, which never sees later pads.
+    """
+    positions = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
+    length = int(((tokens != pad_token_id) * positions).max().clamp_min(1))
+    return tokens[:, :length]
+
+
+def encode_token_batch(clip: ClipModel, tokens: torch.Tensor, precision: str = "auto",
+                       trim: bool = True) -> np.ndarray:
+    """(n, L) token ids -> (n, d) unit-norm float32 embeddings."""
+    trimmed = trim_padding(tokens, clip.pad_token_id) if trim else tokens
+    with torch.inference_mode(), autocast_for(clip.device, precision):
+        if trimmed.shape[1] == tokens.shape[1]:
+            features = clip.model.encode_text(tokens.to(clip.device))
+        elif hasattr(clip.model, "text"):  # CustomTextCLIP: the HF tower masks padding itself
+            features = clip.model.encode_text(trimmed.to(clip.device))
+        else:
+            features = _encode_causal_text(clip.model, trimmed.to(clip.device), tokens)
+    return _normalised(features)
+
+
+def _encode_causal_text(model: torch.nn.Module, tokens: torch.Tensor,
+                        padded: torch.Tensor) -> torch.Tensor:
+    """open_clip's CLIP.encode_text at the batch's real length (its own assumes full length).
+
+    Slicing the positional embedding and causal mask is exact for end-token pooling; other
+    pool types depend on the padded length, so those models are encoded padded.
+    """
+    if getattr(model, "text_pool_type", "argmax") not in ("argmax", "eos"):
+        return model.encode_text(padded.to(tokens.device))
+    length = tokens.shape[1]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)  # (n, L, width)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = open_clip.transformer.text_global_pool(
+        x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if isinstance(model.text_projection, torch.nn.Linear):
+        return model.text_projection(x)
+    return x @ model.text_projection if model.text_projection is not None else x
+
+
+def _batches(count: int, batch_size: int) -> Iterator[slice]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    for start in range(0, count, batch_size):
+        yield slice(start, min(start + batch_size, count))
+
+
+def encode_texts(clip: ClipModel, texts: Sequence[str], batch_size: int = 256,
+                 precision: str = "auto", trim: bool = True) -> np.ndarray:
+    """Encode texts to (n, d); texts are sorted by length so each batch trims tightly."""
+    if len(texts) == 0:
+        return np.zeros((0, clip.embed_dim), dtype=np.float32)
+    tokens = clip.tokenizer(list(texts))
+    lengths = (tokens != clip.pad_token_id).sum(dim=1)
+    order = torch.argsort(lengths, descending=True, stable=True) if trim else torch.arange(len(texts))
+    out = np.empty((len(texts), clip.embed_dim), dtype=np.float32)
+    for part in _batches(len(texts), batch_size):
+        rows = order[part]
+        out[rows.numpy()] = encode_token_batch(clip, tokens[rows], precision, trim)
+    return out
+
+
+def encode_images(clip: ClipModel, images: Sequence[ImageInput], batch_size: int = 64,
+                  precision: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encode paths or PIL images to (n, d); a bad image raises BadImageError naming it.
+
+    For large corpora use the indexer, which decodes in worker processes and skips bad files.
+    """
+    if len(images) == 0:
+        return np.zeros((0, clip.embed_dim), dtype=np.float32)
+    out = np.empty((len(images), clip.embed_dim), dtype=np.float32)
+    for part in _batches(len(images), batch_size):
+        pixels = torch.stack([clip.preprocess(load_image(item, max_pixels)) for item in images[part]])
+        out[part] = encode_image_batch(clip, pixels, precision)
+    return out

@@ -1,0 +1,90 @@
+"""Decode and preprocess images in DataLoader workers while the model encodes the last batch.
+
+Bad files never stop the loop: a worker turns them into a Problem that travels with the
+batch, so the caller can skip and report them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from retrieval.encode import encode_image_batch
+from retrieval.errors import BadImageError
+from retrieval.images import DEFAULT_MAX_PIXELS, load_image
+from retrieval.manifest import Problem
+from retrieval.model import ClipModel
+
+
+@dataclass
+class ImageBatch:
+    indices: list[int]  # positions in the input sequence of the decoded images
+    pixels: torch.Tensor  # (len(indices), 3, H, W)
+    problems: list[tuple[int, Problem]]  # inputs of this batch that could not be decoded
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, paths: Sequence[Path], preprocess: Callable, max_pixels: int):
+        self.paths, self.preprocess, self.max_pixels = list(paths), preprocess, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return index, self.preprocess(load_image(self.paths[index], self.max_pixels)), None
+        except BadImageError as error:
+            return index, None, str(error)
+        except Exception as error:  # a preprocess failure must not kill the worker
+            return index, None, f"{self.paths[index]}: {type(error).__name__}: {error}"
+
+
+def _collate(samples: list[tuple[int, torch.Tensor | None, str | None]]) -> ImageBatch:
+    good = [(index, pixels) for index, pixels, _ in samples if pixels is not None]
+    problems = [(index, Problem(str(index), reason)) for index, pixels, reason in samples
+                if pixels is None]
+    pixels = torch.stack([p for _, p in good]) if good else torch.empty(0)
+    return ImageBatch(indices=[i for i, _ in good], pixels=pixels, problems=problems)
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def iter_image_batches(paths: Sequence[Path], preprocess: Callable, batch_size: int = 64,
+                       workers: int | None = None, pin_memory: bool = False,
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[ImageBatch]:
+    """Yield preprocessed batches in input order; problems carry the offending path."""
+    workers = default_workers() if workers is None else workers
+    loader = DataLoader(
+        _ImageFiles(paths, preprocess, max_pixels), batch_size=batch_size, shuffle=False,
+        num_workers=workers, collate_fn=_collate, pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None, persistent_workers=False,
+    )
+    for batch in loader:
+        batch.problems = [(i, Problem(str(paths[i]), p.reason)) for i, p in batch.problems]
+        yield batch
+
+
+def encode_image_files(clip: ClipModel, paths: Sequence[Path], batch_size: int = 64,
+                       workers: int | None = None, precision: str = "auto",
+                       progress: Callable[[int], None] | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, list[Problem]]:
+    """Encode image files; returns (embeddings (m, d), kept input positions (m,), problems)."""
+    pin = clip.device.type == "cuda"
+    chunks, kept, problems = [], [], []
+    for batch in iter_image_batches(paths, clip.preprocess, batch_size, workers, pin):
+        if batch.indices:
+            chunks.append(encode_image_batch(clip, batch.pixels, precision))
+            kept.extend(batch.indices)
+        problems.extend(problem for _, problem in batch.problems)
+        if progress:
+            progress(len(batch.indices) + len(batch.problems))
+    embeddings = np.concatenate(chunks) if chunks else np.zeros((0, clip.embed_dim), np.float32)
+    return embeddings, np.asarray(kept, dtype=np.int64), problems

@@ -1,0 +1,31 @@
+"""Imports flow one way: indexer -> retrieval <- api; the core imports neither."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _imported_packages(package: str) -> set[str]:
+    found = set()
+    for path in (ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module.split(".")[0])
+    return found
+
+
+def test_retrieval_imports_neither_api_nor_indexer():
+    assert not _imported_packages("retrieval") & {"api", "indexer"}
+
+
+def test_api_and_indexer_do_not_import_each_other():
+    assert "indexer" not in _imported_packages("api")
+    assert "api" not in _imported_packages("indexer")
+
+
+def test_api_does_not_import_training_code():
+    for path in (ROOT / "api").rglob("*.py"):
+        assert "retrieval.train" not in path.read_text(), path
