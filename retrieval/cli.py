@@ -68,6 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         out=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_fraction=args.warmup, accum_steps=args.accum_steps,
         lock_image=not args.unlock_image, unlocked_text_layers=args.unlocked_text_layers,
+        unlocked_image_stages=args.unlocked_image_stages,
         precision=args.precision, workers=args.workers, seed=args.seed, resume=args.resume,
         command=args.command_line, data_note=args.data_note,
         cache_dir=args.cache_dir,
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation")
     train.add_argument("--unlocked-text-layers", type=int, default=2,
                        help="top text transformer layers to train (0 = projection only)")
+    train.add_argument("--unlocked-image-stages", type=int, default=0,
+                       help="top image trunk stages to train, on cached features below them")
     train.add_argument("--unlock-image", action="store_true",
                        help="train the image trunk too (GPU runs; not cached)")
     train.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))

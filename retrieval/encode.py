@@ -56,17 +56,22 @@ def trim_padding(tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
     return tokens[:, :length]
 
 
+def text_forward(clip: ClipModel, tokens: torch.Tensor, trim: bool = True) -> torch.Tensor:
+    """(n, L) token ids -> (n, d) unnormalised features, at the batch's real length when
+    `trim`; differentiable, so training uses it too."""
+    trimmed = trim_padding(tokens, clip.pad_token_id) if trim else tokens
+    if trimmed.shape[1] == tokens.shape[1]:
+        return clip.model.encode_text(tokens.to(clip.device))
+    if hasattr(clip.model, "text"):  # CustomTextCLIP: the HF tower masks padding itself
+        return clip.model.encode_text(trimmed.to(clip.device))
+    return _encode_causal_text(clip.model, trimmed.to(clip.device), tokens)
+
+
 def encode_token_batch(clip: ClipModel, tokens: torch.Tensor, precision: str = "auto",
                        trim: bool = True) -> np.ndarray:
     """(n, L) token ids -> (n, d) unit-norm float32 embeddings."""
-    trimmed = trim_padding(tokens, clip.pad_token_id) if trim else tokens
     with torch.inference_mode(), autocast_for(clip.device, precision):
-        if trimmed.shape[1] == tokens.shape[1]:
-            features = clip.model.encode_text(tokens.to(clip.device))
-        elif hasattr(clip.model, "text"):  # CustomTextCLIP: the HF tower masks padding itself
-            features = clip.model.encode_text(trimmed.to(clip.device))
-        else:
-            features = _encode_causal_text(clip.model, trimmed.to(clip.device), tokens)
+        features = text_forward(clip, tokens, trim)
     return _normalised(features)
 
 

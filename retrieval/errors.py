@@ -4,7 +4,13 @@ ClipdexError
  ├── ModelLoadError      a model spec, checkpoint or model card cannot be loaded
  ├── ManifestError       a manifest file or one of its columns is unusable
  ├── BadImageError       one image cannot be decoded (callers skip and report it)
- └── CheckpointError     a training checkpoint cannot be written or resumed
+ ├── CheckpointError     a training checkpoint cannot be written or resumed
+ ├── IndexStoreError     an index directory cannot be read or written
+ │    ├── IndexNotFoundError   no index (no CURRENT generation) at the path
+ │    ├── IndexCorruptError    a generation file is missing or fails its checksum or counts
+ │    ├── IndexMismatchError   the index was built with another model or dimension
+ │    └── UnknownItemError     an item id that the index does not hold (or was deleted)
+ └── InvalidQueryError   a query array or modality the index cannot answer
 """
 
 from __future__ import annotations
@@ -27,4 +33,29 @@ class BadImageError(ClipdexError):
 
 
 class CheckpointError(ClipdexError):
+    pass
+
+
+class IndexStoreError(ClipdexError):
+    pass
+
+
+class IndexNotFoundError(IndexStoreError):
+    pass
+
+
+class IndexCorruptError(IndexStoreError):
+    pass
+
+
+class IndexMismatchError(IndexStoreError):
+    pass
+
+
+class UnknownItemError(IndexStoreError, KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidQueryError(ClipdexError, ValueError):
     pass

@@ -26,12 +26,43 @@ class Split:
     modules: list[torch.nn.Module]  # the modules whose parameters train
 
 
-def split_image_tower(clip: ClipModel) -> Split | None:
-    """Trunk frozen, projection head trainable; None when the tower is not a timm trunk."""
+def split_image_tower(clip: ClipModel, unlocked_stages: int = 0) -> Split | None:
+    """Trunk frozen up to its last `unlocked_stages` stages; those, the final convolution
+    and the projection head train. None when the tower is not a timm trunk.
+
+    Batch-norm layers of unlocked stages keep their ImageNet statistics (see
+    `freeze_batch_norm`): small contrastive batches would make them noisy.
+    """
     visual = clip.model.visual
     if not (hasattr(visual, "trunk") and hasattr(visual, "head")):
         return None
-    return Split(frozen=visual.trunk, trainable=visual.head, modules=[visual.head])
+    trunk = visual.trunk
+    if unlocked_stages == 0:
+        return Split(frozen=trunk, trainable=visual.head, modules=[visual.head])
+    if not all(hasattr(trunk, name) for name in ("blocks", "conv_head", "bn2", "forward_head")):
+        raise ValueError(f"{clip.arch}: unlocking image stages needs an EfficientNet-style trunk")
+    stages = list(trunk.blocks)
+    if not 0 < unlocked_stages <= len(stages):
+        raise ValueError(f"unlocked image stages must be 0..{len(stages)}, got {unlocked_stages}")
+    cut = len(stages) - unlocked_stages
+
+    def frozen(pixels: torch.Tensor) -> torch.Tensor:  # (n, 3, H, W) -> (n, C, h, w)
+        return trunk.blocks[:cut](trunk.bn1(trunk.conv_stem(pixels)))
+
+    def trainable(features: torch.Tensor) -> torch.Tensor:  # (n, C, h, w) -> (n, d)
+        x = trunk.bn2(trunk.conv_head(trunk.blocks[cut:](features)))
+        return visual.head(trunk.forward_head(x))
+
+    return Split(frozen=frozen, trainable=trainable,
+                 modules=[*stages[cut:], trunk.conv_head, trunk.bn2, visual.head])
+
+
+def freeze_batch_norm(modules: list[torch.nn.Module]) -> None:
+    """Put batch-norm layers in eval mode so their running statistics stay fixed."""
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+                layer.eval()
 
 
 def _text_layers(clip: ClipModel) -> list[torch.nn.Module]:

@@ -19,20 +19,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from retrieval import card as model_card
-from retrieval.encode import autocast_for, trim_padding
+from retrieval.encode import autocast_for
 from retrieval.errors import CheckpointError, ManifestError
 from retrieval.loss import INIT_LOGIT_SCALE, clip_loss
 from retrieval.manifest import Manifest, Problem
-from retrieval.metrics import retrieval_metrics
 from retrieval.model import ClipModel, describe
-from retrieval.pipeline import iter_image_batches
-from retrieval.towers import split_image_tower, split_text_tower
+from retrieval.features import (
+    Features, embed_images, embed_texts, evaluate_features, image_split, prepare_features,
+    step_batches, text_split,
+)
+from retrieval.towers import freeze_batch_norm
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup_fraction: float = 0.05
     accum_steps: int = 1
-    lock_image: bool = True  # image trunk frozen (its projection head still trains)
+    lock_image: bool = True  # image trunk frozen and cached; False trains it (a GPU job)
     unlocked_text_layers: int = 2  # top text layers that train; the rest are frozen
+    unlocked_image_stages: int = 0  # top image trunk stages that train (cached below them)
     init_logit_scale: float = INIT_LOGIT_SCALE
     precision: str = "auto"
     workers: int | None = None
@@ -56,127 +57,14 @@ class TrainConfig:
     cache_dir: Path | None = None  # where frozen image features are kept between runs
 
 
-@dataclass
-class Features:
-    """Cached inputs of the trainable parts for one manifest (train or validation)."""
-
-    image: torch.Tensor  # (n_images, F) trunk features
-    text_hidden: list[torch.Tensor]  # per caption: (length, width) hidden states
-    text_to_image: np.ndarray  # (n_texts,)
-    captions_of: list[list[int]]  # per image: its caption rows
-
-
-def _cache_key(clip: ClipModel, paths: list[Path]) -> str:
-    import hashlib
-
-    digest = hashlib.sha256(json.dumps([clip.arch, clip.init, clip.config.get("preprocess_cfg"),
-                                        [str(p) for p in paths]]).encode())
-    return digest.hexdigest()[:20]
-
-
-def _cache_images(clip: ClipModel, manifest: Manifest, config: TrainConfig
-                  ) -> tuple[torch.Tensor, list[int], list[Problem]]:
-    """Trunk features of every decodable image, from the disk cache when it has them."""
-    paths = [item.image for item in manifest.items]
-    cached = None
-    if config.cache_dir:
-        cached = Path(config.cache_dir) / f"image-features-{_cache_key(clip, paths)}"
-        if (cached / "kept.npy").exists():
-            problems = [Problem(**row) for row in
-                        json.loads((cached / "problems.json").read_text())]
-            return (torch.from_numpy(np.load(cached / "features.npy")),
-                    np.load(cached / "kept.npy").tolist(), problems)
-    features, kept, problems = _compute_image_features(clip, paths, manifest, config)
-    if cached:
-        cached.mkdir(parents=True, exist_ok=True)
-        np.save(cached / "features.npy", features.numpy())
-        (cached / "problems.json").write_text(json.dumps([asdict(p) for p in problems]))
-        np.save(cached / "kept.npy", np.asarray(kept, dtype=np.int64))  # written last: complete
-    return features, kept, problems
-
-
-def _compute_image_features(clip: ClipModel, paths: list[Path], manifest: Manifest,
-                            config: TrainConfig) -> tuple[torch.Tensor, list[int], list[Problem]]:
-    split = split_image_tower(clip)
-    if split is None:
-        raise CheckpointError(f"{clip.arch}: feature caching needs a timm image trunk")
-    chunks, kept, problems = [], [], []
-    bar = tqdm(total=len(paths), desc=f"image features {manifest.source.name}", unit="img")
-    for batch in iter_image_batches(paths, clip.preprocess, 64, config.workers):
-        if batch.indices:
-            with torch.inference_mode(), autocast_for(clip.device, config.precision):
-                chunks.append(split.frozen(batch.pixels.to(clip.device)).float().cpu())
-            kept.extend(batch.indices)
-        problems.extend(p for _, p in batch.problems)
-        bar.update(len(batch.indices) + len(batch.problems))
-    bar.close()
-    return torch.cat(chunks), kept, problems
-
-
-def _cache_texts(clip: ClipModel, texts: list[str], unlocked: int) -> list[torch.Tensor]:
-    split = split_text_tower(clip, unlocked)
-    if split is None:
-        raise CheckpointError(f"{clip.arch}: feature caching needs an HF text tower")
-    out: list[torch.Tensor] = []
-    for start in tqdm(range(0, len(texts), 256), desc="text features", unit="batch"):
-        tokens = trim_padding(clip.tokenizer(texts[start:start + 256]), clip.pad_token_id)
-        with torch.inference_mode():
-            hidden, mask = split.frozen(tokens.to(clip.device))
-        lengths = mask.sum(dim=1).tolist()
-        out.extend(h[:n].to(torch.float16).cpu() for h, n in zip(hidden, lengths))
-    return out
-
-
-def cache_features(clip: ClipModel, manifest: Manifest, config: TrainConfig
-                   ) -> tuple[Features, list[Problem]]:
-    image, kept, problems = _cache_images(clip, manifest, config)
-    items = [manifest.items[i] for i in kept]
-    texts, text_to_image, captions_of = [], [], []
-    for row, item in enumerate(items):
-        captions_of.append(list(range(len(texts), len(texts) + len(item.captions))))
-        texts.extend(item.captions)
-        text_to_image.extend([row] * len(item.captions))
-    hidden = _cache_texts(clip, texts, config.unlocked_text_layers)
-    return Features(image, hidden, np.asarray(text_to_image), captions_of), problems
-
-
-def _pad_hidden(hidden: list[torch.Tensor], device: torch.device
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack variable-length cached hidden states into (n, L, w) plus an (n, L) mask."""
-    length = max(h.shape[0] for h in hidden)
-    batch = torch.zeros(len(hidden), length, hidden[0].shape[1])
-    mask = torch.zeros(len(hidden), length, dtype=torch.long)
-    for row, h in enumerate(hidden):
-        batch[row, :h.shape[0]] = h.float()
-        mask[row, :h.shape[0]] = 1
-    return batch.to(device), mask.to(device)
-
-
-def embed_features(clip: ClipModel, config: TrainConfig, feats: Features,
-                   image_rows: list[int] | None = None, text_rows: list[int] | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the trainable parts on cached features; returns normalised (n, d) embeddings."""
-    image_split = split_image_tower(clip)
-    text_split = split_text_tower(clip, config.unlocked_text_layers)
-    images = feats.image if image_rows is None else feats.image[image_rows]
-    hidden = feats.text_hidden if text_rows is None else [feats.text_hidden[r] for r in text_rows]
-    image_emb = image_split.trainable(images.to(clip.device))
-    text_emb = text_split.trainable(*_pad_hidden(hidden, clip.device))
-    return F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
-
-
-def evaluate_features(clip: ClipModel, config: TrainConfig, feats: Features) -> dict[str, float]:
-    clip.model.eval()
-    image_chunks, text_chunks = [], []
-    with torch.inference_mode():
-        for start in range(0, len(feats.image), 512):
-            rows = list(range(start, min(start + 512, len(feats.image))))
-            image_chunks.append(embed_features(clip, config, feats, rows, [0])[0])
-        for start in range(0, len(feats.text_hidden), 512):
-            rows = list(range(start, min(start + 512, len(feats.text_hidden))))
-            text_chunks.append(embed_features(clip, config, feats, [0], rows)[1])
-    return retrieval_metrics(torch.cat(image_chunks).cpu().numpy(),
-                             torch.cat(text_chunks).cpu().numpy(), feats.text_to_image)
+def trainable_modules(clip: ClipModel, config: TrainConfig) -> list[torch.nn.Module]:
+    """The modules that train: split tops, or whole towers where nothing is cached."""
+    image, text = image_split(clip, config), text_split(clip, config)
+    modules = image.modules if image is not None else [clip.model.visual]
+    if text is not None:
+        return modules + text.modules
+    return modules + [module for name, module in clip.model.named_children()
+                      if name in ("transformer", "token_embedding", "ln_final")]
 
 
 def prepare_model(clip: ClipModel, config: TrainConfig) -> list[torch.nn.Parameter]:
@@ -184,11 +72,16 @@ def prepare_model(clip: ClipModel, config: TrainConfig) -> list[torch.nn.Paramet
     model = clip.model
     for parameter in model.parameters():
         parameter.requires_grad = False
-    modules = (split_image_tower(clip).modules
-               + split_text_tower(clip, config.unlocked_text_layers).modules)
-    for module in modules:
+    for module in trainable_modules(clip, config):
         for parameter in module.parameters():
             parameter.requires_grad = True
+    if text_split(clip, config) is None:  # open_clip's own text tower: its lock does the rest
+        for name in ("positional_embedding", "text_projection"):
+            if isinstance(getattr(model, name, None), torch.nn.Parameter):
+                getattr(model, name).requires_grad = True
+        layers = len(model.transformer.resblocks)
+        if config.unlocked_text_layers < layers:
+            model.lock_text_tower(unlocked_layers=config.unlocked_text_layers)
     model.logit_scale.requires_grad = True
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -304,12 +197,8 @@ def _score(metrics: dict[str, float]) -> float:
 
 def train(clip: ClipModel, train_set: Manifest, val_set: Manifest, config: TrainConfig,
           log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
-    """Train on cached frozen features; returns the best epoch's model card."""
-    if not config.lock_image:
-        raise CheckpointError("training an unlocked image trunk needs a GPU run; "
-                              "on CPU keep --lock-image (the default)")
+    """Train with InfoNCE; returns the model card of the best epoch on the validation set."""
     torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if not config.resume and (out / "last.safetensors").exists():
@@ -317,15 +206,14 @@ def train(clip: ClipModel, train_set: Manifest, val_set: Manifest, config: Train
                               "or choose another --out")
     clip.model.logit_scale.data.fill_(config.init_logit_scale)
     params = prepare_model(clip, config)
-    train_feats, train_problems = cache_features(clip, train_set, config)
-    val_feats, val_problems = cache_features(clip, val_set, config)
-    problems = list(train_set.problems) + train_problems + list(val_set.problems) + val_problems
-    with open(out / "errors.jsonl", "w") as handle:
-        handle.writelines(problem.as_json() + "\n" for problem in problems)
-    if len(train_feats.image) < 2:
-        raise ManifestError(f"{train_set.source}: fewer than 2 usable images to train on")
+    train_feats, train_problems = prepare_features(clip, train_set, config)
+    val_feats, val_problems = prepare_features(clip, val_set, config)
+    report = _ErrorReport(out / "errors.jsonl", list(train_set.problems) + train_problems
+                          + list(val_set.problems) + val_problems)
     usable = [row for row, caps in enumerate(train_feats.captions_of) if caps]
-    steps_per_epoch = max(1, len(usable) // config.batch_size // config.accum_steps)
+    if len(usable) < 2:
+        raise ManifestError(f"{train_set.source}: fewer than 2 usable captioned images")
+    steps_per_epoch = max(1, len(usable) // (config.batch_size * config.accum_steps))
     done = _finished_epochs(out) if config.resume else 0
     optimizer, scheduler = make_optimizer(clip.model, config, steps_per_epoch * config.epochs,
                                           start_step=done * steps_per_epoch)
@@ -335,13 +223,12 @@ def train(clip: ClipModel, train_set: Manifest, val_set: Manifest, config: Train
         f"{len(usable)} training images, {steps_per_epoch} steps per epoch")
     best_card: dict[str, Any] = {}
     for epoch in range(start_epoch + 1, config.epochs + 1):
-        rng_epoch = random.Random(config.seed * 1000 + epoch)
         started = time.perf_counter()
-        loss_sum = _train_epoch(clip, config, train_feats, usable, optimizer, scheduler,
-                                rng_epoch, params, epoch, steps_per_epoch)
+        loss = _train_epoch(clip, config, train_feats, usable, optimizer, scheduler, params,
+                            epoch, steps_per_epoch, report)
         metrics = evaluate_features(clip, config, val_feats)
         seconds += time.perf_counter() - started
-        row = {"epoch": epoch, "loss": round(loss_sum / steps_per_epoch, 4),
+        row = {"epoch": epoch, "loss": round(loss, 4),
                "temperature": round(1 / clip.model.logit_scale.exp().item(), 4),
                **{k: round(v, 2) for k, v in metrics.items() if "_R@" in k}}
         history.append(row)
@@ -355,8 +242,22 @@ def train(clip: ClipModel, train_set: Manifest, val_set: Manifest, config: Train
         _save_resume_state(out, optimizer, epoch, history, best, seconds)
         write_log(out, history)
         log(json.dumps(row))
-    del rng
     return best_card or model_card.read_card(out / "best.safetensors")
+
+
+class _ErrorReport:
+    """errors.jsonl: every skipped input with its reason, each written once."""
+
+    def __init__(self, path: Path, problems: list[Problem]):
+        self.path, self.seen = path, set()
+        path.write_text("")
+        self.add(problems)
+
+    def add(self, problems: list[Problem]) -> None:
+        fresh = [p for p in problems if (p.path, p.reason) not in self.seen]
+        self.seen.update((p.path, p.reason) for p in fresh)
+        with open(self.path, "a") as handle:
+            handle.writelines(problem.as_json() + "\n" for problem in fresh)
 
 
 def _train_precision(clip: ClipModel, config: TrainConfig) -> str:
@@ -367,24 +268,32 @@ def _train_precision(clip: ClipModel, config: TrainConfig) -> str:
 
 
 def _train_epoch(clip: ClipModel, config: TrainConfig, feats: Features, usable: list[int],
-                 optimizer: torch.optim.Optimizer, scheduler: Any, rng: random.Random,
-                 params: list[torch.nn.Parameter], epoch: int, steps: int) -> float:
-    """One pass over the images, each paired with one of its captions drawn at random."""
+                 optimizer: torch.optim.Optimizer, scheduler: Any,
+                 params: list[torch.nn.Parameter], epoch: int, steps: int,
+                 report: _ErrorReport) -> float:
+    """One pass over the images, each paired with one of its captions drawn at random.
+
+    Returns the mean loss per optimizer step.
+    """
+    rng = random.Random(config.seed * 1000 + epoch)  # the same order when an epoch is redone
     order = usable[:]
     rng.shuffle(order)
-    for module in (split_image_tower(clip).modules
-                   + split_text_tower(clip, config.unlocked_text_layers).modules):
+    modules = trainable_modules(clip, config)
+    for module in modules:
         module.train()
-    total = 0.0
+    freeze_batch_norm(modules)
+    batches = step_batches(clip, config, feats, order)
+    total, count = 0.0, 0
     bar = tqdm(range(steps), desc=f"epoch {epoch}/{config.epochs}", unit="step", leave=False)
-    for step in bar:
+    for _ in bar:
         optimizer.zero_grad(set_to_none=True)
-        for micro in range(config.accum_steps):
-            start = (step * config.accum_steps + micro) * config.batch_size
-            images = order[start:start + config.batch_size]
-            texts = [rng.choice(feats.captions_of[row]) for row in images]
+        for _micro in range(config.accum_steps):
+            rows, pixels, problems = next(batches)
+            report.add(problems)
+            texts = [rng.choice(feats.captions_of[row]) for row in rows]
             with autocast_for(clip.device, _train_precision(clip, config)):
-                image_emb, text_emb = embed_features(clip, config, feats, images, texts)
+                image_emb = embed_images(clip, config, feats, rows, pixels)
+                text_emb = embed_texts(clip, config, feats, texts)
                 loss = clip_loss(image_emb, text_emb, clip.model.logit_scale)
             (loss / config.accum_steps).backward()
             total += loss.item() / config.accum_steps
@@ -393,6 +302,8 @@ def _train_epoch(clip: ClipModel, config: TrainConfig, feats: Features, usable: 
         scheduler.step()
         with torch.no_grad():
             clip.model.logit_scale.clamp_(0, math.log(100))
+        count += 1
         bar.set_postfix(loss=f"{loss.item():.3f}")
+    batches.close()
     clip.model.eval()
-    return total
+    return total / max(count, 1)

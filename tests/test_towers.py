@@ -1,5 +1,6 @@
 """The cached split forward equals the model's own forward, so caching changes nothing."""
 
+import pytest
 import torch
 
 from retrieval.encode import trim_padding
@@ -18,13 +19,16 @@ def test_text_split_equals_full_forward_at_every_cut(towers):
                                        atol=1e-5, rtol=1e-5)
 
 
-def test_image_split_equals_full_forward(towers):
+@pytest.mark.parametrize("unlocked, shape", [(0, (2, 1280)), (1, (2, 192, 7, 7)),
+                                             (2, (2, 112, 14, 14))])
+def test_image_split_equals_full_forward(towers, unlocked, shape):
     pixels = torch.randn(2, 3, 224, 224)
-    split = split_image_tower(towers)
+    split = split_image_tower(towers, unlocked)
     with torch.no_grad():
         features = split.frozen(pixels)
-        assert features.shape == (2, 1280)
-        torch.testing.assert_close(split.trainable(features), towers.model.encode_image(pixels))
+        assert features.shape == shape
+        torch.testing.assert_close(split.trainable(features), towers.model.encode_image(pixels),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_native_towers_have_no_split(tiny):

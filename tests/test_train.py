@@ -4,9 +4,9 @@ import csv
 import json
 
 import pytest
+import torch
 
 from retrieval.cli import main
-from retrieval.errors import CheckpointError
 from retrieval.manifest import read_manifest
 from retrieval.model import load_model
 from retrieval.train import TrainConfig, train
@@ -63,8 +63,25 @@ def test_loss_goes_down_on_a_tiny_corpus(colour_corpus, tmp_path):
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"]) * 0.8
 
 
-def test_unlocked_image_trunk_is_refused_on_this_path(colour_corpus, tmp_path):
-    clip = load_model("clipdex-effnet-minilm", device="cpu")
-    config = TrainConfig(out=tmp_path / "run", lock_image=False)
-    with pytest.raises(CheckpointError, match="image trunk"):
-        train(clip, read_manifest(colour_corpus), read_manifest(colour_corpus), config)
+def test_open_clip_towers_train_whole_with_streamed_pixels(colour_corpus, tmp_path):
+    """The tiny model has no cached split: pixels stream from workers, both towers train."""
+    clip = load_model("clipdex-tiny", device="cpu")
+    manifest = read_manifest(colour_corpus)
+    (colour_corpus.parent / "img" / "white.png").write_bytes(b"")  # dropped from its batch
+    config = TrainConfig(out=tmp_path / "run", epochs=3, batch_size=4, lr=1e-3,
+                         lock_image=False, unlocked_text_layers=2, workers=0)
+    before = clip.model.visual.conv1.weight.detach().clone()
+    train(clip, manifest, manifest, config)
+    assert not torch.equal(before, clip.model.visual.conv1.weight)
+    rows = _log_rows(tmp_path / "run")
+    assert len(rows) == 3 and float(rows[0]["t2i_R@10"]) > 0
+    problems = (tmp_path / "run" / "errors.jsonl").read_text()
+    assert "white.png" in problems
+
+
+def test_locked_open_clip_image_tower_is_cached_whole(colour_corpus, tmp_path):
+    clip = load_model("clipdex-tiny", device="cpu")
+    before = clip.model.visual.conv1.weight.detach().clone()
+    config = TrainConfig(out=tmp_path / "run", epochs=1, batch_size=4, workers=0)
+    train(clip, read_manifest(colour_corpus), read_manifest(colour_corpus), config)
+    assert torch.equal(before, clip.model.visual.conv1.weight)
