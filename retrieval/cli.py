@@ -90,6 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     manifest = _read(args)
     started = time.perf_counter()
     results, problems = evaluate(clip, manifest, args.batch_size, args.workers)
+    results = {key: round(value, 2) for key, value in results.items()}
     results["seconds"] = round(time.perf_counter() - started, 1)
     for problem in problems:
         _log(f"skipped {problem.path}: {problem.reason}")
