@@ -1,0 +1,1 @@
+"""Offline indexing: read sources, encode them in resumable shards, write store generations."""

@@ -18,7 +18,9 @@ import faiss
 import numpy as np
 
 FLAT_MAX_COUNT = 20_000  # below this an exact scan is fast enough and needs no training
+IVFPQ_MIN_COUNT = 1024  # PQ trains 256 centroids per sub-quantizer: fewer points cannot
 HNSW_M = 32
+OPQ_ITERATIONS = 10
 MIN_TUNING_QUERIES = 50
 TARGET_RECALL = 0.95
 KINDS = ("flat", "hnsw", "ivfpq")
@@ -74,18 +76,27 @@ def choose_index(count: int, dim: int, max_memory: int | str = "4GB",
                  kind: str | None = None) -> IndexSpec:
     """Flat for small corpora, HNSW when its graph fits the budget, IVF-PQ otherwise.
 
-    A pure function of (count, dim, budget) so the boundaries are testable; `kind` forces one.
+    A pure function of (count, dim, budget) so the boundaries are testable; `kind` forces one
+    (except IVF-PQ below IVFPQ_MIN_COUNT vectors, which cannot be trained: those stay flat).
     """
     budget = parse_memory(max_memory)
     if kind is not None and kind not in KINDS:
         raise ValueError(f"index kind must be one of {KINDS}, got {kind!r}")
-    if kind == "flat" or (kind is None and count < FLAT_MAX_COUNT
-                          and flat_bytes(count, dim) <= budget):
+    kind = kind or _auto_kind(count, dim, budget)
+    if kind == "ivfpq" and count < IVFPQ_MIN_COUNT:
+        kind = "flat"
+    if kind == "flat":
         return IndexSpec("flat", "IDMap2,Flat", flat_bytes(count, dim))
-    if kind == "hnsw" or (kind is None and hnsw_bytes(count, dim) <= budget):
+    if kind == "hnsw":
         return IndexSpec("hnsw", f"IDMap2,HNSW{HNSW_M},Flat", hnsw_bytes(count, dim),
                          {"M": HNSW_M, "efConstruction": 40, "efSearch": 64})
     return _ivfpq_spec(count, dim, budget)
+
+
+def _auto_kind(count: int, dim: int, budget: int) -> str:
+    if count < FLAT_MAX_COUNT and flat_bytes(count, dim) <= budget:
+        return "flat"
+    return "hnsw" if hnsw_bytes(count, dim) <= budget else "ivfpq"
 
 
 def _ivfpq_spec(count: int, dim: int, budget: int) -> IndexSpec:
@@ -109,6 +120,10 @@ def build_index(spec: IndexSpec, vectors: np.ndarray, ids: np.ndarray,
     index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
     if spec.kind == "hnsw":
         faiss.downcast_index(index.index).hnsw.efConstruction = spec.params["efConstruction"]
+    if spec.params.get("opq"):
+        # faiss's default 50 OPQ rounds cost minutes on a few cores for little recall
+        chain = faiss.downcast_index(index.index).chain
+        faiss.downcast_VectorTransform(chain.at(0)).niter = OPQ_ITERATIONS
     if not index.is_trained:
         sample = vectors
         if len(vectors) > max_train:

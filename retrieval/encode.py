@@ -7,7 +7,7 @@ so it can serve a DataLoader loop here or a Ray Data `map_batches` actor elsewhe
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import open_clip

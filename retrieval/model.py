@@ -13,9 +13,10 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import open_clip
 import torch
@@ -92,6 +93,14 @@ def build_architecture(name: str, with_towers: bool) -> ClipModel:
     otherwise every weight is random (enough when a checkpoint will overwrite them all).
     """
     config = read_architecture(name)
+    with torch.random.fork_rng(devices=[]):
+        # A fixed seed makes "random" weights reproducible: an architecture name then names
+        # one model, so an index built with it matches the model loaded later to query it.
+        torch.manual_seed(0)
+        return _instantiate(name, config, with_towers)
+
+
+def _instantiate(name: str, config: dict[str, Any], with_towers: bool) -> ClipModel:
     model_cfg = copy.deepcopy(config["model_cfg"])
     text_cfg, vision_cfg = model_cfg["text_cfg"], model_cfg["vision_cfg"]
     for key in ("hf_model_name", "hf_tokenizer_name"):
@@ -193,7 +202,10 @@ def _load_open_clip(spec: str) -> ClipModel:
             f"({', '.join(clipdex_architectures())}) and not an open_clip architecture"
         )
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag or None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # random-weight architectures are reproducible, as above
+            model, _, preprocess = open_clip.create_model_and_transforms(arch,
+                                                                         pretrained=tag or None)
     except Exception as error:  # open_clip raises RuntimeError for any hub failure
         raise ModelLoadError(
             f"could not load pretrained weights {tag!r} for {arch} (is there a network?): {error}. "

@@ -7,9 +7,9 @@ batch, so the caller can skip and report them.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ class _ImageFiles(Dataset):
             return index, self.preprocess(load_image(self.paths[index], self.max_pixels)), None
         except BadImageError as error:
             return index, None, str(error)
-        except Exception as error:  # a preprocess failure must not kill the worker
+        except Exception as error:  # noqa: BLE001 - any preprocess failure must not kill the worker
             return index, None, f"{self.paths[index]}: {type(error).__name__}: {error}"
 
 

@@ -9,8 +9,9 @@ when it batches requests itself (the API), or done here with `retrieval.encode`.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch

@@ -33,6 +33,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+from typing_extensions import Self
 
 from retrieval import ann
 from retrieval.card import sha256_file
@@ -225,7 +226,7 @@ class Generation:
             self._db.close()
         self._indexes, self._params, self._selectors = {}, {}, {}
 
-    def __enter__(self) -> Generation:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -464,6 +465,8 @@ def _grown_table(parent: Generation, modality: str, new: list[ItemRecord],
     ids, vectors = parent.all_vectors(modality, live_only=False)
     new_ids = np.array([r.id for r in new], dtype=np.int64)
     new_matrix = _as_matrix(new_vectors, len(new), parent.embed_dim, modality)
+    order = np.argsort(new_ids, kind="stable")  # ids stay ascending for searchsorted
+    new_ids, new_matrix = new_ids[order], new_matrix[order]
     was_deleted = np.isin(ids, parent._deleted[modality])
     table = _Table(np.concatenate([ids, new_ids]),
                    np.concatenate([np.asarray(vectors), new_matrix]),
@@ -518,12 +521,13 @@ def _commit(root: Path, model: ModelIdentity, tables: dict[str, _Table], fill: A
     os.rename(temp, generations / name)
     _fsync(generations)
     maybe_fault("before_current")
+    previous = current_name(root) if (root / "CURRENT").is_file() else None
     pointer = root / "CURRENT.tmp"
     pointer.write_text(name + "\n")
     _fsync(pointer)
     os.replace(pointer, root / "CURRENT")
     _fsync(root)
-    _prune(generations)
+    _prune(generations, keep={name, previous})
     return name
 
 
@@ -607,13 +611,12 @@ def _last_number(generations: Path) -> int:
     return max(numbers, default=0)
 
 
-def _prune(generations: Path) -> None:
-    """Keep the newest KEEP_GENERATIONS; drop leftovers of writers that died mid-way."""
-    names = sorted((p for p in generations.iterdir() if p.name.isdigit()), key=lambda p: p.name)
-    for old in names[:-KEEP_GENERATIONS]:
-        shutil.rmtree(old, ignore_errors=True)
-    for temp in generations.glob(".tmp-*"):
-        shutil.rmtree(temp, ignore_errors=True)
+def _prune(generations: Path, keep: set[str | None]) -> None:
+    """Keep the new generation and the one it replaced (KEEP_GENERATIONS = 2); drop older
+    ones and whatever writers killed mid-way left behind (temp folders, never-current ones)."""
+    for path in generations.iterdir():
+        if path.name.startswith(".tmp-") or (path.name.isdigit() and path.name not in keep):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:

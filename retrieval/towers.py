@@ -8,8 +8,8 @@ here must equal the model's own forward, which tests check.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from transformers.modeling_outputs import BaseModelOutput

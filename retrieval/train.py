@@ -15,9 +15,10 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -25,13 +26,19 @@ from tqdm import tqdm
 from retrieval import card as model_card
 from retrieval.encode import autocast_for
 from retrieval.errors import CheckpointError, ManifestError
+from retrieval.features import (
+    Features,
+    embed_images,
+    embed_texts,
+    evaluate_features,
+    image_split,
+    prepare_features,
+    step_batches,
+    text_split,
+)
 from retrieval.loss import INIT_LOGIT_SCALE, clip_loss
 from retrieval.manifest import Manifest, Problem
 from retrieval.model import ClipModel, describe
-from retrieval.features import (
-    Features, embed_images, embed_texts, evaluate_features, image_split, prepare_features,
-    step_batches, text_split,
-)
 from retrieval.towers import freeze_batch_norm
 
 

@@ -1,0 +1,82 @@
+"""The app factory: `create_app(settings, clip=None, generation=None)`.
+
+Nothing is loaded at import time; the lifespan loads the model and index (unless injected, as
+tests do), starts the batchers and, with `watch_seconds`, follows the index root's CURRENT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from api import errors
+from api.limits import BodyLimitMiddleware
+from api.metrics import Metrics, RequestMetricsMiddleware
+from api.routes_admin import router as admin_router
+from api.routes_compat import router as compat_router
+from api.routes_items import router as items_router
+from api.routes_ops import router as ops_router
+from api.routes_search import router as search_router
+from api.settings import Settings
+from api.state import ServiceState
+from retrieval.errors import ClipdexError
+from retrieval.model import ClipModel
+from retrieval.search import GenerationLike
+
+STATIC_DIR = Path(__file__).parent / "static"
+log = logging.getLogger("api")
+
+
+def create_app(settings: Settings, clip: ClipModel | None = None,
+               generation: GenerationLike | None = None) -> FastAPI:
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = ServiceState(settings, metrics)
+        app.state.service = state
+        await state.start(clip, generation)
+        watcher = (asyncio.create_task(_watch(state)) if settings.watch_seconds > 0 else None)
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            await state.stop()
+
+    app = FastAPI(title="clipdex", version="0.1.0", lifespan=lifespan,
+                  description="Contrastive image-text search over a clipdex index generation.")
+    app.state.settings = settings
+    errors.install(app)
+    for router in (search_router, items_router, compat_router, ops_router, admin_router):
+        app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app
+
+
+async def _watch(state: ServiceState) -> None:
+    """Reload when the index root's CURRENT pointer names a generation not being served."""
+    while True:
+        await asyncio.sleep(state.settings.watch_seconds)
+        on_disk = state.current_name_on_disk()
+        served = state.slot.current.generation.name if state.slot else None
+        if on_disk is None or on_disk == served:
+            continue
+        try:
+            await state.reload()
+        except ClipdexError as error:
+            log.error("could not switch to generation %s: %s", on_disk, error)

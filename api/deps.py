@@ -1,0 +1,95 @@
+"""Request dependencies: the service state, the leased searcher, and the key checks.
+
+A key is read from `Authorization: Bearer KEY`, `X-API-Key: KEY`, or HTTP Basic with the key as
+password (so URL userinfo works for clients that cannot set headers: http://:KEY@host/...).
+Keys are compared with hmac.compare_digest and never logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from api.errors import Problem
+from api.state import ServiceState
+from retrieval.search import Searcher
+
+AUTH_HEADERS = {"WWW-Authenticate": 'Bearer realm="clipdex"'}
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+State = Annotated[ServiceState, Depends(get_state)]
+
+
+def presented_key(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    if scheme.lower() == "basic" and value.strip():
+        try:
+            user, _, password = base64.b64decode(value.strip()).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return password or user or None
+    return request.headers.get("x-api-key") or None
+
+
+def _matches(key: str, candidates: list[str]) -> bool:
+    found = False
+    for candidate in candidates:  # no early exit: time does not depend on which key matched
+        found |= hmac.compare_digest(key.encode(), candidate.encode())
+    return found
+
+
+def require_read(request: Request, state: State) -> None:
+    settings = state.settings
+    if not settings.read_keys:
+        return
+    key = presented_key(request)
+    allowed = list(settings.read_keys) + ([settings.admin_key] if settings.admin_key else [])
+    if key is None:
+        raise Problem(401, "Unauthorized", "this service needs a read key: send "
+                      "'Authorization: Bearer KEY' or 'X-API-Key: KEY'", headers=AUTH_HEADERS)
+    if not _matches(key, allowed):
+        raise Problem(401, "Unauthorized", "the key is not valid for this service; check it",
+                      headers=AUTH_HEADERS)
+
+
+def require_admin(request: Request, state: State) -> None:
+    settings = state.settings
+    if not settings.admin_key:
+        raise Problem(403, "Forbidden", "write endpoints are disabled; start the service "
+                      "with --admin-key to enable them")
+    key = presented_key(request)
+    if key is None:
+        raise Problem(401, "Unauthorized", "this endpoint needs the admin key: send "
+                      "'Authorization: Bearer KEY'", headers=AUTH_HEADERS)
+    if _matches(key, [settings.admin_key]):
+        return
+    if _matches(key, list(settings.read_keys)):
+        raise Problem(403, "Forbidden", "a read key cannot change the index; use the admin key")
+    raise Problem(401, "Unauthorized", "the key is not valid for this service; check it",
+                  headers=AUTH_HEADERS)
+
+
+async def lease_searcher(state: State) -> AsyncIterator[Searcher]:
+    """The current searcher, held for the whole request even if a reload swaps it meanwhile."""
+    problem = state.ready_problem()
+    if problem is not None or state.slot is None:
+        raise Problem(503, "Not ready", problem or "not ready", headers={"Retry-After": "5"})
+    with state.slot.lease() as searcher:
+        yield searcher
+
+
+ReadAccess = Depends(require_read)
+AdminAccess = Depends(require_admin)
+Leased = Annotated[Searcher, Depends(lease_searcher)]

@@ -1,0 +1,110 @@
+"""Every error leaves the service as an RFC 9457 problem: application/problem+json
+{type, title, status, detail}. Core error types are mapped to HTTP statuses here, only here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.batcher import QueueFullError
+from retrieval import errors as core_errors
+
+PROBLEM_TYPE = "https://clipdex.dev/problems/"  # + slug; documentation anchors, not fetched
+log = logging.getLogger("api")
+
+
+class Problem(Exception):
+    """An HTTP problem raised by the service's own code."""
+
+    def __init__(self, status: int, title: str, detail: str, slug: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.title, self.detail = status, title, detail
+        self.slug = slug or title.lower().replace(" ", "-")
+        self.headers = headers or {}
+
+
+# Core error class name -> (status, title); the most specific class in the MRO wins.
+CORE_ERRORS: dict[str, tuple[int, str]] = {
+    "BadImageError": (422, "Unreadable image"),
+    "InvalidQueryError": (422, "Bad query"),
+    "ManifestError": (422, "Bad manifest"),
+    "UnknownItemError": (404, "Not found"),
+    "IndexMismatchError": (409, "Index and model mismatch"),
+    "IndexNotFoundError": (503, "Index not available"),
+    "IndexCorruptError": (503, "Index not available"),
+    "IndexStoreError": (503, "Index not available"),
+    "ModelLoadError": (503, "Model not loaded"),
+    "CheckpointError": (503, "Model not loaded"),
+}
+
+
+def core_problem(error: core_errors.ClipdexError) -> Problem:
+    """The one place a core error becomes an HTTP status."""
+    for cls in type(error).__mro__:
+        if cls.__name__ in CORE_ERRORS:
+            status, title = CORE_ERRORS[cls.__name__]
+            return Problem(status, title, str(error))
+    return Problem(422, "Cannot process request", str(error))
+
+
+def problem_response(problem: Problem) -> JSONResponse:
+    body = {"type": PROBLEM_TYPE + problem.slug, "title": problem.title,
+            "status": problem.status, "detail": problem.detail}
+    return JSONResponse(body, status_code=problem.status, headers=problem.headers,
+                        media_type="application/problem+json")
+
+
+def _validation_detail(error: RequestValidationError) -> str:
+    parts = []
+    for item in error.errors()[:5]:
+        where = ".".join(str(part) for part in item.get("loc", ()) if part != "body")
+        parts.append(f"{where or 'body'}: {item.get('msg', 'invalid')}")
+    return "; ".join(parts) + " (see the OpenAPI schema at /docs for the accepted values)"
+
+
+HTTP_TITLES = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
+               405: "Method not allowed", 413: "Request too large"}
+
+
+def install(app: FastAPI) -> None:
+    async def on_problem(request: Request, error: Problem) -> JSONResponse:
+        return problem_response(error)
+
+    async def on_core(request: Request, error: core_errors.ClipdexError) -> JSONResponse:
+        return problem_response(core_problem(error))
+
+    async def on_validation(request: Request, error: RequestValidationError) -> JSONResponse:
+        return problem_response(Problem(422, "Invalid request", _validation_detail(error)))
+
+    async def on_http(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        title = HTTP_TITLES.get(error.status_code, "HTTP error")
+        detail = error.detail if isinstance(error.detail, str) else str(error.detail)
+        if error.status_code == 404 and detail == "Not Found":
+            detail = f"no endpoint {request.url.path}; see /docs for the API"
+        return problem_response(Problem(error.status_code, title, detail,
+                                        headers=dict(error.headers or {})))
+
+    async def on_busy(request: Request, error: QueueFullError) -> JSONResponse:
+        retry = str(request.app.state.settings.retry_after_s)
+        return problem_response(Problem(503, "Service busy", f"{error}; retry after {retry} s",
+                                        headers={"Retry-After": retry}))
+
+    async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return problem_response(Problem(500, "Internal error",
+                                        "the service failed unexpectedly; the log has details"))
+
+    handlers: list[tuple[Any, Any]] = [
+        (Problem, on_problem), (core_errors.ClipdexError, on_core),
+        (RequestValidationError, on_validation), (StarletteHTTPException, on_http),
+        (QueueFullError, on_busy), (Exception, on_unexpected),
+    ]
+    for error_type, handler in handlers:
+        app.add_exception_handler(error_type, handler)

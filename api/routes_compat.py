@@ -1,0 +1,83 @@
+"""clip-retrieval back-end compatibility, so its ClipClient can query clipdex.
+
+ClipClient posts a JSON body (without a content type) to /knn-service and reads a list of
+{"id", "similarity", "url", "caption", ...}; modality "image" searches images, "text" texts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from api.deps import Leased, ReadAccess, State
+from api.errors import Problem
+from api.images import decode_base64
+from api.query import PageRequest, encode_image, encode_text, search_page
+from api.settings import MAX_K, MAX_TEXT_CHARS
+
+router = APIRouter(tags=["clip-retrieval compatibility"], dependencies=[ReadAccess])
+
+
+class KnnRequest(BaseModel):
+    """clip-retrieval's request; filters it cannot apply here are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    text: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    image: str | None = Field(None, description="base64 image file")
+    image_url: str | None = None
+    embedding_input: list[float] | None = Field(None, max_length=4096)
+    modality: str = Field("image", pattern="^(image|text)$")
+    num_images: int = Field(40, ge=1, le=MAX_K)
+    num_result_ids: int | None = Field(None, ge=1, le=MAX_K)
+    indice_name: str | None = None
+
+
+@router.get("/indices-list", summary="clip-retrieval: the index names served")
+async def indices_list(state: State) -> list[str]:
+    return [state.settings.index_name]
+
+
+@router.post("/knn-service", summary="clip-retrieval: nearest neighbours of text/image/vector")
+async def knn_service(request: Request, state: State, searcher: Leased) -> list[dict[str, Any]]:
+    body = _parse(await request.body())
+    if body.indice_name not in (None, state.settings.index_name):
+        raise Problem(404, "Not found", f"no index {body.indice_name!r}; this service serves "
+                      f"{state.settings.index_name!r} (see /indices-list)")
+    if body.image_url:
+        raise Problem(422, "Bad query", "image_url is not fetched by this service (no outbound "
+                      "requests); send the image itself base64-encoded as 'image'")
+    if body.text:
+        query, key = await encode_text(state, body.text), "text:" + body.text
+    elif body.image:
+        data = decode_base64(body.image)
+        query, key = await encode_image(state, data), "image:" + hashlib.sha256(data).hexdigest()
+    elif body.embedding_input:
+        query = searcher.check_vector(np.asarray(body.embedding_input, dtype=np.float32))
+        key = "vector:" + hashlib.sha256(query.tobytes()).hexdigest()
+    else:
+        raise Problem(422, "Bad query", "send one of text, image or embedding_input")
+    page = await search_page(state, searcher, query,
+                             PageRequest(body.modality, body.num_images, None, None), key,
+                             str(request.base_url))
+    return [_result(hit.model_dump()) for hit in page.hits]
+
+
+def _parse(raw: bytes) -> KnnRequest:
+    try:
+        return KnnRequest.model_validate(json.loads(raw or b"{}"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise Problem(422, "Invalid request", "the body is not JSON") from None
+    except ValidationError as error:
+        where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise Problem(422, "Invalid request", where) from None
+
+
+def _result(hit: dict[str, Any]) -> dict[str, Any]:
+    caption = hit["text"] or (hit["captions"][0] if hit["captions"] else None)
+    return {**hit["metadata"], "id": hit["id"], "similarity": hit["score"],
+            "url": hit["image_url"], "caption": caption}

@@ -1,0 +1,143 @@
+"""Search endpoints: text, image upload, vector and weighted multi-queries, zero-shot
+classification and captioning by retrieval."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, File, Form, Request, UploadFile
+
+from api.deps import Leased, ReadAccess, State
+from api.errors import Problem
+from api.images import decode_base64
+from api.query import PageRequest, encode_image, encode_text, hit_body, search_page
+from api.schemas import (
+    LABELS_DESCRIPTION,
+    MAX_LABEL_CHARS,
+    CaptionResponse,
+    ClassifyResponse,
+    LabelProbability,
+    QueryTerm,
+    SearchMultiRequest,
+    SearchResponse,
+    SearchTextRequest,
+    SearchVectorRequest,
+    Target,
+)
+from api.settings import MAX_K, MAX_LABELS
+from retrieval.search import (
+    ZERO_SHOT_TEMPLATE,
+    Searcher,
+    combine,
+    logit_scale,
+    normalise,
+    zero_shot_probabilities,
+)
+
+router = APIRouter(tags=["search"], dependencies=[ReadAccess])
+
+ImageFile = Annotated[UploadFile, File(description="JPEG, PNG, WebP or GIF (first frame)")]
+FormK = Annotated[int, Form(ge=1, le=MAX_K, description="hits per page")]
+FormTarget = Annotated[Target, Form(description="search images or texts")]
+FormThreshold = Annotated[float | None, Form(ge=-1.0, le=1.0, description="minimum score")]
+FormCursor = Annotated[str | None, Form(max_length=512, description="next_cursor to continue")]
+
+
+@router.post("/search/text", response_model=SearchResponse,
+             summary="Text query: top-k images (or texts) with scores")
+async def search_text(body: SearchTextRequest, request: Request, state: State,
+                      searcher: Leased) -> SearchResponse:
+    query = await encode_text(state, body.text)
+    return await search_page(state, searcher, query, _paging(body, body.target),
+                             f"text:{body.text}", str(request.base_url))
+
+
+@router.post("/search/image", response_model=SearchResponse,
+             summary="Image upload: top-k texts (target=text) or similar images (target=image)")
+async def search_image(request: Request, state: State, searcher: Leased, image: ImageFile,
+                       target: FormTarget = "text", k: FormK = 10,
+                       threshold: FormThreshold = None,
+                       cursor: FormCursor = None) -> SearchResponse:
+    data = await image.read()
+    query = await encode_image(state, data)
+    return await search_page(state, searcher, query, PageRequest(target, k, threshold, cursor),
+                             "image:" + hashlib.sha256(data).hexdigest(), str(request.base_url))
+
+
+@router.post("/search/vector", response_model=SearchResponse,
+             summary="Embedding query: a vector in, results out (normalised first)")
+async def search_vector(body: SearchVectorRequest, request: Request, state: State,
+                        searcher: Leased) -> SearchResponse:
+    query = searcher.check_vector(body.vector)
+    return await search_page(state, searcher, query, _paging(body, body.target),
+                             "vector:" + hashlib.sha256(query.tobytes()).hexdigest(),
+                             str(request.base_url))
+
+
+@router.post("/search/multi", response_model=SearchResponse,
+             summary="Weighted multi-query: sum of weight x unit embedding, normalised")
+async def search_multi(body: SearchMultiRequest, request: Request, state: State,
+                       searcher: Leased) -> SearchResponse:
+    vectors = await asyncio.gather(*(_term_vector(state, searcher, term) for term in body.terms))
+    query = combine([(term.weight, vector) for term, vector in zip(body.terms, vectors)])
+    terms = json.dumps(body.model_dump(include={"terms"}), sort_keys=True)
+    return await search_page(state, searcher, query, _paging(body, body.target),
+                             "multi:" + hashlib.sha256(terms.encode()).hexdigest(),
+                             str(request.base_url))
+
+
+async def _term_vector(state: State, searcher: Searcher, term: QueryTerm) -> np.ndarray:
+    if term.text is not None:
+        return await encode_text(state, term.text)
+    if term.image_base64 is not None:
+        return await encode_image(state, decode_base64(term.image_base64))
+    if term.item_id is not None:
+        return await asyncio.to_thread(searcher.item_vector, term.item_id)
+    return searcher.check_vector(term.vector)
+
+
+@router.post("/classify", response_model=ClassifyResponse,
+             summary="Zero-shot classification: label probabilities for an image")
+async def classify(state: State, searcher: Leased, image: ImageFile,
+                   labels: Annotated[list[str], Form(min_length=1, max_length=MAX_LABELS,
+                                                     description=LABELS_DESCRIPTION)]
+                   ) -> ClassifyResponse:
+    labels = _check_labels(labels)
+    prompts = [ZERO_SHOT_TEMPLATE.format(label) for label in labels]
+    image_vector, *label_vectors = await asyncio.gather(
+        encode_image(state, await image.read()), *(encode_text(state, p) for p in prompts))
+    assert state.clip is not None
+    probabilities = zero_shot_probabilities(image_vector, np.stack(label_vectors),
+                                            logit_scale(state.clip))
+    ranked = sorted(zip(labels, probabilities.tolist()), key=lambda pair: -pair[1])
+    return ClassifyResponse(labels=[LabelProbability(label=label, probability=p)
+                                    for label, p in ranked], template=ZERO_SHOT_TEMPLATE)
+
+
+def _check_labels(labels: list[str]) -> list[str]:
+    cleaned = [label.strip() for label in labels]
+    if any(not label or len(label) > MAX_LABEL_CHARS for label in cleaned):
+        raise Problem(422, "Invalid request", f"labels: {LABELS_DESCRIPTION}, not blank")
+    if len(set(cleaned)) != len(cleaned):
+        raise Problem(422, "Invalid request", "labels: each label may appear only once")
+    return cleaned
+
+
+@router.post("/caption", response_model=CaptionResponse,
+             summary="Caption by retrieval: the indexed texts that best match an image")
+async def caption(request: Request, state: State, searcher: Leased, image: ImageFile,
+                  k: Annotated[int, Form(ge=1, le=100, description="captions to return")] = 5
+                  ) -> CaptionResponse:
+    query = normalise(await encode_image(state, await image.read()))
+    hits = (await asyncio.to_thread(searcher.search, "text", query[None, :], k))[0]
+    base = str(request.base_url)
+    return CaptionResponse(captions=[hit_body(hit, base) for hit in hits],
+                           generation=searcher.generation.name)
+
+
+def _paging(body, target: str) -> PageRequest:
+    return PageRequest(target, body.k, body.threshold, body.cursor)

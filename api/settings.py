@@ -1,0 +1,36 @@
+"""Service configuration: one frozen dataclass, filled from CLI arguments at the edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from api.batcher import BatcherConfig
+
+MAX_K = 1000
+MAX_TEXT_CHARS = 1000
+MAX_LABELS = 100
+MAX_MULTI_TERMS = 16
+
+
+@dataclass(frozen=True)
+class Settings:
+    index: Path | None = None  # the index root the indexer wrote (None: generation injected)
+    model: str = "default"
+    device: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    batching: BatcherConfig = field(default_factory=BatcherConfig)
+    admin_key: str | None = None  # None: write endpoints are disabled
+    read_keys: tuple[str, ...] = ()  # empty: searching needs no key
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_depth: int = 10_000  # deepest hit reachable by paging
+    watch_seconds: float = 0.0  # >0: poll the index root for a new current generation
+    retry_after_s: int = 1
+    index_name: str = "clipdex"  # the name clip-retrieval clients pass as indice_name
+
+    def __repr__(self) -> str:  # keys never reach logs
+        return (f"Settings(index={self.index}, model={self.model!r}, host={self.host}, "
+                f"port={self.port}, batching={self.batching}, admin_key="
+                f"{'set' if self.admin_key else 'unset'}, read_keys={len(self.read_keys)})")

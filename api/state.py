@@ -1,0 +1,197 @@
+"""What the running service holds: the model, the served generation (swappable without
+dropping requests), the encoding batchers on their single model thread, and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from api.batcher import MicroBatcher
+from api.metrics import Metrics
+from api.settings import Settings
+from retrieval.encode import encode_image_batch, encode_texts
+from retrieval.errors import ClipdexError
+from retrieval.model import ClipModel
+from retrieval.search import GenerationLike, Searcher
+from retrieval.store import ModelIdentity, model_identity, open_generation
+
+log = logging.getLogger("api")
+
+
+@dataclass
+class _Slot:
+    searcher: Searcher
+    users: int = 0
+    retired: bool = False
+
+
+class GenerationSlot:
+    """The served Searcher. `swap` replaces it atomically; the old generation is closed when
+    the last request that leased it is done, so in-flight searches never lose their index."""
+
+    def __init__(self, searcher: Searcher):
+        self._lock = threading.Lock()
+        self._slot = _Slot(searcher)
+
+    @property
+    def current(self) -> Searcher:
+        return self._slot.searcher
+
+    @contextmanager
+    def lease(self) -> Iterator[Searcher]:
+        with self._lock:
+            slot = self._slot
+            slot.users += 1
+        try:
+            yield slot.searcher
+        finally:
+            with self._lock:
+                slot.users -= 1
+                finished = slot.retired and slot.users == 0
+            if finished:
+                _close(slot.searcher.generation)
+
+    def swap(self, searcher: Searcher) -> Searcher:
+        with self._lock:
+            old, self._slot = self._slot, _Slot(searcher)
+            old.retired = True
+            finished = old.users == 0
+        if finished:
+            _close(old.searcher.generation)
+        return old.searcher
+
+
+def _close(generation: GenerationLike) -> None:
+    close = getattr(generation, "close", None)
+    if close is not None:
+        close()
+
+
+def open_index(root: Path, model: ModelIdentity) -> GenerationLike:
+    """The current generation under `root`, checked against the served model."""
+    return open_generation(Path(root), model_sha256=model.sha256, embed_dim=model.embed_dim)
+
+
+class ServiceState:
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings, self.metrics = settings, metrics
+        self.clip: ClipModel | None = None
+        self.model: ModelIdentity | None = None  # what the index must have been built with
+        self.slot: GenerationSlot | None = None
+        self.load_error: str | None = None
+        # One thread owns the model: batches from both batchers run there one at a time.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipdex-model")
+        self.text_batcher: MicroBatcher[str, np.ndarray] | None = None
+        self.image_batcher: MicroBatcher[torch.Tensor, np.ndarray] | None = None
+        self._reload_lock = asyncio.Lock()
+        self.write_lock = asyncio.Lock()  # API writes one at a time (ids come from next_id)
+
+    # --- lifecycle ---
+    async def start(self, clip: ClipModel | None, generation: GenerationLike | None) -> None:
+        try:
+            if clip is None:
+                from retrieval.model import load_model
+
+                clip = await asyncio.to_thread(load_model, self.settings.model,
+                                               self.settings.device)
+            self.clip = clip
+            self.model = await asyncio.to_thread(model_identity, clip)
+            if generation is None and self.settings.index is not None:
+                generation = await asyncio.to_thread(open_index, self.settings.index, self.model)
+            if generation is not None:
+                self.slot = GenerationSlot(Searcher(clip, generation))
+                self._observe_counts()
+        except ClipdexError as error:  # the service stays up and /readyz says why
+            self.load_error = str(error)
+            log.error("not ready: %s", error)
+        if self.clip is not None:
+            self._start_batchers(self.clip)
+
+    def _start_batchers(self, clip: ClipModel) -> None:
+        config = self.settings.batching
+        self.text_batcher = MicroBatcher(
+            "text", lambda texts: list(encode_texts(clip, texts, batch_size=config.max_batch)),
+            self.executor, config, self.metrics.on_batch)
+        self.image_batcher = MicroBatcher(
+            "image", lambda pixels: list(encode_image_batch(clip, torch.stack(pixels))),
+            self.executor, config, self.metrics.on_batch)
+        for batcher in (self.text_batcher, self.image_batcher):
+            batcher.start()
+            self.metrics.watch_queue(batcher.name, lambda b=batcher: b.depth)
+
+    async def stop(self) -> None:
+        for batcher in (self.text_batcher, self.image_batcher):
+            if batcher is not None:
+                await batcher.stop()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- generations ---
+    def ready_problem(self) -> str | None:
+        """Why the service cannot answer searches, or None when it can."""
+        if self.clip is None:
+            return self.load_error or "the model is not loaded yet"
+        if self.slot is None:
+            return self.load_error or "no index generation is loaded; start with --index DIR"
+        if self.clip.embed_dim != self.slot.current.embed_dim:
+            return (f"model embed_dim {self.clip.embed_dim} != index embed_dim "
+                    f"{self.slot.current.embed_dim}")
+        return None
+
+    async def reload(self, generation: GenerationLike | None = None) -> tuple[str | None, str]:
+        """Serve the index root's current generation (or `generation`); (previous, new) names."""
+        async with self._reload_lock:
+            if self.clip is None or self.model is None:
+                raise ClipdexError(self.load_error or "the model is not loaded")
+            previous = self.slot.current.generation.name if self.slot else None
+            if generation is None:
+                if self.settings.index is None:
+                    raise ClipdexError("this service was started without --index; nothing to "
+                                       "reload")
+                generation = await asyncio.to_thread(open_index, self.settings.index, self.model)
+            if previous is not None and generation.name == previous:
+                _close(generation)
+                return previous, previous
+            searcher = Searcher(self.clip, generation)
+            if self.slot is None:
+                self.slot = GenerationSlot(searcher)
+            else:
+                self.slot.swap(searcher)
+            self.load_error = None
+            self.metrics.reloads.inc()
+            self._observe_counts()
+            log.info("serving generation %s (was %s)", generation.name, previous)
+            return previous, generation.name
+
+    def current_name_on_disk(self) -> str | None:
+        """The generation the index root points at now (for --watch), without opening it."""
+        if self.settings.index is None:
+            return None
+        pointer = Path(self.settings.index) / "CURRENT"
+        try:
+            return pointer.read_text().strip() or None
+        except OSError:
+            return None
+
+    def _observe_counts(self) -> None:
+        if self.slot is None:
+            return
+        generation = self.slot.current.generation
+        for modality in ("image", "text"):
+            self.metrics.index_items.labels(modality).set(generation.count(modality))
+
+    def describe(self) -> dict[str, Any]:
+        assert self.clip is not None and self.slot is not None
+        generation = self.slot.current.generation
+        return {"model": self.clip.arch, "embed_dim": self.clip.embed_dim,
+                "generation": generation.name, "images": generation.count("image"),
+                "texts": generation.count("text")}

@@ -1,0 +1,177 @@
+"""What to index: image folders, caption manifests and plain text corpora, as one list each.
+
+A folder is scanned recursively; an image's caption may sit beside it as `name.txt` (one
+caption a line) or `name.json` (captions plus metadata), and a manifest at the folder's top
+(e.g. data/demo/captions.csv) adds its captions to the images it names. A manifest file with
+an image column is an image source; one with only a text column, or a `.txt` file (one text a
+line), is a text corpus searchable on its own.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from retrieval.errors import ManifestError
+from retrieval.manifest import (
+    CAPTION_COLUMNS,
+    IMAGE_COLUMNS,
+    Problem,
+    pick_column,
+    read_manifest,
+    read_rows,
+)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+MANIFEST_EXTENSIONS = {".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"}
+SIDECAR_CAPTION_KEYS = ("caption", "captions", "text", "texts")
+
+
+@dataclass
+class ImageEntry:
+    path: Path  # resolved, so the same file from two sources is one item
+    captions: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TextEntry:
+    text: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Collection:
+    images: list[ImageEntry]
+    texts: list[TextEntry]
+    problems: list[Problem]
+
+    @property
+    def num_captions(self) -> int:
+        return sum(len(entry.captions) for entry in self.images)
+
+
+def collect(sources: Sequence[Path]) -> Collection:
+    """Read every source into one de-duplicated collection, in a stable order."""
+    images: dict[Path, ImageEntry] = {}
+    texts: list[TextEntry] = []
+    problems: list[Problem] = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            _merge(images, _scan_folder(source, problems))
+            for manifest in sorted(p for p in source.iterdir()
+                                   if p.suffix.lower() in MANIFEST_EXTENSIONS):
+                _merge(images, _manifest_images(manifest, problems))
+        elif source.suffix.lower() == ".txt":
+            texts += _text_lines(source)
+        elif source.suffix.lower() in MANIFEST_EXTENSIONS:
+            found, corpus = _manifest_file(source, problems)
+            _merge(images, found)
+            texts += corpus
+        elif source.exists():
+            raise ManifestError(f"{source}: not a folder, manifest (.csv, .jsonl, .parquet) "
+                                "or text corpus (.txt)")
+        else:
+            raise ManifestError(f"source {source} does not exist")
+    return Collection(list(images.values()), texts, problems)
+
+
+def _merge(images: dict[Path, ImageEntry], found: Iterable[ImageEntry]) -> None:
+    for entry in found:
+        known = images.get(entry.path)
+        if known is None:
+            images[entry.path] = entry
+            continue
+        known.captions += [c for c in entry.captions if c not in known.captions]
+        known.metadata.update(entry.metadata)
+
+
+def _scan_folder(folder: Path, problems: list[Problem]) -> list[ImageEntry]:
+    entries = []
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+            captions, metadata = _sidecars(path, problems)
+            entries.append(ImageEntry(path.resolve(), captions, metadata))
+    return entries
+
+
+def _sidecars(image: Path, problems: list[Problem]) -> tuple[list[str], dict[str, Any]]:
+    """Captions and metadata from `image.txt` / `image.json` beside the image, if any."""
+    captions: list[str] = []
+    metadata: dict[str, Any] = {}
+    text_file, json_file = image.with_suffix(".txt"), image.with_suffix(".json")
+    if text_file.is_file():
+        captions += [line.strip() for line in text_file.read_text(errors="replace").splitlines()
+                     if line.strip()]
+    if json_file.is_file():
+        try:
+            data = json.loads(json_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            problems.append(Problem(str(json_file), f"caption sidecar is not JSON ({error})"))
+            return captions, metadata
+        if isinstance(data, dict):
+            for key in SIDECAR_CAPTION_KEYS:
+                captions += _as_texts(data.pop(key, None))
+            metadata = data
+        else:
+            captions += _as_texts(data)
+    return captions, metadata
+
+
+def _as_texts(value: Any) -> list[str]:
+    if value is None:
+        return []
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [str(text).strip() for text in values if str(text).strip()]
+
+
+def _manifest_file(path: Path, problems: list[Problem]) -> tuple[list[ImageEntry],
+                                                                 list[TextEntry]]:
+    columns = _columns(path)
+    if pick_column(columns, None, IMAGE_COLUMNS, path, "image paths"):
+        return _manifest_images(path, problems), []
+    text_key = pick_column(columns, None, CAPTION_COLUMNS, path, "texts")
+    if text_key is None:
+        raise ManifestError(f"{path}: no image column {IMAGE_COLUMNS} and no text column "
+                            f"{CAPTION_COLUMNS} (columns: {columns})")
+    return [], _manifest_texts(path, text_key)
+
+
+def _columns(path: Path) -> list[str]:
+    rows = read_rows(path)
+    if not rows:
+        raise ManifestError(f"{path}: the manifest has no rows")
+    return list(rows[0].keys())
+
+
+def _manifest_images(path: Path, problems: list[Problem]) -> list[ImageEntry]:
+    """Images named by a manifest; a folder's own CSV without an image column is not one."""
+    if not pick_column(_columns(path), None, IMAGE_COLUMNS, path, "image paths"):
+        return []
+    manifest = read_manifest(path)
+    problems += manifest.problems
+    entries = []
+    for item in manifest.items:
+        metadata = dict(item.metadata)
+        if item.label is not None:
+            metadata["label"] = item.label
+        entries.append(ImageEntry(item.image.resolve(), list(item.captions), metadata))
+    return entries
+
+
+def _manifest_texts(path: Path, text_key: str) -> list[TextEntry]:
+    texts = []
+    for number, row in enumerate(read_rows(path), start=1):
+        for text in _as_texts(row.get(text_key)):
+            metadata = {k: v for k, v in row.items() if k != text_key}
+            texts.append(TextEntry(text, {"source": str(path), "row": number, **metadata}))
+    return texts
+
+
+def _text_lines(path: Path) -> list[TextEntry]:
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [TextEntry(line.strip(), {"source": str(path.resolve()), "line": number})
+            for number, line in enumerate(lines, start=1) if line.strip()]

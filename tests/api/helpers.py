@@ -1,0 +1,128 @@
+"""An exact in-memory index generation (the store's interface) and a real uvicorn server
+running in a background thread on a free loopback port."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+import uvicorn
+
+
+@dataclass
+class ItemRecord:
+    id: int
+    modality: str
+    path: str | None = None
+    text: str | None = None
+    captions: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    image_id: int | None = None
+
+
+class InMemoryGeneration:
+    """retrieval.store.Generation's read interface over numpy arrays, searched exactly."""
+
+    def __init__(self, name: str, embed_dim: int, records: Sequence[ItemRecord],
+                 vectors: dict[str, np.ndarray], root: Path | None = None):
+        self.name, self.embed_dim, self.root = name, embed_dim, root
+        self.manifest: dict[str, Any] = {"name": name}
+        self.model_sha256 = None
+        self.closed = False
+        self._records = {record.id: record for record in records}
+        self._ids = {modality: np.array([r.id for r in records if r.modality == modality],
+                                        dtype=np.int64) for modality in ("image", "text")}
+        self._vectors = vectors  # modality -> (n, d) rows in the order of self._ids
+
+    def count(self, modality: str) -> int:
+        return len(self._ids[modality])
+
+    def search(self, modality: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        assert not self.closed, "searched a closed generation"
+        k = min(k, self.count(modality))
+        scores = queries @ self._vectors[modality].T  # (nq, n)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return (np.take_along_axis(scores, order, 1).astype(np.float32),
+                self._ids[modality][order])
+
+    def items(self, ids: Sequence[int]) -> list[ItemRecord | None]:
+        return [self._records.get(int(item_id)) for item_id in ids]
+
+    def vectors(self, modality: str, ids: Sequence[int]) -> np.ndarray:
+        rows = [int(np.flatnonzero(self._ids[modality] == item_id)[0]) for item_id in ids]
+        return self._vectors[modality][rows]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def colour_generation(clip, image_paths: dict[str, Path], name: str = "g1") -> InMemoryGeneration:
+    """Images 0..n-1 (one per colour) and two captions each as texts n.. (image_id set)."""
+    from retrieval.encode import encode_images, encode_texts
+
+    records, texts = [], []
+    for index, (colour, path) in enumerate(image_paths.items()):
+        captions = [f"a {colour} square", f"something coloured {colour}"]
+        records.append(ItemRecord(index, "image", str(path), None, captions, {"label": colour}))
+        texts.extend((caption, index) for caption in captions)
+    start = len(records)
+    for offset, (caption, image_id) in enumerate(texts):
+        records.append(ItemRecord(start + offset, "text", None, caption, [], {}, image_id))
+    vectors = {"image": encode_images(clip, list(image_paths.values())),
+               "text": encode_texts(clip, [caption for caption, _ in texts])}
+    return InMemoryGeneration(name, clip.embed_dim, records, vectors)
+
+
+class ServerThread:
+    """uvicorn serving `app` on 127.0.0.1:<free port> until `stop()`."""
+
+    def __init__(self, app: Any):
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    @property
+    def url(self) -> str:
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def build_index(root: Path, clip, image_paths: dict[str, Path]) -> Path:
+    """A real index generation written through retrieval.store (what `clipdex index build`
+    writes): one image per colour with two captions, the captions also as text items."""
+    from retrieval.encode import encode_images, encode_texts
+    from retrieval.store import ItemRecord as StoreRecord
+    from retrieval.store import model_identity, write_generation
+
+    records, captions = [], []
+    for index, (colour, path) in enumerate(image_paths.items()):
+        pair = [f"a {colour} square", f"something coloured {colour}"]
+        records.append(StoreRecord(index, "image", path=str(path.resolve()), captions=pair,
+                                   metadata={"label": colour}))
+        captions.extend((caption, index) for caption in pair)
+    start = len(records)
+    for offset, (caption, image_id) in enumerate(captions):
+        records.append(StoreRecord(start + offset, "text", text=caption, image_id=image_id))
+    vectors = {"image": encode_images(clip, list(image_paths.values())),
+               "text": encode_texts(clip, [caption for caption, _ in captions])}
+    write_generation(root, model_identity(clip), records, vectors)
+    return root

@@ -1,0 +1,155 @@
+"""The generation store on real files: FAISS indexes, SQLite rows, manifest checks, updates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrieval.errors import IndexCorruptError, IndexMismatchError, IndexNotFoundError
+from retrieval.store import (
+    ItemRecord,
+    ModelIdentity,
+    StoreOptions,
+    current_name,
+    open_generation,
+    update_generation,
+    write_generation,
+)
+
+DIM = 8
+MODEL = ModelIdentity(sha256="ab" * 32, arch="synthetic", embed_dim=DIM)
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def small_index(root: Path, images: int = 6, seed: int = 0) -> dict[str, np.ndarray]:
+    """Images 1..n, one caption text each (ids n+1..2n), plus one free text."""
+    rng = np.random.default_rng(seed)
+    image_vectors = unit(rng.normal(size=(images, DIM)))
+    text_vectors = unit(np.concatenate([image_vectors + 0.1, rng.normal(size=(1, DIM))]))
+    records = [ItemRecord(i + 1, "image", path=f"/img/{i}.png", captions=[f"caption {i}"],
+                          metadata={"n": i}) for i in range(images)]
+    records += [ItemRecord(images + i + 1, "text", text=f"caption {i}", image_id=i + 1)
+                for i in range(images)]
+    records.append(ItemRecord(2 * images + 1, "text", text="a free text"))
+    write_generation(root, MODEL, records, {"image": image_vectors, "text": text_vectors})
+    return {"image": image_vectors, "text": text_vectors}
+
+
+def test_write_then_open_searches_and_reads_items(tmp_path):
+    vectors = small_index(tmp_path)
+    generation = open_generation(tmp_path, MODEL.sha256, DIM)
+    assert generation.name == current_name(tmp_path) == "000001"
+    assert (generation.count("image"), generation.count("text")) == (6, 7)
+    scores, ids = generation.search("image", vectors["text"][:2], k=3)
+    assert scores.shape == ids.shape == (2, 3) and ids.dtype == np.int64
+    assert ids[0, 0] == 1 and ids[1, 0] == 2  # each caption finds its own image first
+    item = generation.items([1, 999])
+    assert item[1] is None and item[0].path == "/img/0.png" and item[0].metadata == {"n": 0}
+    assert generation.items([7])[0].image_id == 1
+    np.testing.assert_allclose(generation.vectors("image", [3, 1]), vectors["image"][[2, 0]])
+    manifest = generation.manifest
+    assert manifest["metric"] == "inner_product" and manifest["normalization"] == "l2"
+    assert set(manifest["files"]) >= {"images.faiss", "texts.faiss", "items.sqlite"}
+    generation.close()
+
+
+def test_k_larger_than_count_and_empty_modality_never_pad_with_minus_one(tmp_path):
+    write_generation(tmp_path, MODEL, [ItemRecord(5, "text", text="only")],
+                     {"text": unit(np.ones((1, DIM)))})
+    with open_generation(tmp_path) as generation:
+        scores, ids = generation.search("text", unit(np.ones((3, DIM))), k=10)
+        assert ids.shape == (3, 1) and (ids == 5).all()
+        scores, ids = generation.search("image", unit(np.ones((3, DIM))), k=10)
+        assert ids.shape == scores.shape == (3, 0)
+
+
+def test_delete_adds_a_generation_and_hides_the_image_and_its_captions(tmp_path):
+    vectors = small_index(tmp_path, images=12)
+    update_generation(tmp_path, MODEL, delete_ids=[1], options=StoreOptions(compact_ratio=0.9))
+    with open_generation(tmp_path) as generation:
+        assert generation.name == "000002" and generation.manifest["parent"] == "000001"
+        _, ids = generation.search("image", vectors["text"], k=20)
+        assert 1 not in ids and ids.shape == (13, 11) and (ids > 0).all()
+        _, ids = generation.search("text", vectors["image"], k=30)
+        assert 13 not in ids.ravel()  # the caption of image 1 went with it
+        assert generation.items([1, 13]) == [None, None]
+        assert generation.manifest["modalities"]["image"]["deleted"] == 1
+    with open_generation(tmp_path, name="000001") as previous:  # the last one is kept
+        assert previous.count("image") == 12
+
+
+def test_add_keeps_ids_and_compaction_drops_tombstones(tmp_path):
+    small_index(tmp_path, images=4)
+    new = unit(np.random.default_rng(5).normal(size=(1, DIM)))
+    with open_generation(tmp_path) as generation:
+        next_id = generation.next_id
+    update_generation(tmp_path, MODEL, add=[ItemRecord(next_id, "image", path="/img/new.png")],
+                      add_vectors={"image": new})
+    update_generation(tmp_path, MODEL, delete_ids=[2, 3])  # 4 of 14 rows: over 20 %
+    with open_generation(tmp_path) as generation:
+        assert generation.manifest["build"]["compacted"] is True
+        section = generation.manifest["modalities"]["image"]
+        assert (section["rows"], section["live"], section["deleted"]) == (3, 3, 0)
+        _, ids = generation.search("image", new, k=1)
+        assert ids[0, 0] == next_id and generation.items([1])[0].path == "/img/0.png"
+    generations = sorted(p.name for p in (tmp_path / "generations").iterdir())
+    assert generations == ["000002", "000003"]  # older ones pruned
+
+
+def test_a_different_model_is_refused_naming_the_field(tmp_path):
+    small_index(tmp_path)
+    with pytest.raises(IndexMismatchError, match=r"model sha256 abababab.*you loaded cdcd"):
+        open_generation(tmp_path, model_sha256="cd" * 32)
+    with pytest.raises(IndexMismatchError, match="embed_dim 8, the model gives 512"):
+        open_generation(tmp_path, embed_dim=512)
+
+
+@pytest.mark.parametrize("filename", ["images.faiss", "items.sqlite", "texts.npy"])
+def test_a_flipped_byte_is_refused_naming_the_file(tmp_path, filename):
+    small_index(tmp_path)
+    path = tmp_path / "generations" / "000001" / filename
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexCorruptError, match=filename):
+        open_generation(tmp_path)
+
+
+def test_counts_that_disagree_with_the_manifest_are_refused(tmp_path):
+    small_index(tmp_path)
+    path = tmp_path / "generations" / "000001" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["modalities"]["image"]["rows"] = 7
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(IndexCorruptError, match="images.faiss holds 6 vectors"):
+        open_generation(tmp_path)
+
+
+def test_no_index_is_a_clear_error(tmp_path):
+    with pytest.raises(IndexNotFoundError, match="no CURRENT file"):
+        open_generation(tmp_path)
+
+
+def test_cross_modal_recall_is_reported_in_the_manifest(tmp_path):
+    from tests.test_ann import modality_gap_data
+
+    images, captions = modality_gap_data(600, 120, dim=DIM)
+    records = [ItemRecord(i + 1, "image", path=f"/{i}.png") for i in range(600)]
+    records += [ItemRecord(1000 + i, "text", text=f"t{i}") for i in range(120)]
+    write_generation(tmp_path, MODEL, records, {"image": images, "text": captions},
+                     StoreOptions(index_kind="hnsw"))
+    with open_generation(tmp_path) as generation:
+        tuning = generation.manifest["modalities"]["image"]["tuning"]
+        assert tuning["query_source"] == "texts" and tuning["queries"] == 120
+        assert 0.9 <= tuning["recall_at_10"] <= 1.0 and tuning["param"] == "efSearch"
+        assert generation.manifest["modalities"]["image"]["index"]["params"]["efSearch"] == \
+            tuning["value"]
+        assert generation.manifest["modalities"]["text"]["tuning"]["query_source"] == "images"
+        _, ids = generation.search("image", captions, k=10)
+        assert (ids >= 1).all() and (ids <= 600).all()
