@@ -299,7 +299,7 @@ def open_generation(root: Path, model_sha256: str | None = None, embed_dim: int 
     for modality in MODALITIES:
         indexes[modality], ids[modality], vectors[modality] = _load_modality(folder, manifest,
                                                                              modality)
-    db = sqlite3.connect(f"{(folder / 'items.sqlite').as_uri()}?mode=ro&immutable=1", uri=True,
+    db = sqlite3.connect(f"{(folder / 'items.sqlite').resolve().as_uri()}?mode=ro&immutable=1", uri=True,
                          check_same_thread=False)
     generation = Generation(root, name, manifest, indexes, ids, vectors, db)
     _check_rows(generation)
@@ -599,7 +599,7 @@ def _mark_deleted(db: sqlite3.Connection, ids: set[int]) -> None:
 
 def _copy_database(source: Path, target: sqlite3.Connection) -> None:
     """Copy the parent's rows with SQLite's backup API (no pickling, no re-insert in Python)."""
-    parent = sqlite3.connect(f"{source.as_uri()}?mode=ro&immutable=1", uri=True)
+    parent = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
     try:
         parent.backup(target)
     finally:

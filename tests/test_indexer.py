@@ -215,3 +215,12 @@ def test_info_prints_the_manifest(colour_corpus, tmp_path, capsys):
     manifest = json.loads(capsys.readouterr().out)
     assert manifest["modalities"]["image"]["index"]["kind"] == "flat"
     assert manifest["model"]["arch"] == "clipdex-tiny" and manifest["embed_dim"] == 32
+
+
+def test_a_relative_index_path_works(colour_corpus, tmp_path, monkeypatch, capsys):
+    """`make run` passes data/demo-index: relative paths must open (SQLite URIs need absolute)."""
+    monkeypatch.chdir(tmp_path)
+    assert run_build(str(colour_corpus), "--out", "idx") == 0
+    generation = open_generation(Path("idx"))
+    assert generation.count("image") == 8
+    generation.close()
