@@ -29,12 +29,12 @@ browser:
 	           || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)); } \
 	  || echo "chromium is not installed and cannot be installed here: the browser test will skip"
 
-# The demo photographs install with scikit-image; copy them beside data/demo/captions.csv.
+# The demo photographs install with scikit-image; the indexer copies them into data/demo.
 $(DEMO_INDEX)/CURRENT: | $(STAMP)
-	$(PY) -c "from retrieval.demo import ensure_demo_corpus; ensure_demo_corpus()"
 	$(CLIPDEX) index build data/demo --out $(DEMO_INDEX)
 
 run: $(STAMP) $(DEMO_INDEX)/CURRENT
+	$(CLIPDEX) demo -k 3 "a cat" "a rocket launch"
 	$(CLIPDEX) serve --index $(DEMO_INDEX) --host 127.0.0.1 --port 8000
 
 test: $(STAMP) browser

@@ -15,6 +15,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from api import errors
 from api.limits import BodyLimitMiddleware
@@ -51,7 +52,9 @@ def create_app(settings: Settings, clip: ClipModel | None = None,
                 watcher.cancel()
             await state.stop()
 
-    app = FastAPI(title="clipdex", version="0.1.0", lifespan=lifespan,
+    # FastAPIOffline serves the /docs and /redoc assets itself: the default FastAPI pages
+    # load them from a CDN, which a machine without a network cannot reach.
+    app = FastAPIOffline(title="clipdex", version="0.1.0", lifespan=lifespan,
                   description="Contrastive image-text search over a clipdex index generation.")
     app.state.settings = settings
     errors.install(app)

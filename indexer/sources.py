@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from retrieval.demo import DEMO_DIR, ensure_demo_corpus
 from retrieval.errors import ManifestError
 from retrieval.manifest import (
     CAPTION_COLUMNS,
@@ -60,6 +61,8 @@ def collect(sources: Sequence[Path]) -> Collection:
     texts: list[TextEntry] = []
     problems: list[Problem] = []
     for source in map(Path, sources):
+        if source.resolve() == DEMO_DIR.resolve():
+            ensure_demo_corpus()  # a fresh clone holds only the captions; images come from a wheel
         if source.is_dir():
             _merge(images, _scan_folder(source, problems))
             for manifest in sorted(p for p in source.iterdir()

@@ -261,6 +261,15 @@ def test_openapi_documents_bounds_and_role_named_schemas(client):
     assert schemas["SearchTextRequest"]["properties"]["text"]["maxLength"] == 1000
 
 
+def test_docs_page_works_without_a_network(client):
+    """Swagger UI's script and styles come from this server, not from a CDN."""
+    page = client.get("/docs").text
+    assert "cdn.jsdelivr.net" not in page
+    script = next(part.split('"')[0] for part in page.split('src="')[1:]
+                  if "swagger-ui-bundle" in part)
+    assert client.get(script).status_code == 200
+
+
 def test_page_is_served(client):
     page = client.get("/")
     assert page.status_code == 200 and "search/text" in page.text
