@@ -40,8 +40,9 @@ run: $(STAMP) $(DEMO_INDEX)/CURRENT
 test: $(STAMP) browser
 	$(PY) -m pytest -q
 
+# All benchmarks in one sequence (~15 min on 2 cores); writes docs/BENCHMARKS.md.
 bench: $(STAMP)
-	$(PY) bench/text_trim.py --model default
+	$(PY) bench/run_all.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache $(DEMO_INDEX)

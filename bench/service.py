@@ -1,4 +1,4 @@
-"""Load-test the search service on loopback: throughput and p50/p95 latency of text searches,
+"""Load-test the search service on loopback: throughput and p50/p95/p99 latency of text searches,
 with cross-request batching on (--max-batch 32) and off (--max-batch 1), same concurrency.
 
     .venv/bin/python bench/service.py --model clipdex-effnet-minilm --concurrency 16 \
@@ -87,6 +87,7 @@ async def load(url: str, concurrency: int, requests: int, seconds: float) -> dic
     return {"ok": len(latencies), "failed": failures, "seconds": round(elapsed, 2),
             "throughput_rps": round(len(latencies) / elapsed, 1),
             "p50_ms": round(percentile(0.50), 1), "p95_ms": round(percentile(0.95), 1),
+            "p99_ms": round(percentile(0.99), 1),
             "mean_ms": round(statistics.fmean(ordered) * 1000, 1) if ordered else None}
 
 

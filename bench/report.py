@@ -1,0 +1,281 @@
+"""Render docs/BENCHMARKS.md and its PNG figures from bench/run_all.py's results dict.
+
+    .venv/bin/python bench/report.py docs/bench_results.json   # re-render without measuring
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+RUN = ".venv/bin/python bench/run_all.py --parts"
+
+
+def goals(r: dict) -> list[tuple[str, str, str, str]]:
+    """(figure, goal, measured, met?) for each part present in the results."""
+    rows = []
+    if "encoder" in r:
+        for spec, model in r["encoder"]["models"].items():
+            for name, row in model["rows"].items():
+                value = row["utilisation"]
+                rows.append((f"encoder utilisation, {spec} {name}", "≥ 0.6", f"{value:.2f}",
+                             _met(value >= 0.6, "below the matmul peak: see §1")))
+    if "indexing" in r:
+        value = r["indexing"]["ratio"]
+        rows.append(("indexing end-to-end / encode-only img/s", "≥ 0.9", f"{value:.2f}",
+                     _met(value >= 0.9, "decode, SQLite, FAISS and manifest cost shows")))
+    if "text_trim" in r:
+        value = r["text_trim"]["ratio"]
+        rows.append(("short queries: real-length / padded texts/s", "≥ 3×", f"{value:.2f}×",
+                     _met(value >= 3, "")))
+    if "ann" in r:
+        a = r["ann"]
+        rows.append((f"ANN recall@10 ({a['factory']}, {a['count']:,})", "≥ 0.95 (tuner target)",
+                     f"{a['recall_at_10']:.3f}", _met(a["recall_at_10"] >= 0.95, "")))
+        rows.append(("ANN QPS / exact QPS", "> 1", f"{a['qps_ratio']:.1f}×",
+                     _met(a["qps_ratio"] > 1, "")))
+        rows.append(("ANN at 1,000,000 vectors", "run", "not run in `make bench`",
+                     "no (time; reachable with --ann-count 1000000)"
+                     if a["count"] < 1_000_000 else "yes"))
+    if "service" in r:
+        s = _service_summary(r["service"])
+        rows.append((f"service batched / unbatched req/s at concurrency {s['c']}", "≥ 4×",
+                     f"{s['speedup']:.2f}×", _met(s["speedup"] >= 4, "see §5")))
+        rows.append((f"service batched p95 at concurrency {s['c']} / single-request p50",
+                     "≤ 2×", f"{s['p95_ratio']:.2f}×", _met(s["p95_ratio"] <= 2, "see §5")))
+    return rows
+
+
+def _met(ok: bool, why: str) -> str:
+    return "yes" if ok else f"no{': ' + why if why else ''}"
+
+
+def _service_summary(s: dict) -> dict:
+    top = max(s["modes"]["batched"]["by_concurrency"], key=int)
+    batched = s["modes"]["batched"]["by_concurrency"][top]
+    unbatched = s["modes"]["unbatched"]["by_concurrency"][top]
+    single = s["modes"]["unbatched"]["by_concurrency"][min(
+        s["modes"]["unbatched"]["by_concurrency"], key=int)]
+    return {"c": top, "speedup": batched["throughput_rps"] / unbatched["throughput_rps"],
+            "p95_ratio": batched["p95_ms"] / single["p50_ms"],
+            "service_over_raw": batched["throughput_rps"] / s["raw_texts_per_s"]}
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write(r: dict, out: Path) -> None:
+    m = r["machine"]
+    doc = ["# Benchmarks", "",
+           "Produced by `make bench` (`.venv/bin/python bench/run_all.py`); raw numbers in "
+           "`docs/bench_results.json`. Each headline figure is a **ratio of two measurements "
+           "taken in the same run on the same machine**, so it holds on a shared, noisy box "
+           "where absolute figures (also given) do not.", "",
+           f"**Machine:** {m['cpu']}, {m['cores']} cores, torch {m['torch']} with "
+           f"{m['torch_threads']} threads, Python {m['python']}; run {m['date']}, "
+           f"load average at start {m['load_average_at_start']}; total wall time "
+           f"{m.get('wall_s', '?')} s for parts `{m.get('parts_run', '?')}`. No GPU.", "",
+           "## Goals", "", _table(["figure", "goal", "measured", "met?"],
+                                  [list(g) for g in goals(r)]), ""]
+    for part, render in (("encoder", _encoder), ("indexing", _indexing),
+                         ("text_trim", _text_trim), ("ann", _ann), ("service", _service),
+                         ("scaling", _scaling)):
+        if part in r:
+            doc += render(r[part], out)
+    (out / "BENCHMARKS.md").write_text("\n".join(doc) + "\n")
+
+
+def _encoder(e: dict, out: Path) -> list[str]:
+    rows, labels, values = [], [], []
+    for spec, model in e["models"].items():
+        for name, row in model["rows"].items():
+            rows.append([spec, name, row["items_per_s"], row["gflops_per_item"],
+                         row["achieved_gflops"], f"{row['utilisation']:.2f}"])
+            labels.append(f"{spec}\n{name}")
+            values.append(row["utilisation"])
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.bar(range(len(values)), values)
+    ax.axhline(0.6, color="red", linestyle="--", label="goal 0.6")
+    ax.set_xticks(range(len(values)), labels, fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("achieved GFLOP/s ÷ matmul GFLOP/s")
+    ax.legend()
+    _save(fig, out / "bench_encoder.png")
+    return ["## 1. Encoder vs the hardware", "",
+            f"Measured fp32 matmul peak: **{e['matmul_gflops']} GFLOP/s** (best of five "
+            "2048×2048 `torch.matmul`). FLOPs per item from `torch.utils.flop_counter."
+            "FlopCounterMode` on one item's `encode_image` (224×224) / `encode_text` (the "
+            "~10-token query \"a brown dog running on the beach at sunset\", trimmed as "
+            "clipdex encodes it). Utilisation = items/s × FLOPs/item ÷ matmul peak. "
+            "ViT-B-32 has random weights (speed does not depend on them). `channels_last` "
+            "rows convert the EfficientNet tower to NHWC in the benchmark only; "
+            "`retrieval/` is unchanged.", "",
+            _table(["model", "modality / variant", "items/s", "GFLOP/item", "GFLOP/s",
+                    "utilisation"], rows), "",
+            "![encoder utilisation](bench_encoder.png)", "",
+            f"Reproduce: `{RUN} encoder`", "",
+            "Reading: a large-matmul transformer (ViT-B-32) can approach the matmul peak; a "
+            "depthwise-convolution network (EfficientNet-Lite0) and a 6-layer MiniLM on ~10 "
+            "tokens cannot, because depthwise convolutions and small matrices are bound by "
+            "memory traffic and per-op overhead, not FLOPs. Low utilisation there is a "
+            "property of the architecture on CPU more than of clipdex's code. A utilisation "
+            "above 1 means the model's own GEMMs (oneDNN, fused, cache-friendly 768-wide "
+            "tiles) ran faster than the square `torch.matmul` probe did in its moment; "
+            "on a shared box the probe is a lower bound on the peak, so read >1 as ≈ at peak.",
+            ""]
+
+
+def _indexing(i: dict, out: Path) -> list[str]:
+    fig, ax = plt.subplots(figsize=(5, 3))
+    names = ["decode only", "encode only", "end to end"]
+    ax.bar(names, [i["decode_only_img_s"], i["encode_only_img_s"], i["end_to_end_img_s"]])
+    ax.set_ylabel("images/s")
+    ax.set_title(f"end-to-end / encode-only = {i['ratio']:.2f}")
+    _save(fig, out / "bench_indexing.png")
+    return ["## 2. Indexing pipeline", "",
+            f"Default model, demo corpus ×{i['images'] // i['distinct_images']} "
+            f"({i['images']} images), {i['workers']} decode workers (`bench/indexing.py`).", "",
+            _table(["decode-only img/s", "encode-only img/s", "end-to-end img/s",
+                    "end-to-end / encode-only"],
+                   [[i["decode_only_img_s"], i["encode_only_img_s"], i["end_to_end_img_s"],
+                     f"**{i['ratio']:.2f}**"]]), "",
+            "![indexing](bench_indexing.png)", "",
+            f"Reproduce: `{RUN} indexing` (or `{i['command']}`)", "",
+            "On 2 cores the decode workers and the encoder compete for the same cores, and "
+            "a 110-image run also pays fixed costs (worker start-up, FAISS tuning, SQLite, "
+            "manifest checksums), which weigh less on a large corpus.", ""]
+
+
+def _text_trim(t: dict, out: Path) -> list[str]:
+    return ["## 3. Short text queries", "",
+            f"Default model, {t['context_length']}-token context, batch 64 "
+            "(`bench/text_trim.py`).", "",
+            _table(["real length texts/s", "padded texts/s", "ratio"],
+                   [[t["trimmed_texts_per_s"], t["padded_texts_per_s"],
+                     f"**{t['ratio']:.2f}×**"]]), "",
+            f"Reproduce: `{RUN} text_trim` (or `.venv/bin/python bench/text_trim.py`)", ""]
+
+
+def _ann(a: dict, out: Path) -> list[str]:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([c["qps"] for c in a["curve"]], [c["recall"] for c in a["curve"]], "o-",
+            label=a["factory"])
+    for c in a["curve"]:
+        ax.annotate(str(c[a["param"]]), (c["qps"], c["recall"]), fontsize=7)
+    ax.plot([a["flat_qps"]], [1.0], "s", label="IndexFlatIP (exact)")
+    ax.set_xscale("log")
+    ax.set_xlabel("queries/s")
+    ax.set_ylabel("cross-modal recall@10")
+    ax.legend(fontsize=7)
+    _save(fig, out / "bench_ann.png")
+    m = a.get("M") or 32
+    return ["## 4. ANN vs exact", "",
+            f"{a['count']:,} × {a['dim']} synthetic unit vectors with a modality gap "
+            f"(`bench/ann.py`'s `gap_data`); {a['queries']} caption queries search the image "
+            f"index. `retrieval.ann.choose_index` under a {a['max_memory']} budget picked "
+            f"`{a['factory']}`; build {a['build_s']} s; the tuner picked "
+            f"{a['param']}={a['value']}.", "",
+            _table(["index", "recall@10", "QPS", "QPS / exact"],
+                   [["IndexFlatIP", "1.000", a["flat_qps"], "1.0×"],
+                    [a["factory"], f"{a['recall_at_10']:.3f}", a["qps"],
+                     f"**{a['qps_ratio']:.1f}×**"]]), "",
+            f"Bytes per vector: measured (serialised index ÷ count) "
+            f"**{a['bytes_per_vector_measured']}**, formula "
+            f"**{a['bytes_per_vector_formula']}** from `retrieval.ann.hnsw_bytes`: "
+            f"4·d (vectors) + 8 (id map) + 2·M·4·(1 + 1/M) (level-0 links, plus ~1/M for "
+            f"upper levels) + 8 (level bookkeeping), with d = {a['dim']}, M = {m}.", "",
+            "![ann](bench_ann.png)", "",
+            f"Reproduce: `{RUN} ann`. The goal size, 1,000,000 vectors, is reachable with "
+            f"`{RUN} ann --ann-count 1000000` (about 10× the build time; ~2.4 GB under HNSW) "
+            "and was **not** run by `make bench`, for time.", ""]
+
+
+def _service(s: dict, out: Path) -> list[str]:
+    rows = []
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for mode, data in s["modes"].items():
+        conc = sorted(data["by_concurrency"], key=int)
+        for c in conc:
+            f = data["by_concurrency"][c]
+            rows.append([mode, c, f["ok"], f["throughput_rps"], f["p50_ms"], f["p95_ms"],
+                         f.get("p99_ms", "—"), f["failed"]])
+        left.plot([int(c) for c in conc],
+                  [data["by_concurrency"][c]["throughput_rps"] for c in conc], "o-", label=mode)
+        right.plot([int(c) for c in conc],
+                   [data["by_concurrency"][c]["p95_ms"] for c in conc], "o-", label=mode)
+    left.set(xlabel="concurrency", ylabel="requests/s", xscale="log")
+    right.set(xlabel="concurrency", ylabel="p95 latency (ms)", xscale="log", yscale="log")
+    left.legend()
+    _save(fig, out / "bench_service.png")
+    sm = _service_summary(s)
+    verdict = ("met" if sm["speedup"] >= 4 and sm["p95_ratio"] <= 2 else "**not met**")
+    return ["## 5. Service", "",
+            f"`clipdex serve` (default model, {s['items']:,} images + {s['items']:,} texts), "
+            f"`/search/text` k=10 over loopback, each cell {s['seconds']} s of closed-loop load "
+            f"(`bench/service.py`); batched = `--max-batch {s['max_batch']} --max-wait-ms "
+            f"{s['max_wait_ms']}`, unbatched = `--max-batch 1`. The load generator shares the "
+            "2 cores with the server. Mean batch size batched: "
+            f"{s['modes']['batched']['mean_batch']}.", "",
+            _table(["mode", "concurrency", "requests", "req/s", "p50 ms", "p95 ms", "p99 ms",
+                    "failed"], rows), "",
+            f"Batched / unbatched throughput at concurrency {sm['c']}: "
+            f"**{sm['speedup']:.2f}×**; batched p95 at concurrency {sm['c']} ÷ single-request "
+            f"p50: **{sm['p95_ratio']:.2f}×**. Goal (≥ 4× and ≤ 2×): {verdict}. "
+            f"Service text QPS ÷ raw encoder texts/s on the same queries "
+            f"({s['raw_texts_per_s']} texts/s, batch {s['max_batch']}): "
+            f"**{sm['service_over_raw']:.2f}**.", "",
+            "![service](bench_service.png)", "",
+            f"Reproduce: `{RUN} service`", ""]
+
+
+def _scaling(sc: dict, out: Path) -> list[str]:
+    rows = [[f"{x['count']:,}", x["kind"] + (" (forced)" if x["forced"] else " (auto)"),
+             x["build_s"], x["peak_rss_mib"], x["rss_before_build_mib"], x["estimate_mib"]]
+            for x in sc["rows"]]
+    hnsw = [x for x in sc["rows"] if x["kind"] == "hnsw"]
+    growth = []
+    for small, big in zip(hnsw, hnsw[1:]):
+        size = big["count"] / small["count"]
+        growth.append(f"HNSW {small['count']:,} → {big['count']:,} ({size:.0f}× items): build "
+                      f"time ×{big['build_s'] / small['build_s']:.1f}, peak RSS above the "
+                      f"pre-build RSS ×{_delta(big) / max(_delta(small), 1e-9):.1f}, peak RSS "
+                      f"×{big['peak_rss_mib'] / small['peak_rss_mib']:.1f}.")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.loglog([x["count"] for x in hnsw], [x["build_s"] for x in hnsw], "o-", label="build s")
+    ax.loglog([x["count"] for x in hnsw], [x["peak_rss_mib"] for x in hnsw], "s-",
+              label="peak RSS MiB")
+    ax.set_xlabel("items (HNSW)")
+    ax.legend()
+    _save(fig, out / "bench_scaling.png")
+    return ["## 6. Scaling", "",
+            "Random unit vectors (d = 512) through `retrieval.ann.choose_index` + "
+            "`build_index`, each size in a fresh process so VmHWM (peak RSS) is that build's alone.",
+            "", _table(["items", "index", "build s", "peak RSS MiB", "RSS before build MiB",
+                        "index estimate MiB"], rows), "",
+            *[f"- {g}" for g in growth], "",
+            "![scaling](bench_scaling.png)", "",
+            f"Reproduce: `{RUN} scaling`; the 1,000,000 row: "
+            f"`{RUN} scaling --scale-sizes 10000,100000,1000000` (not run by `make bench`).", ""]
+
+
+def _delta(row: dict) -> float:
+    return row["peak_rss_mib"] - row["rss_before_build_mib"]
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    source = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("docs/bench_results.json")
+    write(json.loads(source.read_text()), source.parent)

@@ -1,0 +1,322 @@
+"""Run every clipdex benchmark on this machine in one sequence; write docs/BENCHMARKS.md.
+
+    make bench                                   # all parts, bounded sizes, ~10-15 min on 2 cores
+    .venv/bin/python bench/run_all.py --parts ann,scaling --ann-count 1000000 \
+        --scale-sizes 10000,100000,1000000       # the goal sizes (not run by `make bench`)
+
+Every headline figure is a ratio of two numbers measured in the same run on the same
+machine (encoder FLOP/s over measured matmul FLOP/s, end-to-end over encode-only, ...), so it
+holds on a shared, noisy box where the absolute figures do not. Results accumulate in
+docs/bench_results.json: running a subset of --parts updates only those parts, and the
+report (bench/report.py) is rebuilt from the whole file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench scripts
+
+import numpy as np
+import torch
+
+PARTS = ("encoder", "indexing", "text_trim", "ann", "service", "scaling")
+TYPICAL_QUERY = "a brown dog running on the beach at sunset"  # ~10 tokens, a typical query
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
+                .splitlines() if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """The machine's fp32 matmul peak as torch sees it: best of `repeats` (size x size)^2."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.matmul(a, b)  # warm-up
+    best = min(_timed(lambda: torch.matmul(a, b)) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def _best_rate(fn, items: int, repeats: int) -> float:
+    fn()  # warm-up (allocator, oneDNN kernels)
+    return items / min(_timed(fn) for _ in range(repeats))
+
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+# --- 1. encoder vs the hardware ------------------------------------------------------------
+
+def encoder_part(args: argparse.Namespace) -> dict:
+    from retrieval.encode import encode_image_batch, encode_texts, text_forward, trim_padding
+    from retrieval.model import load_model
+
+    peak = matmul_gflops()
+    out = {"matmul_gflops": round(peak, 1), "models": {}}
+    for spec in args.models.split(","):
+        clip = load_model(spec, "cpu")
+        size = clip.config["model_cfg"]["vision_cfg"].get("image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        padded = clip.tokenizer([TYPICAL_QUERY])  # (1, context_length)
+        tokens = trim_padding(padded, clip.pad_token_id)  # (1, L): what clipdex encodes
+        image_flops = count_flops(lambda: clip.model.encode_image(torch.zeros(1, 3, size, size)))
+        text_flops = count_flops(lambda: text_forward(clip, padded, trim=True))
+        texts = [TYPICAL_QUERY] * args.text_n
+        text_rate = _best_rate(lambda: encode_texts(clip, texts, batch_size=64), len(texts),
+                               args.repeats)
+        rows = {"text": _row(text_rate, text_flops, peak, batch=64, tokens=tokens.shape[1])}
+        for batch in sorted({args.image_batch, args.image_batch_large}):
+            pixels = torch.randn(batch, 3, size, size)
+            rate = _best_rate(lambda: encode_image_batch(clip, pixels), batch, args.repeats)
+            rows[f"image_b{batch}"] = _row(rate, image_flops, peak, batch=batch)
+        if "timm_model_name" in clip.config["model_cfg"]["vision_cfg"]:
+            rows.update(_channels_last(clip, image_flops, peak, size, args))
+        out["models"][spec] = {"image_flops": image_flops, "text_flops": text_flops,
+                               "image_size": size, "rows": rows}
+        print(json.dumps({spec: rows}), flush=True)
+    return out
+
+
+def _channels_last(clip, image_flops: int, peak: float, size: int,
+                   args: argparse.Namespace) -> dict:
+    """The cheap CPU speed-up for a conv tower: NHWC weights and inputs (not in retrieval/)."""
+    from retrieval.encode import encode_image_batch
+
+    clip.model.visual.to(memory_format=torch.channels_last)
+    rows = {}
+    for batch in sorted({args.image_batch, args.image_batch_large}):
+        pixels = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+        rate = _best_rate(lambda: encode_image_batch(clip, pixels), batch, args.repeats)
+        rows[f"image_b{batch}_channels_last"] = _row(rate, image_flops, peak, batch=batch)
+    clip.model.visual.to(memory_format=torch.contiguous_format)
+    return rows
+
+
+def _row(rate: float, flops: int, peak_gflops: float, **extra) -> dict:
+    achieved = rate * flops / 1e9
+    return {"items_per_s": round(rate, 1), "gflops_per_item": round(flops / 1e9, 3),
+            "achieved_gflops": round(achieved, 1),
+            "utilisation": round(achieved / peak_gflops, 3), **extra}
+
+
+# --- 2. indexing pipeline ------------------------------------------------------------------
+
+def indexing_part(args: argparse.Namespace) -> dict:
+    command = [sys.executable, "bench/indexing.py", "--model", "default",
+               "--repeat", str(args.index_repeat), "--workers", "2"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+    figures = json.loads(result.stdout[result.stdout.index("{"):])
+    figures["ratio"] = round(figures["end_to_end_img_s"] / figures["encode_only_img_s"], 3)
+    figures["command"] = " ".join(["python", *command[1:]])
+    return figures
+
+
+# --- 3. short text queries -----------------------------------------------------------------
+
+def text_trim_part(args: argparse.Namespace) -> dict:
+    from text_trim import SHORT_QUERIES, texts_per_second
+
+    from retrieval.model import load_model
+
+    clip = load_model("default", "cpu")
+    texts = [SHORT_QUERIES[i % len(SHORT_QUERIES)] for i in range(args.text_n)]
+    trimmed = texts_per_second(clip, texts, 64, True, args.repeats)
+    padded = texts_per_second(clip, texts, 64, False, args.repeats)
+    return {"model": "default", "context_length": int(clip.tokenizer(["x"]).shape[1]),
+            "trimmed_texts_per_s": round(trimmed, 1), "padded_texts_per_s": round(padded, 1),
+            "ratio": round(trimmed / padded, 2)}
+
+
+# --- 4. ANN vs exact -----------------------------------------------------------------------
+
+def ann_part(args: argparse.Namespace) -> dict:
+    import faiss
+    from ann import gap_data
+
+    from retrieval import ann
+
+    dim = 512
+    images, captions = gap_data(args.ann_count, args.ann_queries, dim)
+    ids = np.arange(1, args.ann_count + 1, dtype=np.int64)
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(images)
+    flat.search(captions[:10], 10)  # warm-up
+    flat_qps = len(captions) / _timed(lambda: flat.search(captions, 10))
+    flat.reset()  # free the exact index before building the approximate one
+    spec = ann.choose_index(args.ann_count, dim, args.max_memory)
+    started = time.perf_counter()
+    index = ann.build_index(spec, images, ids)
+    build_s = time.perf_counter() - started
+    _tuned, report = ann.tune(index, spec, images, ids, captions, query_source="captions")
+    stored = len(faiss.serialize_index(index))
+    return {"count": args.ann_count, "dim": dim, "queries": args.ann_queries,
+            "max_memory": args.max_memory, "kind": spec.kind, "factory": spec.factory,
+            "build_s": round(build_s, 1), "flat_qps": round(flat_qps, 1),
+            "recall_at_10": report["recall_at_10"], "qps": report["qps"],
+            "qps_ratio": round(report["qps"] / flat_qps, 2), "param": report["param"],
+            "value": report["value"], "curve": report["curve"],
+            "bytes_per_vector_measured": round(stored / args.ann_count, 1),
+            "bytes_per_vector_formula": round(spec.memory_bytes / args.ann_count, 1),
+            "M": spec.params.get("M")}
+
+
+# --- 5. service ----------------------------------------------------------------------------
+
+def service_part(args: argparse.Namespace) -> dict:
+    import service
+
+    from retrieval.encode import encode_texts
+    from retrieval.model import load_model
+
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    out = {"model": "default", "items": args.service_items, "seconds": args.service_seconds,
+           "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "modes": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint, index = service.prepare("default", Path(tmp), args.service_items)
+        for mode, max_batch in (("batched", args.max_batch), ("unbatched", 1)):
+            url = f"http://127.0.0.1:{args.port}"
+            process = service.serve(checkpoint, index, args.port, max_batch, args.max_wait_ms,
+                                    queue=max(256, 4 * max(concurrencies)))
+            try:
+                service.wait_ready(url, process)
+                rows = {}
+                for concurrency in concurrencies:
+                    rows[str(concurrency)] = asyncio.run(
+                        service.load(url, concurrency, 10**7, args.service_seconds))
+                    print(mode, concurrency, json.dumps(rows[str(concurrency)]), flush=True)
+                out["modes"][mode] = {"max_batch": max_batch, "mean_batch":
+                                      service.batch_sizes(url), "by_concurrency": rows}
+            finally:
+                process.terminate()
+                process.wait(timeout=30)
+    clip = load_model("default", "cpu")  # the raw encoder on the service's own queries
+    texts = [service.query_text(n) for n in range(args.text_n)]
+    out["raw_texts_per_s"] = round(_best_rate(
+        lambda: encode_texts(clip, texts, batch_size=args.max_batch), len(texts),
+        args.repeats), 1)
+    return out
+
+
+# --- 6. scaling ----------------------------------------------------------------------------
+
+def scaling_part(args: argparse.Namespace) -> dict:
+    """Each size in a fresh process, so VmHWM is that build's peak and nothing else's."""
+    rows = []
+    for count in [int(n) for n in args.scale_sizes.split(",")]:
+        kinds = [None, "hnsw"] if count < 20_000 else [None]  # auto, and like-for-like HNSW
+        for kind in kinds:
+            command = [sys.executable, __file__, "--scale-child", str(count),
+                       "--max-memory", args.max_memory] + (["--scale-kind", kind] if kind else [])
+            result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+    return {"dim": 512, "rows": rows}
+
+
+def scale_child(count: int, kind: str | None, max_memory: str) -> None:
+    from retrieval import ann
+
+    def rss() -> float:  # peak RSS in MiB; VmHWM is per address space (ru_maxrss survives exec)
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines()
+                    if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((count, 512), dtype=np.float32)  # (n, 512) unit rows
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.arange(count, dtype=np.int64)
+    before = rss()
+    spec = ann.choose_index(count, 512, max_memory, kind=kind)
+    started = time.perf_counter()
+    ann.build_index(spec, vectors, ids)
+    build_s = time.perf_counter() - started
+    print(json.dumps({"count": count, "kind": spec.kind, "forced": kind is not None,
+                      "factory": spec.factory, "build_s": round(build_s, 2),
+                      "rss_before_build_mib": round(before, 1), "peak_rss_mib": round(rss(), 1),
+                      "data_mib": round(vectors.nbytes / 2**20, 1),
+                      "estimate_mib": round(spec.memory_bytes / 2**20, 1)}))
+
+
+RUNNERS = {"encoder": encoder_part, "indexing": indexing_part, "text_trim": text_trim_part,
+           "ann": ann_part, "service": service_part, "scaling": scaling_part}
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"subset of {PARTS}")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", default="ViT-B-32,default")
+    parser.add_argument("--image-batch", type=int, default=32)
+    parser.add_argument("--image-batch-large", type=int, default=128)
+    parser.add_argument("--text-n", type=int, default=256)
+    parser.add_argument("--index-repeat", type=int, default=5, help="passes over 22 demo images")
+    parser.add_argument("--ann-count", type=int, default=100_000, help="goal size: 1000000")
+    parser.add_argument("--ann-queries", type=int, default=1000)
+    parser.add_argument("--max-memory", default="4GB")
+    parser.add_argument("--service-items", type=int, default=5000)
+    parser.add_argument("--service-seconds", type=float, default=10)
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=5)
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--scale-sizes", default="10000,100000", help="add 1000000 for the goal")
+    parser.add_argument("--scale-child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--scale-kind", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.scale_child is not None:
+        scale_child(args.scale_child, args.scale_kind, args.max_memory)
+        return 0
+    import report
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    store = args.out / "bench_results.json"
+    results = json.loads(store.read_text()) if store.exists() else {}
+    results["machine"] = machine()
+    started = time.perf_counter()
+    for part in args.parts.split(","):
+        part_started = time.perf_counter()
+        print(f"== {part}", flush=True)
+        results[part] = RUNNERS[part](args)
+        results[part]["wall_s"] = round(time.perf_counter() - part_started, 1)
+        store.write_text(json.dumps(results, indent=2) + "\n")  # survive a later failure
+    results["machine"]["wall_s"] = round(time.perf_counter() - started, 1)
+    results["machine"]["parts_run"] = args.parts
+    store.write_text(json.dumps(results, indent=2) + "\n")
+    report.write(results, args.out)
+    print(f"wrote {args.out / 'BENCHMARKS.md'} in {results['machine']['wall_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
