@@ -24,7 +24,7 @@ from tqdm import tqdm
 from retrieval.encode import autocast_for, encode_texts, text_forward, trim_padding
 from retrieval.manifest import Manifest, Problem
 from retrieval.metrics import retrieval_metrics
-from retrieval.model import ClipModel
+from retrieval.model import ClipModel, is_convolutional
 from retrieval.pipeline import ImageBatch, encode_image_files, iter_image_batches
 from retrieval.towers import Split, split_image_tower, split_text_tower
 
@@ -81,8 +81,11 @@ def _cache_images(clip: ClipModel, split: Split, paths: list[Path], config: Trai
     bar = tqdm(total=len(paths), desc=f"image features {label}", unit="img")
     for batch in iter_image_batches(paths, clip.preprocess, 64, config.workers):
         if batch.indices:
+            pixels = batch.pixels.to(clip.device)
+            if is_convolutional(clip):  # the tower is NHWC (see load_model)
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), autocast_for(clip.device, config.precision):
-                features = split.frozen(batch.pixels.to(clip.device))
+                features = split.frozen(pixels)
             # feature maps are large: fp16 halves the cache; pooled vectors stay fp32
             chunks.append(features.to(torch.float16 if features.ndim > 2 else torch.float32).cpu())
             kept.extend(batch.indices)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.encode import encode_images, encode_texts, trim_padding
+from retrieval.encode import encode_image_batch, encode_images, encode_texts, trim_padding
 
 QUERIES = ["a dog", "two children play football on a green field next to a red house",
            "cat", "a man riding a bicycle down a busy city street at night in the rain"]
@@ -50,3 +50,18 @@ def test_bf16_autocast_on_cpu_is_close_to_fp32(tiny):
     half = encode_texts(tiny, QUERIES, precision="bf16")
     assert half.dtype == np.float32
     assert np.min(np.sum(full * half, axis=1)) > 0.99
+
+
+def test_convnet_image_tower_runs_channels_last_with_unchanged_values(towers):
+    """load_model puts convnet towers in NHWC (faster on CPU); embeddings must not change."""
+    import copy
+
+    import torch
+
+    assert towers.model.visual.trunk.conv_stem.weight.is_contiguous(
+        memory_format=torch.channels_last)
+    pixels = torch.randn(2, 3, 224, 224)
+    reference = copy.deepcopy(towers.model.visual).to(memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(reference(pixels), dim=-1).numpy()
+    np.testing.assert_allclose(encode_image_batch(towers, pixels), expected, atol=1e-5)
