@@ -14,7 +14,7 @@ import open_clip
 import torch
 
 from retrieval.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
-from retrieval.model import ClipModel, is_convolutional
+from retrieval.model import ClipModel
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
@@ -41,7 +41,7 @@ def encode_image_batch(clip: ClipModel, pixels: torch.Tensor, precision: str = "
     """(n, 3, H, W) preprocessed pixels -> (n, d) unit-norm float32 embeddings."""
     non_blocking = clip.device.type == "cuda"
     pixels = pixels.to(clip.device, non_blocking=non_blocking)
-    if is_convolutional(clip):
+    if clip.channels_last:
         pixels = pixels.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast_for(clip.device, precision):
         features = clip.model.encode_image(pixels)

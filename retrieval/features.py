@@ -24,7 +24,7 @@ from tqdm import tqdm
 from retrieval.encode import autocast_for, encode_texts, text_forward, trim_padding
 from retrieval.manifest import Manifest, Problem
 from retrieval.metrics import retrieval_metrics
-from retrieval.model import ClipModel, is_convolutional
+from retrieval.model import ClipModel
 from retrieval.pipeline import ImageBatch, encode_image_files, iter_image_batches
 from retrieval.towers import Split, split_image_tower, split_text_tower
 
@@ -82,7 +82,7 @@ def _cache_images(clip: ClipModel, split: Split, paths: list[Path], config: Trai
     for batch in iter_image_batches(paths, clip.preprocess, 64, config.workers):
         if batch.indices:
             pixels = batch.pixels.to(clip.device)
-            if is_convolutional(clip):  # the tower is NHWC (see load_model)
+            if clip.channels_last:  # the tower is NHWC (see load_model)
                 pixels = pixels.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), autocast_for(clip.device, config.precision):
                 features = split.frozen(pixels)

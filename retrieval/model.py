@@ -44,6 +44,7 @@ class ClipModel:
     init: str  # how the non-saved weights are rebuilt: "towers", "random" or "openclip:ARCH:TAG"
     config: dict[str, Any]
     card: dict[str, Any] = field(default_factory=dict)
+    channels_last: bool = False  # image tower in NHWC: feed it pixels in that layout
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -77,6 +78,7 @@ def load_model(spec: str = "default", device: str | torch.device = "auto") -> Cl
         # NHWC is the layout oneDNN's convolutions want: the EfficientNet tower encodes
         # about 2x faster on CPU (bench/run_all.py, section 1); the values do not change.
         clip.model.visual.to(memory_format=torch.channels_last)
+        clip.channels_last = True
     clip.device = target
     return clip
 
