@@ -150,7 +150,10 @@ class Generation:
         width = min(max(int(k), 0), self.count(modality))
         if width == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        scores, ids = self._indexes[modality].search(queries, width, params=self._params[modality])
+        params = self._section(modality)["index"]["params"]
+        lookup = ann.sorted_lookup(self._ids[modality], self._vectors[modality])
+        scores, ids = ann.search(self._indexes[modality], queries, width, params, lookup,
+                                 self._params[modality])
         short = np.flatnonzero((ids < 0).any(axis=1))
         if len(short):  # IVF with few probes can come back short: answer those rows exactly
             scores[short], ids[short] = self._exact(modality, queries[short], width)
