@@ -299,7 +299,11 @@ def open_generation(root: Path, model_sha256: str | None = None, embed_dim: int 
                                                                              modality)
     db = sqlite3.connect(f"{(folder / 'items.sqlite').resolve().as_uri()}?mode=ro&immutable=1", uri=True,
                          check_same_thread=False)
-    generation = Generation(root, name, manifest, indexes, ids, vectors, db)
+    try:
+        generation = Generation(root, name, manifest, indexes, ids, vectors, db)
+    except sqlite3.DatabaseError as error:  # reached when checksums were not verified
+        db.close()
+        raise IndexCorruptError(f"{folder}/items.sqlite: unreadable ({error})") from None
     _check_rows(generation)
     return generation
 
@@ -310,7 +314,7 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise IndexCorruptError(f"{path} is missing; the generation is incomplete")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # JSONDecodeError, or UnicodeDecodeError from a damaged byte
         raise IndexCorruptError(f"{path}: not valid JSON ({error})") from None
     if manifest.get("format") != FORMAT:
         raise IndexCorruptError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT}")
@@ -343,12 +347,15 @@ def _check_files(folder: Path, manifest: dict[str, Any]) -> None:
 def _load_modality(folder: Path, manifest: dict[str, Any],
                    modality: str) -> tuple[faiss.Index, np.ndarray, np.ndarray]:
     plural, section = PLURAL[modality], manifest["modalities"][modality]
-    try:
-        index = faiss.read_index(str(folder / f"{plural}.faiss"))
-        ids = np.load(folder / f"{plural}.ids.npy")
-        vectors = np.load(folder / f"{plural}.npy", mmap_mode="r")
+    path = folder / f"{plural}.faiss"
+    try:  # `path` names the file that failed
+        index = faiss.read_index(str(path))
+        path = folder / f"{plural}.ids.npy"
+        ids = np.load(path)
+        path = folder / f"{plural}.npy"
+        vectors = np.load(path, mmap_mode="r")
     except (RuntimeError, OSError, ValueError) as error:
-        raise IndexCorruptError(f"{folder}/{plural}: unreadable ({error})") from None
+        raise IndexCorruptError(f"{path}: unreadable ({error})") from None
     rows, dim = int(section["rows"]), int(manifest["embed_dim"])
     problems = [f"{plural}.faiss holds {index.ntotal} vectors" if index.ntotal != rows else "",
                 f"{plural}.faiss has dimension {index.d}" if index.d != dim else "",

@@ -6,6 +6,7 @@ temp folder, fsyncs, renames it into place and only then replaces CURRENT.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -171,6 +172,25 @@ def _commit(root: Path, model: ModelIdentity, tables: dict[str, _Table], fill: A
     name = f"{_last_number(generations) + 1:06d}"
     temp = generations / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(temp, ignore_errors=True)
+    try:
+        return _write_and_switch(root, model, tables, fill, options, next_id, parent,
+                                 build_info, name, temp)
+    except OSError as error:  # CURRENT still names the previous generation: drop ours
+        shutil.rmtree(temp, ignore_errors=True)
+        (root / "CURRENT.tmp").unlink(missing_ok=True)
+        if (root / "CURRENT").is_file() and current_name(root) != name:
+            shutil.rmtree(generations / name, ignore_errors=True)
+        if error.errno == errno.ENOSPC:
+            raise IndexStoreError(f"disk full while writing generation {generations / name} "
+                                  f"({error}); CURRENT is unchanged, free space and retry"
+                                  ) from error
+        raise
+
+
+def _write_and_switch(root: Path, model: ModelIdentity, tables: dict[str, _Table], fill: Any,
+                      options: StoreOptions, next_id: int, parent: str | None,
+                      build_info: dict[str, Any], name: str, temp: Path) -> str:
+    generations = root / "generations"
     temp.mkdir()
     sections = _write_tables(temp, tables, options)
     db = sqlite3.connect(temp / "items.sqlite")

@@ -1,0 +1,135 @@
+"""ENOSPC in the middle of writing a generation: a clear IndexStoreError naming the generation
+folder, CURRENT still names the previous generation, which opens and searches, and nothing
+half-written is left behind."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import retrieval.store.write as store_write
+from retrieval.errors import IndexStoreError
+from retrieval.store import ItemRecord, open_generation, update_generation, write_generation
+from tests.reliability.helpers import FLAT, MODEL, small_generation, unit_vectors
+
+
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _fail_manifest(monkeypatch):
+    real = Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if self.name == "manifest.json":
+            disk_full()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+
+
+def _fail_current(monkeypatch):
+    real = Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if self.name == "CURRENT.tmp":
+            disk_full()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+
+
+def _fail_second_faiss(monkeypatch):
+    real, calls = store_write.faiss.write_index, []
+
+    def write_index(index, path):
+        calls.append(path)
+        if len(calls) == 2:
+            disk_full()
+        return real(index, path)
+
+    monkeypatch.setattr(store_write.faiss, "write_index", write_index)
+
+
+FAULTS = {
+    "faiss.write_index": lambda mp: mp.setattr(store_write.faiss, "write_index", disk_full),
+    "second faiss file": _fail_second_faiss,
+    "np.save": lambda mp: mp.setattr(store_write.np, "save", disk_full),
+    "manifest.json": _fail_manifest,
+    "fsync": lambda mp: mp.setattr(store_write.os, "fsync", disk_full),
+    "CURRENT pointer": _fail_current,
+}
+
+
+def new_items() -> tuple[list[ItemRecord], dict[str, np.ndarray]]:
+    records = [ItemRecord(100, "image", path="/photos/new.png"),
+               ItemRecord(101, "text", text="a new caption")]
+    return records, {"image": unit_vectors(1, 7), "text": unit_vectors(1, 8)}
+
+
+def assert_previous_is_served(root: Path, name: str) -> None:
+    assert (root / "CURRENT").read_text().strip() == name
+    visible = sorted(p.name for p in (root / "generations").iterdir())
+    assert visible == [name], f"left behind: {visible}"
+    assert not (root / "CURRENT.tmp").exists()
+    with open_generation(root, MODEL.sha256, MODEL.embed_dim) as generation:
+        assert generation.name == name and generation.count("image") == 6
+        _, ids = generation.search("image", unit_vectors(2, 3), 3)
+        assert ids.shape == (2, 3) and set(ids.ravel()) <= set(range(1, 7))
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_disk_full_during_an_update_keeps_the_previous_generation(tmp_path, monkeypatch, fault):
+    root = tmp_path / "index"
+    name = small_generation(root)
+    FAULTS[fault](monkeypatch)
+    records, vectors = new_items()
+    with pytest.raises(IndexStoreError, match="disk full") as raised:
+        update_generation(root, MODEL, add=records, add_vectors=vectors, options=FLAT)
+    assert str(root / "generations") in str(raised.value)
+    monkeypatch.undo()
+    assert_previous_is_served(root, name)
+    # Space comes back: the next write succeeds and sees the new items.
+    update_generation(root, MODEL, add=records, add_vectors=vectors, options=FLAT)
+    with open_generation(root, MODEL.sha256, MODEL.embed_dim) as generation:
+        assert generation.count("image") == 7
+
+
+def test_disk_full_during_a_whole_rewrite_keeps_the_previous_generation(tmp_path, monkeypatch):
+    root = tmp_path / "index"
+    name = small_generation(root)
+    FAULTS["np.save"](monkeypatch)
+    records, vectors = new_items()
+    with pytest.raises(IndexStoreError, match="disk full"):
+        write_generation(root, MODEL, records, vectors, FLAT)
+    monkeypatch.undo()
+    assert_previous_is_served(root, name)
+
+
+def test_disk_full_on_the_first_generation_leaves_no_current(tmp_path, monkeypatch):
+    root = tmp_path / "index"
+    FAULTS["faiss.write_index"](monkeypatch)
+    records, vectors = new_items()
+    with pytest.raises(IndexStoreError, match="disk full"):
+        write_generation(root, MODEL, records, vectors, FLAT)
+    assert not (root / "CURRENT").exists()
+    assert list((root / "generations").iterdir()) == []
+
+
+def test_other_os_errors_are_not_dressed_up_as_disk_full(tmp_path, monkeypatch):
+    root = tmp_path / "index"
+    name = small_generation(root)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(store_write.np, "save", denied)
+    records, vectors = new_items()
+    with pytest.raises(PermissionError):
+        update_generation(root, MODEL, add=records, add_vectors=vectors, options=FLAT)
+    monkeypatch.undo()
+    assert_previous_is_served(root, name)
