@@ -166,12 +166,14 @@ class _Job:
                       for caption in entry.captions]
         self.texts += [(entry.text, entry.metadata, None) for entry in collection.texts]
         self.work = self.out / "work" / _job_hash(identity, collection, config, parent)
+        self.parent = parent
         self.resumed = self.encoded = 0
 
     def run(self, clip: ClipModel, start_id: int, progress: ProgressFactory | None
             ) -> tuple[list[ItemRecord], dict[str, np.ndarray], list[Problem]]:
         progress = progress or (lambda label, total: _NoBar())
         self.work.mkdir(parents=True, exist_ok=True)
+        (self.work / "job.json").write_text(json.dumps({"parent": self.parent}))
         paths = [entry.path for entry in self.collection.images]
         image_pos, image_vectors, problems = self._sharded(
             "images", len(paths), clip.embed_dim, lambda todo: self._image_steps(clip, paths, todo),
@@ -193,6 +195,7 @@ class _Job:
                                             "kind": skip_kind(p)}) + "\n" for p in problems))
         os.replace(temp, report)
         shutil.rmtree(self.work, ignore_errors=True)
+        _drop_stale_add_jobs(self.out / "work")
         kinds: dict[str, int] = {}
         for problem in problems:
             kinds[skip_kind(problem)] = kinds.get(skip_kind(problem), 0) + 1
@@ -287,7 +290,9 @@ class _Job:
     def _flush(self, prefix: str, shard: int, kept: list[tuple[int, np.ndarray]],
                problems: list[tuple[int, Problem]]) -> tuple:
         """Write one shard atomically, the JSON (the commit mark) after the .npy."""
-        vectors = np.array([v for _, v in kept], dtype=np.float32).reshape(len(kept), -1)
+        # a shard of only skipped files is (0, 0): its width is unknown here and irrelevant
+        vectors = (np.stack([v for _, v in kept]).astype(np.float32) if kept
+                   else np.zeros((0, 0), np.float32))
         base = self.work / f"{prefix}-{shard:05d}"
         with open(f"{base}.npy.tmp", "wb") as handle:
             np.save(handle, vectors)
@@ -313,10 +318,24 @@ class _Job:
         return meta["positions"], vectors, problems
 
 
+def _drop_stale_add_jobs(work: Path) -> None:
+    """Shards of a killed `add` are keyed to the generation it started from; once another
+    generation is committed that job can never resume, so its shards are only disk waste.
+    (A killed `build` starts from nothing and stays resumable: its shards are kept.)"""
+    for folder in work.iterdir() if work.is_dir() else ():
+        try:
+            parent = json.loads((folder / "job.json").read_text())["parent"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not ours to judge
+        if parent is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _concatenate(parts: list[tuple], dim: int) -> tuple[np.ndarray, np.ndarray, list[Problem]]:
     positions = np.array([p for part in parts for p in part[0]], dtype=np.int64)
-    vectors = (np.concatenate([part[1] for part in parts]).astype(np.float32)
-               if parts else np.zeros((0, dim), np.float32)).reshape(-1, dim)
+    filled = [part[1] for part in parts if len(part[1])]
+    vectors = (np.concatenate(filled).astype(np.float32)
+               if filled else np.zeros((0, dim), np.float32)).reshape(-1, dim)
     return positions, vectors, [x for part in parts for x in part[2]]
 
 

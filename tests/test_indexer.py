@@ -224,3 +224,38 @@ def test_a_relative_index_path_works(colour_corpus, tmp_path, monkeypatch, capsy
     generation = open_generation(Path("idx"))
     assert generation.count("image") == 8
     generation.close()
+
+
+def test_adding_only_broken_files_reports_them_and_keeps_the_index(colour_corpus, tmp_path,
+                                                                     capsys):
+    out = tmp_path / "idx"
+    assert run_build(str(colour_corpus), "--out", str(out)) == 0
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (broken / "b.jpg").write_bytes(b"")
+    capsys.readouterr()
+    assert main(["index", "add", str(broken), "--index", str(out), *TINY]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 0 and sum(summary["skipped"].values()) == 2
+    with open_generation(out) as generation:
+        assert generation.count("image") == 8
+
+
+def test_a_killed_add_leaves_no_shards_behind_once_another_generation_lands(colour_corpus,
+                                                                             tmp_path):
+    out = tmp_path / "idx"
+    assert run_build(str(colour_corpus), "--out", str(out)) == 0
+    extra = folder_of_images(tmp_path / "extra", ["grey1", "grey2", "grey3"])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "retrieval.cli", "index", "add", str(extra), "--index", str(out),
+         "--shard-size", "1", *TINY], env={**os.environ, "CLIPDEX_FAULT": "after_shard:0",
+                                           "PYTHONPATH": str(ROOT)},
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    assert len(list((out / "work").iterdir())) == 1  # the killed add's shards
+    # a different job commits first, so the killed add's parent is history
+    assert main(["index", "add", str(folder_of_images(tmp_path / "x", ["grey9"])),
+                 "--index", str(out), *TINY]) == 0
+    assert list((out / "work").iterdir()) == []

@@ -175,16 +175,34 @@ def _commit(root: Path, model: ModelIdentity, tables: dict[str, _Table], fill: A
     try:
         return _write_and_switch(root, model, tables, fill, options, next_id, parent,
                                  build_info, name, temp)
-    except OSError as error:  # CURRENT still names the previous generation: drop ours
+    # FAISS reports a failed write as RuntimeError and SQLite as sqlite3.Error, not OSError
+    except (OSError, RuntimeError, sqlite3.Error) as error:
+        # CURRENT still names the previous generation: drop ours
+        full = _is_disk_full(error, generations)
         shutil.rmtree(temp, ignore_errors=True)
         (root / "CURRENT.tmp").unlink(missing_ok=True)
         if (root / "CURRENT").is_file() and current_name(root) != name:
             shutil.rmtree(generations / name, ignore_errors=True)
-        if error.errno == errno.ENOSPC:
+        if full:
             raise IndexStoreError(f"disk full while writing generation {generations / name} "
                                   f"({error}); CURRENT is unchanged, free space and retry"
                                   ) from error
         raise
+
+
+def _is_disk_full(error: BaseException, folder: Path) -> bool:
+    """Each writer words it differently (errno, FAISS's message, SQLite's, numpy's short
+    write without an errno), so also ask the file system whether it is out of space."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(error)
+    if "No space left on device" in text or "disk is full" in text:
+        return True
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < 1 << 20
 
 
 def _write_and_switch(root: Path, model: ModelIdentity, tables: dict[str, _Table], fill: Any,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +134,39 @@ def test_other_os_errors_are_not_dressed_up_as_disk_full(tmp_path, monkeypatch):
         update_generation(root, MODEL, add=records, add_vectors=vectors, options=FLAT)
     monkeypatch.undo()
     assert_previous_is_served(root, name)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 3 MiB tmpfs (needs root, or skips): the kernel says ENOSPC, not a monkeypatch."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                          check=False, capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("room", [2_000, 20_000, 60_000, 200_000, 600_000])
+def test_a_really_full_disk_keeps_the_previous_generation(small_disk, room):
+    """Leave `room` bytes free, then write a generation that needs more: wherever the kernel
+    says no (FAISS, numpy, SQLite, the manifest), the error says disk full and nothing moves."""
+    root = small_disk / "index"
+    name = small_generation(root)
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    with open(small_disk / "filler", "wb") as filler:
+        filler.write(b"\0" * max(0, free - room))
+    count = 4000
+    records = [ItemRecord(100 + i, "image", path=f"/photos/new{i}.png") for i in range(count)]
+    vectors = {"image": unit_vectors(count, 7), "text": unit_vectors(0, 8)}
+    with pytest.raises(IndexStoreError, match="disk full"):
+        update_generation(root, MODEL, add=records, add_vectors=vectors, options=FLAT)
+    assert_previous_is_served(root, name)
+    (small_disk / "filler").unlink()  # space comes back: the same write now lands
+    update_generation(root, MODEL, add=records, add_vectors=vectors, options=FLAT)
+    with open_generation(root, MODEL.sha256, MODEL.embed_dim) as generation:
+        assert generation.count("image") == 6 + count

@@ -1,0 +1,16 @@
+"""A short crash loop in `make test` (the 100-kill one runs in `make soak`): random SIGKILLs
+of real `clipdex index build` / `index add` processes never lose or duplicate an item."""
+
+from __future__ import annotations
+
+from tests.reliability.crash_loop import CrashLoopConfig, crash_loop
+
+
+def test_random_kills_of_build_and_add_lose_nothing_and_resume_to_exactly_n(tmp_path):
+    config = CrashLoopConfig(tmp_path, runs=4, folders=3, images_per_folder=12, shard_size=4,
+                             fault_share=0.25, seed=1)
+    report = crash_loop(config)
+    assert report.violations == []
+    assert (report.losses, report.duplicates, report.failed) == (0, 0, 0)
+    assert report.runs == 4 and report.checks == 5
+    assert report.final_images == report.expected_images == 36
