@@ -37,7 +37,8 @@ def main() -> None:
     paths = sorted(p for p in DEMO_DIR.iterdir() if p.suffix in (".png", ".jpg")) * args.repeat
 
     started = time.perf_counter()
-    batches = list(iter_image_batches(paths, clip.preprocess, args.batch_size, args.workers))
+    batches = list(iter_image_batches(paths, clip.preprocess, args.batch_size, args.workers,
+                                      uint8=True))  # as the indexer does
     decode = len(paths) / (time.perf_counter() - started)
 
     started = time.perf_counter()

@@ -230,7 +230,8 @@ class _Job:
         """Decode in DataLoader workers while this process encodes the previous batch."""
         batches = iter_image_batches([paths[i] for i in todo], clip.preprocess,
                                      self.config.batch_size, self.config.workers,
-                                     clip.device.type == "cuda", self.config.max_pixels)
+                                     clip.device.type == "cuda", self.config.max_pixels,
+                                     uint8=True)
         for batch in batches:
             kept = [todo[i] for i in batch.indices]
             vectors = (encode_image_batch(clip, batch.pixels, self.config.precision) if kept

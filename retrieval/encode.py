@@ -13,7 +13,13 @@ import numpy as np
 import open_clip
 import torch
 
-from retrieval.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
+from retrieval.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageInput,
+    load_image,
+    normalise_uint8,
+    split_tensor_tail,
+)
 from retrieval.model import ClipModel
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -38,9 +44,17 @@ def _normalised(features: torch.Tensor) -> np.ndarray:
 
 
 def encode_image_batch(clip: ClipModel, pixels: torch.Tensor, precision: str = "auto") -> np.ndarray:
-    """(n, 3, H, W) preprocessed pixels -> (n, d) unit-norm float32 embeddings."""
+    """(n, 3, H, W) preprocessed pixels -> (n, d) unit-norm float32 embeddings.
+
+    uint8 pixels (from `iter_image_batches(..., uint8=True)`) are normalised here, after the
+    copy to the device, so a GPU receives a quarter of the bytes."""
     non_blocking = clip.device.type == "cuda"
     pixels = pixels.to(clip.device, non_blocking=non_blocking)
+    if pixels.dtype == torch.uint8:
+        split = split_tensor_tail(clip.preprocess)
+        if split is None:
+            raise ValueError("uint8 pixels need a preprocess ending in ToTensor, Normalize")
+        pixels = normalise_uint8(pixels, split[1], split[2])
     if clip.channels_last:
         pixels = pixels.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast_for(clip.device, precision):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 from retrieval.errors import BadImageError
@@ -74,3 +77,40 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
         raise BadImageError(f"{path}: decompression bomb ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise BadImageError(f"{path}: cannot decode image ({error})") from None
+
+
+def split_tensor_tail(preprocess: Any) -> tuple[Callable, tuple[float, ...], tuple[float, ...]] | None:
+    """Split an open_clip-style `Compose([..PIL steps.., ToTensor, Normalize])` into
+    (PIL steps followed by a uint8 CHW tensor, mean, std); None for any other shape.
+
+    Decoding workers then ship uint8 (a quarter of the bytes through shared memory) and
+    skip the per-image float conversion, which cost as much as the resize; the batch is
+    converted and normalised in one vectorised step where it is encoded (on the GPU there).
+    """
+    steps = list(getattr(preprocess, "transforms", []))
+    if len(steps) < 2 or type(steps[-2]).__name__ not in ("ToTensor", "MaybeToTensor"):
+        return None
+    normalize = steps[-1]
+    if type(normalize).__name__ != "Normalize":
+        return None
+    head = steps[:-2]
+
+    def to_uint8(image: Image.Image) -> torch.Tensor:
+        for step in head:
+            image = step(image)
+        if not isinstance(image, Image.Image) or image.mode != "RGB":
+            raise BadImageError(f"preprocessing gave {type(image).__name__} "
+                                f"{getattr(image, 'mode', '')}, expected an RGB image")
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    return to_uint8, tuple(map(float, normalize.mean)), tuple(map(float, normalize.std))
+
+
+def normalise_uint8(pixels: torch.Tensor, mean: Sequence[float],
+                    std: Sequence[float]) -> torch.Tensor:
+    """(n, 3, H, W) uint8 -> float32, exactly as ToTensor then Normalize would compute it."""
+    values = pixels.float().div_(255)
+    shape = (1, -1, 1, 1)
+    mean_t = torch.as_tensor(mean, dtype=values.dtype, device=values.device).view(shape)
+    std_t = torch.as_tensor(std, dtype=values.dtype, device=values.device).view(shape)
+    return values.sub_(mean_t).div_(std_t)

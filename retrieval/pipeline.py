@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from retrieval.encode import encode_image_batch
 from retrieval.errors import BadImageError
-from retrieval.images import DEFAULT_MAX_PIXELS, load_image
+from retrieval.images import DEFAULT_MAX_PIXELS, load_image, split_tensor_tail
 from retrieval.manifest import Problem
 from retrieval.model import ClipModel
 
@@ -25,7 +25,7 @@ from retrieval.model import ClipModel
 @dataclass
 class ImageBatch:
     indices: list[int]  # positions in the input sequence of the decoded images
-    pixels: torch.Tensor  # (len(indices), 3, H, W)
+    pixels: torch.Tensor  # (len(indices), 3, H, W): float, or uint8 when asked for
     problems: list[tuple[int, Problem]]  # inputs of this batch that could not be decoded
 
 
@@ -59,11 +59,17 @@ def default_workers() -> int:
 
 def iter_image_batches(paths: Sequence[Path], preprocess: Callable, batch_size: int = 64,
                        workers: int | None = None, pin_memory: bool = False,
-                       max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[ImageBatch]:
-    """Yield preprocessed batches in input order; problems carry the offending path."""
+                       max_pixels: int = DEFAULT_MAX_PIXELS,
+                       uint8: bool = False) -> Iterator[ImageBatch]:
+    """Yield preprocessed batches in input order; problems carry the offending path.
+
+    uint8=True: when `preprocess` ends in ToTensor + Normalize, stop before them and yield
+    uint8 pixels for `encode_image_batch` to normalise (see `split_tensor_tail`)."""
     workers = default_workers() if workers is None else workers
+    split = split_tensor_tail(preprocess) if uint8 else None
     loader = DataLoader(
-        _ImageFiles(paths, preprocess, max_pixels), batch_size=batch_size, shuffle=False,
+        _ImageFiles(paths, split[0] if split else preprocess, max_pixels),
+        batch_size=batch_size, shuffle=False,
         num_workers=workers, collate_fn=_collate, pin_memory=pin_memory,
         prefetch_factor=4 if workers else None, persistent_workers=False,
     )
@@ -79,7 +85,8 @@ def encode_image_files(clip: ClipModel, paths: Sequence[Path], batch_size: int =
     """Encode image files; returns (embeddings (m, d), kept input positions (m,), problems)."""
     pin = clip.device.type == "cuda"
     chunks, kept, problems = [], [], []
-    for batch in iter_image_batches(paths, clip.preprocess, batch_size, workers, pin):
+    for batch in iter_image_batches(paths, clip.preprocess, batch_size, workers, pin,
+                                    uint8=True):
         if batch.indices:
             chunks.append(encode_image_batch(clip, batch.pixels, precision))
             kept.extend(batch.indices)

@@ -1,0 +1,43 @@
+"""Decoding workers ship uint8 pixels and the encoder normalises the batch: the embeddings
+are the ones the float path gives, bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from retrieval.encode import encode_image_batch
+from retrieval.images import split_tensor_tail
+from retrieval.pipeline import encode_image_files, iter_image_batches
+from tests.conftest import COLOURS, make_image
+
+
+def test_uint8_batches_encode_exactly_like_float_batches(tiny, tmp_path):
+    paths = [make_image(tmp_path / f"{name}.png", colour, size=(300, 180))
+             for name, colour in COLOURS.items()]
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    paths.insert(3, tmp_path / "bad.png")
+    floats = list(iter_image_batches(paths, tiny.preprocess, batch_size=4, workers=0))
+    raws = list(iter_image_batches(paths, tiny.preprocess, batch_size=4, workers=0,
+                                   uint8=True))
+    assert [b.indices for b in raws] == [b.indices for b in floats]
+    assert [len(b.problems) for b in raws] == [len(b.problems) for b in floats] == [1, 0, 0]
+    for raw, float_batch in zip(raws, floats):
+        assert raw.pixels.dtype == torch.uint8 and float_batch.pixels.dtype == torch.float32
+        assert raw.pixels.element_size() * 4 == float_batch.pixels.element_size()
+        np.testing.assert_array_equal(encode_image_batch(tiny, raw.pixels),
+                                      encode_image_batch(tiny, float_batch.pixels))
+    embeddings, kept, problems = encode_image_files(tiny, paths, batch_size=4, workers=0)
+    assert kept.tolist() == [0, 1, 2, 4, 5, 6, 7, 8] and len(problems) == 1
+    np.testing.assert_array_equal(embeddings, np.concatenate(
+        [encode_image_batch(tiny, b.pixels) for b in floats]))
+
+
+def test_a_preprocess_of_another_shape_keeps_the_float_path(tiny, tmp_path):
+    def preprocess(image):  # not a Compose: nothing to split
+        return tiny.preprocess(image)
+
+    assert split_tensor_tail(preprocess) is None
+    path = make_image(tmp_path / "red.png", COLOURS["red"])
+    (batch,) = iter_image_batches([path], preprocess, workers=0, uint8=True)
+    assert batch.pixels.dtype == torch.float32
