@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
 from api import errors
-from api.limits import BodyLimitMiddleware
+from api.limits import BodyLimitMiddleware, InFlightLimitMiddleware
 from api.metrics import Metrics, RequestMetricsMiddleware
 from api.routes_admin import router as admin_router
 from api.routes_compat import router as compat_router
@@ -66,7 +66,11 @@ def create_app(settings: Settings, clip: ClipModel | None = None,
     async def index_page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
+    # The last added runs first: metrics see every answer, refusals at the door included.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.max_in_flight is not None:
+        app.add_middleware(InFlightLimitMiddleware, max_in_flight=settings.max_in_flight,
+                           retry_after_s=settings.retry_after_s)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app
 

@@ -25,7 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch", type=int, default=32, help="1 turns batching off")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    parser.add_argument("--queue-size", type=int, default=256)
+    parser.add_argument("--queue-size", type=int, default=256,
+                        help="inputs waiting for the model, at most (default: %(default)s)")
+    parser.add_argument("--max-queue-wait-ms", type=float, default=500.0,
+                        help="refuse (503) an input whose expected wait for the model is over "
+                             "this; 0 turns it off (default: %(default)s)")
+    parser.add_argument("--max-in-flight", type=int, default=256,
+                        help="requests inside the service at once, then 503; 0 turns it off "
+                             "(default: %(default)s)")
     parser.add_argument("--admin-key", default=os.environ.get("CLIPDEX_ADMIN_KEY"),
                         help="enables the write endpoints (env CLIPDEX_ADMIN_KEY)")
     parser.add_argument("--read-key", action="append", default=None,
@@ -41,7 +48,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
                                   if k]
     return Settings(
         index=args.index, model=args.model, device=args.device, host=args.host, port=args.port,
-        batching=BatcherConfig(args.max_batch, args.max_wait_ms, args.queue_size),
+        batching=BatcherConfig(args.max_batch, args.max_wait_ms, args.queue_size,
+                               args.max_queue_wait_ms or None),
+        max_in_flight=args.max_in_flight or None,
         admin_key=args.admin_key or None, read_keys=tuple(read_keys),
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), watch_seconds=args.watch)
 

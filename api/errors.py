@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.batcher import QueueFullError
+from api.schemas import ProblemBody
 from retrieval import errors as core_errors
 
 PROBLEM_TYPE = "https://clipdex.dev/problems/"  # + slug; documentation anchors, not fetched
@@ -67,6 +68,38 @@ def _validation_detail(error: RequestValidationError) -> str:
         where = ".".join(str(part) for part in item.get("loc", ()) if part != "body")
         parts.append(f"{where or 'body'}: {item.get('msg', 'invalid')}")
     return "; ".join(parts) + " (see the OpenAPI schema at /docs for the accepted values)"
+
+
+# Why each problem status can happen, for the OpenAPI schema (`problem_responses`).
+PROBLEM_STATUSES: dict[int, str] = {
+    400: "The body is not well-formed JSON or multipart data",
+    401: "A key is needed and was missing or not valid",
+    403: "The key may not do this, or writes are disabled on this service",
+    404: "No such item or index",
+    409: "The index changed since the cursor was issued, does not fit the model, or has no root",
+    413: "The request body or the image is over the service's limit",
+    415: "The image is in a format the service does not accept",
+    422: "The request is well formed but its values are not valid; the detail says which",
+    503: "Not ready, busy, or the index is unavailable; retry later",
+}
+RETRY_AFTER = {"description": "seconds to wait before retrying (when the state is temporary)",
+               "schema": {"type": "string", "pattern": "^[0-9]+$"}}
+WWW_AUTHENTICATE = {"description": "how to present a key", "required": True,
+                    "schema": {"type": "string"}}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` for the problems an operation can answer, so clients (and schema
+    checkers) know every status and that error bodies are application/problem+json."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:  # fresh dicts each time: FastAPI merges into them in place
+        body = {"application/problem+json": {"schema": ProblemBody.model_json_schema()}}
+        responses[status] = {"description": PROBLEM_STATUSES[status], "content": body}
+        if status == 401:
+            responses[status]["headers"] = {"WWW-Authenticate": WWW_AUTHENTICATE}
+        if status == 503:
+            responses[status]["headers"] = {"Retry-After": RETRY_AFTER}
+    return responses
 
 
 HTTP_TITLES = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",

@@ -15,6 +15,14 @@ from retrieval.errors import BadImageError
 from retrieval.images import to_rgb
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")  # GIF: the first frame
+UPLOAD_MEDIA_TYPES = "image/jpeg, image/png, image/webp, image/gif"
+
+
+def upload_openapi(*fields: str) -> dict[str, Any]:
+    """A multipart route's `openapi_extra`: the media types its file parts accept, so the schema
+    says "an image file" rather than any bytes (the server sniffs the bytes, not this header)."""
+    encoding = {name: {"contentType": UPLOAD_MEDIA_TYPES} for name in fields}
+    return {"requestBody": {"content": {"multipart/form-data": {"encoding": encoding}}}}
 
 
 def decode_upload(data: bytes, max_pixels: int, keep_format: bool = False) -> Any:

@@ -8,6 +8,7 @@ import base64
 import binascii
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,18 @@ class PageRequest:
 async def encode_text(state: ServiceState, text: str) -> Vector:
     assert state.text_batcher is not None
     return await state.text_batcher.submit(text)
+
+
+async def encode_texts(state: ServiceState, texts: Sequence[str]) -> list[Vector]:
+    """The texts of one request (labels, captions), submitted a batch at a time: all at once,
+    one request could fill the batcher's queue by itself and be refused as busy."""
+    config = state.settings.batching
+    wave = min(config.max_batch, config.queue_size)
+    vectors: list[Vector] = []
+    for start in range(0, len(texts), wave):
+        chunk = texts[start:start + wave]
+        vectors += await asyncio.gather(*(encode_text(state, text) for text in chunk))
+    return vectors
 
 
 async def encode_image(state: ServiceState, data: bytes) -> Vector:

@@ -14,19 +14,24 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi import Path as PathParam
+from pydantic import Field
 
 from api.deps import AdminAccess, State
-from api.errors import Problem
-from api.images import decode_upload
-from api.query import encode_image, encode_text
-from api.schemas import AddTextsRequest, ReloadResponse, WriteResponse
+from api.errors import Problem, problem_responses
+from api.images import decode_upload, upload_openapi
+from api.query import encode_image, encode_texts
+from api.schemas import MAX_ITEM_ID, AddTextsRequest, ReloadResponse, WriteResponse
 from api.settings import MAX_TEXT_CHARS
 from api.state import ServiceState
 from retrieval.store import ItemRecord, open_generation, update_generation
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminAccess])
+# Any write can meet these: no or a wrong key, writes disabled, an index that no longer
+# fits the model or cannot be read (a core error); bodies add 400/413, uploads 415.
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminAccess],
+                   responses=problem_responses(401, 403, 409, 422, 503))
 UPLOADS = "uploads"  # under the index root: where images added through the API are kept
 SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif"}
+Caption = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 
 
 @router.post("/reload", response_model=ReloadResponse,
@@ -37,9 +42,10 @@ async def reload(state: State) -> ReloadResponse:
     return ReloadResponse(generation=current, previous=previous, changed=previous != current)
 
 
-@router.post("/items/texts", response_model=WriteResponse, summary="Add caption texts")
+@router.post("/items/texts", response_model=WriteResponse, summary="Add caption texts",
+             responses=problem_responses(400, 413))
 async def add_texts(body: AddTextsRequest, state: State) -> WriteResponse:
-    vectors = await asyncio.gather(*(encode_text(state, text) for text in body.texts))
+    vectors = await encode_texts(state, body.texts)
     async with state.write_lock:
         first = await asyncio.to_thread(_next_id, state)
         records = [ItemRecord(first + n, "text", text=text, image_id=body.image_id)
@@ -48,17 +54,17 @@ async def add_texts(body: AddTextsRequest, state: State) -> WriteResponse:
 
 
 @router.post("/items/image", response_model=WriteResponse,
+             responses=problem_responses(400, 413, 415), openapi_extra=upload_openapi("image"),
              summary="Add an image (kept under the index root) with optional captions")
 async def add_image(state: State, image: Annotated[UploadFile, File()],
-                    captions: Annotated[list[str] | None, Form(max_length=20, description=(
-                        f"0 to 20 captions, each up to {MAX_TEXT_CHARS} characters"))] = None
+                    captions: Annotated[list[Caption] | None, Form(max_length=20, description=(
+                        f"0 to 20 captions, each up to {MAX_TEXT_CHARS} characters; blank ones "
+                        "are dropped"))] = None
                     ) -> WriteResponse:
     data = await image.read()
     captions = [c.strip() for c in captions or [] if c.strip()]
-    if any(len(c) > MAX_TEXT_CHARS for c in captions):
-        raise Problem(422, "Invalid request", f"captions: at most {MAX_TEXT_CHARS} characters")
-    image_vector, *caption_vectors = await asyncio.gather(
-        encode_image(state, data), *(encode_text(state, c) for c in captions))
+    image_vector, caption_vectors = await asyncio.gather(encode_image(state, data),
+                                                         encode_texts(state, captions))
     async with state.write_lock:
         path = await asyncio.to_thread(_save_upload, state, data)
         first = await asyncio.to_thread(_next_id, state)
@@ -71,9 +77,11 @@ async def add_image(state: State, image: Annotated[UploadFile, File()],
         return await _commit(state, records, vectors)
 
 
-@router.delete("/items/{item_id}", response_model=WriteResponse,
+# `:int` keeps /items/image (POST) apart: DELETE /admin/items/image is then 405, not a bad id.
+@router.delete("/items/{item_id:int}", response_model=WriteResponse,
+               responses=problem_responses(404),
                summary="Delete an item (an image takes its captions along)")
-async def delete_item(state: State, item_id: Annotated[int, PathParam(ge=0, le=2**62)]
+async def delete_item(state: State, item_id: Annotated[int, PathParam(ge=0, le=MAX_ITEM_ID)]
                       ) -> WriteResponse:
     async with state.write_lock:
         return await _commit(state, [], {}, delete=[item_id])

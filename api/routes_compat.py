@@ -8,32 +8,39 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Annotated, Any
 
-import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.deps import Leased, ReadAccess, State
-from api.errors import Problem
+from api.errors import Problem, problem_responses
 from api.images import decode_base64
 from api.query import PageRequest, encode_image, encode_text, search_page
+from api.schemas import INTEGRAL
 from api.settings import MAX_K, MAX_TEXT_CHARS
 
-router = APIRouter(tags=["clip-retrieval compatibility"], dependencies=[ReadAccess])
+router = APIRouter(tags=["clip-retrieval compatibility"], dependencies=[ReadAccess],
+                   responses=problem_responses(401, 503))
+
+
+QUERY_FIELDS = ("text", "image", "embedding_input")  # the first one given is used
 
 
 class KnnRequest(BaseModel):
     """clip-retrieval's request; filters it cannot apply here are accepted and ignored."""
 
-    model_config = ConfigDict(extra="ignore")
-    text: str | None = Field(None, max_length=MAX_TEXT_CHARS)
-    image: str | None = Field(None, description="base64 image file")
-    image_url: str | None = None
-    embedding_input: list[float] | None = Field(None, max_length=4096)
+    # Strict: the types ClipClient sends, nothing coerced; the schema says "at least one query".
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"anyOf": [
+        {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+        for name in QUERY_FIELDS]})
+    text: str | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS)
+    image: str | None = Field(None, min_length=1, description="base64 image file")
+    image_url: str | None = Field(None, description="not fetched (422): send 'image' instead")
+    embedding_input: list[float] | None = Field(None, min_length=1, max_length=4096)
     modality: str = Field("image", pattern="^(image|text)$")
-    num_images: int = Field(40, ge=1, le=MAX_K)
-    num_result_ids: int | None = Field(None, ge=1, le=MAX_K)
+    num_images: Annotated[int, Field(ge=1, le=MAX_K), INTEGRAL] = 40
+    num_result_ids: Annotated[int, Field(ge=1, le=MAX_K), INTEGRAL] | None = None
     indice_name: str | None = None
 
 
@@ -42,7 +49,11 @@ async def indices_list(state: State) -> list[str]:
     return [state.settings.index_name]
 
 
-@router.post("/knn-service", summary="clip-retrieval: nearest neighbours of text/image/vector")
+# The body is parsed by hand (ClipClient sends no content type), so its schema is declared here.
+@router.post("/knn-service", summary="clip-retrieval: nearest neighbours of text/image/vector",
+             responses=problem_responses(404, 413, 415, 422), openapi_extra={
+                 "requestBody": {"required": True, "content": {
+                     "application/json": {"schema": KnnRequest.model_json_schema()}}}})
 async def knn_service(request: Request, state: State, searcher: Leased) -> list[dict[str, Any]]:
     body = _parse(await request.body())
     if body.indice_name not in (None, state.settings.index_name):
@@ -57,7 +68,7 @@ async def knn_service(request: Request, state: State, searcher: Leased) -> list[
         data = decode_base64(body.image)
         query, key = await encode_image(state, data), "image:" + hashlib.sha256(data).hexdigest()
     elif body.embedding_input:
-        query = searcher.check_vector(np.asarray(body.embedding_input, dtype=np.float32))
+        query = searcher.check_vector(body.embedding_input)
         key = "vector:" + hashlib.sha256(query.tobytes()).hexdigest()
     else:
         raise Problem(422, "Bad query", "send one of text, image or embedding_input")

@@ -12,13 +12,18 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
 from api.deps import Leased, ReadAccess
-from api.errors import Problem
+from api.errors import Problem, problem_responses
 from api.query import hit_body
-from api.schemas import ItemResponse
+from api.schemas import MAX_ITEM_ID, ItemResponse
 from retrieval.search import Hit, Searcher
 
-router = APIRouter(prefix="/items", tags=["items"], dependencies=[ReadAccess])
-ItemId = Annotated[int, PathParam(ge=0, le=2**62, description="an id from a search hit")]
+router = APIRouter(prefix="/items", tags=["items"], dependencies=[ReadAccess],
+                   responses=problem_responses(401, 404, 422, 503))
+# The indexer keeps whatever image formats Pillow read; unknown suffixes go out as octet-stream.
+IMAGE_FILE = {200: {"description": "the image file as indexed", "content": {
+    media_type: {"schema": {"type": "string", "format": "binary"}}
+    for media_type in ("image/*", "application/octet-stream")}}}
+ItemId = Annotated[int, PathParam(ge=0, le=MAX_ITEM_ID, description="an id from a search hit")]
 
 
 async def _record(searcher: Searcher, item_id: int):
@@ -36,7 +41,7 @@ async def get_item(item_id: ItemId, request: Request, searcher: Leased) -> ItemR
     return ItemResponse(**{**body.model_dump(), "score": None})
 
 
-@router.get("/{item_id}/image", response_class=FileResponse,
+@router.get("/{item_id}/image", response_class=FileResponse, responses=IMAGE_FILE,
             summary="The image file of an image item (or of a text item's image)")
 async def get_item_image(item_id: ItemId, searcher: Leased) -> FileResponse:
     record = await _record(searcher, item_id)

@@ -10,14 +10,16 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, File, Form, Request, UploadFile
+from pydantic import AfterValidator, Field, WithJsonSchema
 
 from api.deps import Leased, ReadAccess, State
-from api.errors import Problem
-from api.images import decode_base64
-from api.query import PageRequest, encode_image, encode_text, hit_body, search_page
+from api.errors import Problem, problem_responses
+from api.images import decode_base64, upload_openapi
+from api.query import PageRequest, encode_image, encode_text, encode_texts, hit_body, search_page
 from api.schemas import (
     LABELS_DESCRIPTION,
     MAX_LABEL_CHARS,
+    NOT_BLANK,
     CaptionResponse,
     ClassifyResponse,
     LabelProbability,
@@ -27,6 +29,7 @@ from api.schemas import (
     SearchTextRequest,
     SearchVectorRequest,
     Target,
+    not_blank,
 )
 from api.settings import MAX_K, MAX_LABELS
 from retrieval.search import (
@@ -38,16 +41,26 @@ from retrieval.search import (
     zero_shot_probabilities,
 )
 
-router = APIRouter(tags=["search"], dependencies=[ReadAccess])
+# Every search can meet these; routes add what their inputs make possible (cursors: 409,
+# uploads: 415, item ids: 404).
+router = APIRouter(tags=["search"], dependencies=[ReadAccess],
+                   responses=problem_responses(400, 401, 413, 422, 503))
 
 ImageFile = Annotated[UploadFile, File(description="JPEG, PNG, WebP or GIF (first frame)")]
 FormK = Annotated[int, Form(ge=1, le=MAX_K, description="hits per page")]
 FormTarget = Annotated[Target, Form(description="search images or texts")]
-FormThreshold = Annotated[float | None, Form(ge=-1.0, le=1.0, description="minimum score")]
-FormCursor = Annotated[str | None, Form(max_length=512, description="next_cursor to continue")]
+# A form has no null (a field left out is None), so these optional fields' schemas are not
+# nullable: a client sending "null" would be sending a string.
+FormThreshold = Annotated[float | None, Form(ge=-1.0, le=1.0, description="minimum score"),
+                          WithJsonSchema({"type": "number", "minimum": -1.0, "maximum": 1.0})]
+FormCursor = Annotated[str | None, Form(max_length=512, description="next_cursor to continue"),
+                       WithJsonSchema({"type": "string", "maxLength": 512})]
+Label = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS,
+                             json_schema_extra=NOT_BLANK), AfterValidator(not_blank)]
+UPLOAD = upload_openapi("image")
 
 
-@router.post("/search/text", response_model=SearchResponse,
+@router.post("/search/text", response_model=SearchResponse, responses=problem_responses(409),
              summary="Text query: top-k images (or texts) with scores")
 async def search_text(body: SearchTextRequest, request: Request, state: State,
                       searcher: Leased) -> SearchResponse:
@@ -57,6 +70,7 @@ async def search_text(body: SearchTextRequest, request: Request, state: State,
 
 
 @router.post("/search/image", response_model=SearchResponse,
+             responses=problem_responses(409, 415), openapi_extra=UPLOAD,
              summary="Image upload: top-k texts (target=text) or similar images (target=image)")
 async def search_image(request: Request, state: State, searcher: Leased, image: ImageFile,
                        target: FormTarget = "text", k: FormK = 10,
@@ -69,6 +83,7 @@ async def search_image(request: Request, state: State, searcher: Leased, image: 
 
 
 @router.post("/search/vector", response_model=SearchResponse,
+             responses=problem_responses(409),
              summary="Embedding query: a vector in, results out (normalised first)")
 async def search_vector(body: SearchVectorRequest, request: Request, state: State,
                         searcher: Leased) -> SearchResponse:
@@ -79,6 +94,7 @@ async def search_vector(body: SearchVectorRequest, request: Request, state: Stat
 
 
 @router.post("/search/multi", response_model=SearchResponse,
+             responses=problem_responses(404, 409, 415),
              summary="Weighted multi-query: sum of weight x unit embedding, normalised")
 async def search_multi(body: SearchMultiRequest, request: Request, state: State,
                        searcher: Leased) -> SearchResponse:
@@ -100,16 +116,18 @@ async def _term_vector(state: State, searcher: Searcher, term: QueryTerm) -> np.
     return searcher.check_vector(term.vector)
 
 
-@router.post("/classify", response_model=ClassifyResponse,
+@router.post("/classify", response_model=ClassifyResponse, responses=problem_responses(415),
+             openapi_extra=UPLOAD,
              summary="Zero-shot classification: label probabilities for an image")
 async def classify(state: State, searcher: Leased, image: ImageFile,
-                   labels: Annotated[list[str], Form(min_length=1, max_length=MAX_LABELS,
-                                                     description=LABELS_DESCRIPTION)]
+                   labels: Annotated[list[Label], Form(
+                       min_length=1, max_length=MAX_LABELS, description=LABELS_DESCRIPTION,
+                       json_schema_extra={"uniqueItems": True})]
                    ) -> ClassifyResponse:
     labels = _check_labels(labels)
     prompts = [ZERO_SHOT_TEMPLATE.format(label) for label in labels]
-    image_vector, *label_vectors = await asyncio.gather(
-        encode_image(state, await image.read()), *(encode_text(state, p) for p in prompts))
+    image_vector, label_vectors = await asyncio.gather(encode_image(state, await image.read()),
+                                                       encode_texts(state, prompts))
     assert state.clip is not None
     probabilities = zero_shot_probabilities(image_vector, np.stack(label_vectors),
                                             logit_scale(state.clip))
@@ -119,15 +137,15 @@ async def classify(state: State, searcher: Leased, image: ImageFile,
 
 
 def _check_labels(labels: list[str]) -> list[str]:
-    cleaned = [label.strip() for label in labels]
-    if any(not label or len(label) > MAX_LABEL_CHARS for label in cleaned):
-        raise Problem(422, "Invalid request", f"labels: {LABELS_DESCRIPTION}, not blank")
+    cleaned = [label.strip() for label in labels]  # Label has checked length and blankness
     if len(set(cleaned)) != len(cleaned):
-        raise Problem(422, "Invalid request", "labels: each label may appear only once")
+        # Duplicates after trimming: a rule the schema's uniqueItems cannot state exactly.
+        raise Problem(422, "Duplicate labels", "labels: each label may appear only once")
     return cleaned
 
 
-@router.post("/caption", response_model=CaptionResponse,
+@router.post("/caption", response_model=CaptionResponse, responses=problem_responses(415),
+             openapi_extra=UPLOAD,
              summary="Caption by retrieval: the indexed texts that best match an image")
 async def caption(request: Request, state: State, searcher: Leased, image: ImageFile,
                   k: Annotated[int, Form(ge=1, le=100, description="captions to return")] = 5

@@ -2,40 +2,67 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from api.settings import MAX_K, MAX_LABELS, MAX_MULTI_TERMS, MAX_TEXT_CHARS
 
+
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 3.0 as an integer; strict mode would not, so convert it first."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# One character that is whitespace neither in JSON Schema's (ECMA-262) regexes nor to Python's
+# str.isspace(); spelled out so the schema's pattern and the server's check agree exactly.
+VISIBLE = (r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+           r"\ufeff]")
+NOT_BLANK = {"pattern": VISIBLE}  # for json_schema_extra; not_blank enforces it
+
+
+def not_blank(text: str) -> str:
+    """Refuse text without a visible character, with a friendlier message than a pattern's."""
+    if not re.search(VISIBLE, text):
+        raise ValueError("the text is empty or only whitespace; type some words")
+    return text
+
+
+# Strict: a JSON body must use the schema's types (no false -> 0.0, no "10" -> 10).
+REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True)
+INTEGRAL = BeforeValidator(_integral)  # after the Field, so its bounds stay in the schema
 Target = Literal["image", "text"]
 K = Annotated[int, Field(ge=1, le=MAX_K, description="hits per page (more than the index "
-                                                     "holds is fine)")]
+                                                     "holds is fine)"), INTEGRAL]
+# Ids are SQLite INTEGERs; capped where JSON numbers stop being exact (doubles, JavaScript), so a
+# schema validator and the service agree on the boundary.
+MAX_ITEM_ID = 2**53 - 1
+ItemId = Annotated[int, Field(ge=0, le=MAX_ITEM_ID), INTEGRAL]
 Threshold = Annotated[float | None, Field(ge=-1.0, le=1.0, description="drop hits whose cosine "
                                                                        "score is below this")]
 Cursor = Annotated[str | None, Field(max_length=512, description="next_cursor of the previous "
                                                                  "page, to continue the list")]
 QueryText = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS, description=(
-    "1 to 1000 characters, not only spaces; tokens past the model's context are truncated"))]
-
-
-def _not_blank(text: str) -> str:
-    if not text.strip():
-        raise ValueError("the text is empty or only whitespace; type some words")
-    return text
+    "1 to 1000 characters, not only spaces; tokens past the model's context are truncated"),
+    json_schema_extra=NOT_BLANK), AfterValidator(not_blank)]
 
 
 class _Paged(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
     k: K = 10
     threshold: Threshold = None
     cursor: Cursor = None
 
 
 class SearchTextRequest(_Paged):
+    # Examples show in /docs and give Schemathesis's examples phase real requests to send.
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"text": "a red square", "k": 5}, {"text": "a cat", "target": "text", "threshold": 0.2}]})
     text: QueryText
     target: Target = Field("image", description="which side of the index to search")
-    _blank = field_validator("text")(_not_blank)
 
 
 class SearchVectorRequest(_Paged):
@@ -45,30 +72,37 @@ class SearchVectorRequest(_Paged):
     target: Target = "image"
 
 
+TERM_KINDS = ("text", "image_base64", "item_id", "vector")
+
+
 class QueryTerm(BaseModel):
     """One weighted term: exactly one of text, image_base64, item_id or vector."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The schema says "exactly one" as oneOf; _exactly_one enforces it with a clear message.
+    model_config = ConfigDict(**REQUEST_CONFIG, json_schema_extra={"oneOf": [
+        {"required": [kind], "properties": {kind: {"not": {"type": "null"}}}}
+        for kind in TERM_KINDS]})
     weight: float = Field(ge=-10.0, le=10.0, description="negative weights steer away")
     text: QueryText | None = None
-    image_base64: str | None = Field(None, max_length=14_000_000,
+    image_base64: str | None = Field(None, min_length=1, max_length=14_000_000,
                                      description="a JPEG/PNG/WebP/GIF file, base64-encoded")
-    item_id: int | None = Field(None, ge=0, description="an indexed item's stored embedding")
+    item_id: ItemId | None = Field(None, description="an indexed item's stored embedding")
     vector: list[float] | None = Field(None, min_length=1, max_length=4096)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> QueryTerm:
-        given = [name for name in ("text", "image_base64", "item_id", "vector")
+        given = [name for name in TERM_KINDS
                  if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError("each term needs exactly one of text, image_base64, item_id, "
                              f"vector (got {given or 'none'})")
-        if self.text is not None:
-            _not_blank(self.text)
         return self
 
 
 class SearchMultiRequest(_Paged):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"terms": [{"text": "a red square", "weight": 1.0}, {"item_id": 0, "weight": -0.5}],
+         "k": 3}]})
     terms: list[QueryTerm] = Field(min_length=1, max_length=MAX_MULTI_TERMS)
     target: Target = "image"
 
@@ -118,9 +152,10 @@ class ReloadResponse(BaseModel):
 
 
 class AddTextsRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(**REQUEST_CONFIG, json_schema_extra={"examples": [
+        {"texts": ["a red square on white"], "image_id": 0}]})
     texts: list[QueryText] = Field(min_length=1, max_length=1000)
-    image_id: int | None = Field(None, ge=0, description="the indexed image they caption")
+    image_id: ItemId | None = Field(None, description="the indexed image they caption")
 
 
 class WriteResponse(BaseModel):
@@ -143,3 +178,12 @@ class ReadyResponse(BaseModel):
 
 MAX_LABEL_CHARS = 100
 LABELS_DESCRIPTION = f"1 to {MAX_LABELS} labels, each 1 to {MAX_LABEL_CHARS} characters"
+
+
+class ProblemBody(BaseModel):
+    """RFC 9457 problem details: the body of every error response (application/problem+json)."""
+
+    type: str = Field(description="a URI naming the kind of problem (a documentation anchor)")
+    title: str = Field(description="a short, fixed summary of the kind of problem")
+    status: int = Field(ge=400, le=599, description="the HTTP status, repeated")
+    detail: str = Field(description="what went wrong with this request and how to fix it")

@@ -21,6 +21,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     batching: BatcherConfig = field(default_factory=BatcherConfig)
+    max_in_flight: int | None = 256  # requests inside the app at once, then 503; None: no cap
     admin_key: str | None = None  # None: write endpoints are disabled
     read_keys: tuple[str, ...] = ()  # empty: searching needs no key
     max_body_bytes: int = 10 * 1024 * 1024
@@ -32,5 +33,7 @@ class Settings:
 
     def __repr__(self) -> str:  # keys never reach logs
         return (f"Settings(index={self.index}, model={self.model!r}, host={self.host}, "
-                f"port={self.port}, batching={self.batching}, admin_key="
-                f"{'set' if self.admin_key else 'unset'}, read_keys={len(self.read_keys)})")
+                f"port={self.port}, batching={self.batching}, "
+                f"max_in_flight={self.max_in_flight}, "
+                f"admin_key={'set' if self.admin_key else 'unset'}, "
+                f"read_keys={len(self.read_keys)})")

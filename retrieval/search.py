@@ -50,10 +50,16 @@ class Page:
     served: int  # hits served so far, this page included
 
 
+def _float32(vector: Sequence[float] | np.ndarray) -> np.ndarray:
+    """(d,) float32; a value past float32's range becomes inf (quietly: normalise refuses it)."""
+    with np.errstate(over="ignore"):
+        return np.asarray(vector, dtype=np.float32).reshape(-1)
+
+
 def normalise(vector: np.ndarray) -> Vector:
     """A finite (d,) vector scaled to unit length; raise InvalidQueryError for a zero one."""
-    vector = np.asarray(vector, dtype=np.float32).reshape(-1)
-    norm = float(np.linalg.norm(vector))
+    vector = _float32(vector)
+    norm = float(np.linalg.norm(vector.astype(np.float64)))  # float32 squares could overflow
     if not np.isfinite(norm) or norm < 1e-6:
         raise InvalidQueryError("the query vector has zero length (or is not finite); "
                          "give non-zero weights to terms that do not cancel out")
@@ -109,7 +115,7 @@ class Searcher:
 
     # --- searching ---
     def check_vector(self, vector: Sequence[float] | np.ndarray) -> Vector:
-        vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+        vector = _float32(vector)
         if vector.shape[0] != self.embed_dim:
             raise InvalidQueryError(f"the vector has {vector.shape[0]} dimensions; this index "
                                     f"has {self.embed_dim}")

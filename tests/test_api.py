@@ -7,6 +7,7 @@ import asyncio
 import base64
 import io
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -310,12 +311,26 @@ def test_full_queue_answers_503_with_retry_after(tiny, index_root):
         gate = threading.Event()
         state.executor.submit(gate.wait, 10)
 
+        batcher = state.text_batcher
+
+        async def until(condition, what: str) -> None:
+            deadline = time.monotonic() + 20
+            while not condition():
+                assert time.monotonic() < deadline, f"timed out waiting until {what}"
+                await asyncio.sleep(0.01)
+
         async def burst():
             async with httpx.AsyncClient(base_url=small.url, headers=AUTH, timeout=30) as http:
-                tasks = [asyncio.create_task(http.post("/search/text", json={"text": f"{n}"}))
-                         for n in range(3)]
-                while state.text_batcher.depth < 2:
-                    await asyncio.sleep(0.01)
+                def post(n: int) -> asyncio.Task:
+                    return asyncio.create_task(http.post("/search/text", json={"text": f"{n}"}))
+
+                # One at a time, so the first is surely out of the queue (stuck on the gate)
+                # before the next two fill it.
+                tasks = [post(0)]
+                await until(lambda: batcher.stats.submitted == 1 and batcher.depth == 0,
+                            "the first request is taken off the queue")
+                tasks += [post(1), post(2)]
+                await until(lambda: batcher.depth == 2, "two requests wait in the queue")
                 refused = await http.post("/search/text", json={"text": "one too many"})
                 gate.set()
                 return refused, await asyncio.gather(*tasks)

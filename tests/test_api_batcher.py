@@ -71,3 +71,30 @@ def test_full_queue_refuses_at_once_and_errors_reach_every_waiter():
         return outcomes
 
     assert all(isinstance(outcome, ValueError) for outcome in _run(scenario()))
+
+
+def test_a_queue_longer_than_the_wait_budget_refuses_at_once():
+    gate = threading.Event()
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher("t", lambda xs: xs, pool, BatcherConfig(2, 0, 64, 100))
+            batcher.start()
+            batcher.stats.batch_seconds = 0.030  # as timed on earlier batches: 30 ms for 2
+            pool.submit(gate.wait, 5)  # the model thread is busy
+            queued = [asyncio.ensure_future(batcher.submit(n)) for n in range(8)]
+            await asyncio.sleep(0.05)  # 0 and 1 form a batch that waits for the model; 6 queue
+            assert batcher.depth == 6
+            assert batcher.expected_wait() == pytest.approx(0.090)  # 3 full batches ahead
+            queued += [asyncio.ensure_future(batcher.submit(n)) for n in (8, 9)]  # still 3
+            await asyncio.sleep(0)
+            with pytest.raises(QueueFullError, match="budget"):
+                await batcher.submit(10)  # 4 full batches ahead: 120 ms > 100 ms
+            gate.set()
+            results = await asyncio.gather(*queued)
+            await batcher.stop()
+        return results, batcher.stats
+
+    results, stats = _run(scenario())
+    assert results == list(range(10)) and stats.rejected == 1
+

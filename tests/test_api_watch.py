@@ -1,0 +1,50 @@
+"""`clipdex serve --watch`: a generation the indexer commits is served without a restart, and
+a broken one on disk is refused while the last good one keeps answering."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import numpy as np
+
+from api.app import create_app
+from api.settings import Settings
+from retrieval.encode import encode_images
+from retrieval.store import ItemRecord, model_identity, update_generation
+from tests.api.helpers import ServerThread, build_index
+from tests.conftest import COLOURS, make_image
+
+
+def wait_for_generation(http: httpx.Client, name: str, timeout: float = 20) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = http.get("/readyz").json()
+        if ready.get("generation") == name:
+            return ready
+        time.sleep(0.1)
+    raise AssertionError(f"still serving {ready.get('generation')}, not {name}")
+
+
+def test_watch_serves_new_generations_and_skips_a_broken_one(tiny, tmp_path):
+    images = {name: make_image(tmp_path / f"{name}.png", COLOURS[name]) for name in ("red", "blue")}
+    root = build_index(tmp_path / "index", tiny, images)
+    settings = Settings(index=root, watch_seconds=0.1)
+    with ServerThread(create_app(settings, clip=tiny)) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as http:
+        assert wait_for_generation(http, "000001")["images"] == 2
+        green = make_image(tmp_path / "green.png", COLOURS["green"])
+        name = update_generation(root, model_identity(tiny), add=[ItemRecord(
+            10, "image", path=str(green.resolve()))], add_vectors={
+            "image": encode_images(tiny, [green]), "text": np.zeros((0, tiny.embed_dim))})
+        assert wait_for_generation(http, name)["images"] == 3
+        found = http.post("/search/image", files={"image": green.read_bytes()},
+                          data={"k": "1", "target": "image"}).json()
+        assert found["generation"] == name and found["hits"][0]["id"] == 10
+
+        # A generation whose file was damaged after the switch: refused, the last one serves.
+        broken = update_generation(root, model_identity(tiny), delete_ids=[10])
+        (root / "generations" / broken / "images.npy").write_bytes(b"\x93NUMPY damaged")
+        time.sleep(1.0)  # ten polls
+        assert http.get("/readyz").json()["generation"] == name
+        assert http.post("/search/text", json={"text": "a red square", "k": 3}).status_code == 200
