@@ -8,7 +8,7 @@ DEMO_INDEX := data/demo-index
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test install browser bench clean
+.PHONY: run test install browser bench soak clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ test: $(STAMP) browser
 # All benchmarks in one sequence (~15 min on 2 cores); writes docs/BENCHMARKS.md.
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+# The long reliability runs (crash loop with 100 random kills, Schemathesis, 30 s of
+# overload, many Hypothesis examples; ~25 min on 2 cores); writes docs/RELIABILITY.md.
+soak: $(STAMP)
+	$(PY) -m tests.reliability.soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache $(DEMO_INDEX)

@@ -34,7 +34,10 @@ class QueueFullError(Exception):
 @dataclass(frozen=True)
 class BatcherConfig:
     max_batch: int = 32  # 1 turns batching off
-    max_wait_ms: float = 5.0  # how long the first input waits for company
+    # How long the first input waits for company. 0: none; while the model is busy the
+    # queue fills, so batches still form under load and a lone request never waits
+    # (bench: same req/s at concurrency 32 as 5 ms, and concurrency 1 as fast as unbatched).
+    max_wait_ms: float = 0.0
     queue_size: int = 256  # inputs waiting beyond the batch being encoded
     max_queue_wait_ms: float | None = 500.0  # expected wait that refuses an input; None: off
 

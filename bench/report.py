@@ -29,7 +29,7 @@ def goals(r: dict) -> list[tuple[str, str, str, str]]:
     if "indexing" in r:
         value = r["indexing"]["ratio"]
         rows.append(("indexing end-to-end / encode-only img/s", "≥ 0.9", f"{value:.2f}",
-                     _met(value >= 0.9, "decode, SQLite, FAISS and manifest cost shows")))
+                     _met(value >= 0.9, "decode and encode share 2 cores: see §2")))
     if "text_trim" in r:
         value = r["text_trim"]["ratio"]
         rows.append(("short queries: real-length / padded texts/s", "≥ 3×", f"{value:.2f}×",
@@ -38,11 +38,16 @@ def goals(r: dict) -> list[tuple[str, str, str, str]]:
         a = r["ann"]
         rows.append((f"ANN recall@10 ({a['factory']}, {a['count']:,})", "≥ 0.95 (tuner target)",
                      f"{a['recall_at_10']:.3f}", _met(a["recall_at_10"] >= 0.95, "")))
-        rows.append(("ANN QPS / exact QPS", "> 1", f"{a['qps_ratio']:.1f}×",
-                     _met(a["qps_ratio"] > 1, "")))
-        rows.append(("ANN at 1,000,000 vectors", "run", "not run in `make bench`",
-                     "no (time; reachable with --ann-count 1000000)"
-                     if a["count"] < 1_000_000 else "yes"))
+        rows.append((f"ANN QPS / exact QPS, {a['queries']} queries per call", "≥ 20×",
+                     f"{a['qps_ratio']:.1f}×", _met(a["qps_ratio"] >= 20,
+                                                   "BLAS makes batched exact search cheap")))
+        if "single_qps_ratio" in a:
+            rows.append(("ANN QPS / exact QPS, one query per call (as requests arrive)",
+                         "≥ 20×", f"{a['single_qps_ratio']:.1f}×",
+                         _met(a["single_qps_ratio"] >= 20, "")))
+        rows.append(("ANN measured at 1,000,000 vectors", "run", f"{a['count']:,}",
+                     "yes" if a["count"] >= 1_000_000
+                     else "no (time; reachable with --ann-count 1000000)"))
     if "service" in r:
         s = _service_summary(r["service"])
         rows.append((f"service batched / unbatched req/s at concurrency {s['c']}", "≥ 4×",
@@ -63,6 +68,8 @@ def _service_summary(s: dict) -> dict:
     single = s["modes"]["unbatched"]["by_concurrency"][min(
         s["modes"]["unbatched"]["by_concurrency"], key=int)]
     return {"c": top, "speedup": batched["throughput_rps"] / unbatched["throughput_rps"],
+            "ceiling": (s["raw_texts_per_s"] / s["raw_single_texts_per_s"]
+                        if s.get("raw_single_texts_per_s") else None),
             "p95_ratio": batched["p95_ms"] / single["p50_ms"],
             "service_over_raw": batched["throughput_rps"] / s["raw_texts_per_s"]}
 
@@ -115,9 +122,9 @@ def _encoder(e: dict, out: Path) -> list[str]:
             "FlopCounterMode` on one item's `encode_image` (224×224) / `encode_text` (the "
             "~10-token query \"a brown dog running on the beach at sunset\", trimmed as "
             "clipdex encodes it). Utilisation = items/s × FLOPs/item ÷ matmul peak. "
-            "ViT-B-32 has random weights (speed does not depend on them). `channels_last` "
-            "rows convert the EfficientNet tower to NHWC in the benchmark only; "
-            "`retrieval/` is unchanged.", "",
+            "ViT-B-32 has random weights (speed does not depend on them). The EfficientNet "
+            "tower runs NHWC (`channels_last`), as `load_model` sets it for convolutional "
+            "towers.", "",
             _table(["model", "modality / variant", "items/s", "GFLOP/item", "GFLOP/s",
                     "utilisation"], rows), "",
             "![encoder utilisation](bench_encoder.png)", "",
@@ -149,9 +156,12 @@ def _indexing(i: dict, out: Path) -> list[str]:
                      f"**{i['ratio']:.2f}**"]]), "",
             "![indexing](bench_indexing.png)", "",
             f"Reproduce: `{RUN} indexing` (or `{i['command']}`)", "",
-            "On 2 cores the decode workers and the encoder compete for the same cores, and "
-            "a 110-image run also pays fixed costs (worker start-up, FAISS tuning, SQLite, "
-            "manifest checksums), which weigh less on a large corpus.", ""]
+            f"The median of three runs is shown; the three ratios were {i.get('ratios')}. "
+            "On 2 cores the decode workers and the encoder compete for the same cores "
+            "(decode-only and encode-only each have both cores to themselves), so the ceiling "
+            "here is encode cost ÷ (encode + decode cost), about 0.8 to 0.85 with these "
+            "figures; a machine with a GPU or spare cores removes that competition. Decode "
+            "workers ship uint8 pixels, normalised per batch by the encoder.", ""]
 
 
 def _text_trim(t: dict, out: Path) -> list[str]:
@@ -183,19 +193,43 @@ def _ann(a: dict, out: Path) -> list[str]:
             f"index. `retrieval.ann.choose_index` under a {a['max_memory']} budget picked "
             f"`{a['factory']}`; build {a['build_s']} s; the tuner picked "
             f"{a['param']}={a['value']}.", "",
-            _table(["index", "recall@10", "QPS", "QPS / exact"],
-                   [["IndexFlatIP", "1.000", a["flat_qps"], "1.0×"],
+            _table(["index", "recall@10", f"QPS, {a['queries']} queries per call",
+                    "QPS / exact", f"QPS, one query per call ({a.get('single_queries')})",
+                    "QPS / exact"],
+                   [["IndexFlatIP", "1.000", a["flat_qps"], "1.0×",
+                     a.get("flat_single_qps", "–"), "1.0×"],
                     [a["factory"], f"{a['recall_at_10']:.3f}", a["qps"],
-                     f"**{a['qps_ratio']:.1f}×**"]]), "",
+                     f"**{a['qps_ratio']:.1f}×**", a.get("single_qps", "–"),
+                     f"**{a['single_qps_ratio']:.1f}×**" if "single_qps_ratio" in a
+                     else "–"]]), "",
+            "A batch lets exact search run as one BLAS matrix product, which is hard to beat; "
+            "a request carries one query, where exact search must stream every vector.", "",
             f"Bytes per vector: measured (serialised index ÷ count) "
             f"**{a['bytes_per_vector_measured']}**, formula "
             f"**{a['bytes_per_vector_formula']}** from `retrieval.ann.hnsw_bytes`: "
             f"4·d (vectors) + 8 (id map) + 2·M·4·(1 + 1/M) (level-0 links, plus ~1/M for "
             f"upper levels) + 8 (level bookkeeping), with d = {a['dim']}, M = {m}.", "",
             "![ann](bench_ann.png)", "",
-            f"Reproduce: `{RUN} ann`. The goal size, 1,000,000 vectors, is reachable with "
-            f"`{RUN} ann --ann-count 1000000` (about 10× the build time; ~2.4 GB under HNSW) "
-            "and was **not** run by `make bench`, for time.", ""]
+            (f"Reproduce: `{RUN} ann --ann-count {a['count']}`." if a["count"] >= 1_000_000
+             else f"Reproduce: `{RUN} ann`. The goal size, 1,000,000 vectors, is reachable with "
+                  f"`{RUN} ann --ann-count 1000000` (about 10× the build time; ~2.4 GB under "
+                  "HNSW) and was **not** run by `make bench`, for time."), ""]
+
+
+def _service_limits(s: dict, sm: dict) -> list[str]:
+    """What the hardware allows, so a missed goal says whether the code or the box missed it."""
+    if not sm.get("ceiling"):
+        return []
+    single = s["modes"]["unbatched"]["by_concurrency"][min(
+        s["modes"]["unbatched"]["by_concurrency"], key=int)]["p50_ms"]
+    needed = int(sm["c"]) / (2 * single / 1000)
+    return [f"Limits of this machine: the model alone encodes {s['raw_texts_per_s']} texts/s in "
+            f"batches of {s['max_batch']} and {s['raw_single_texts_per_s']} texts/s one at a "
+            f"time, so batching can buy at most **{sm['ceiling']:.1f}×** here. By Little's law, "
+            f"{sm['c']} requests in flight with a p95 within 2× the single-request "
+            f"{single} ms need about {needed:,.0f} req/s, against the model's "
+            f"{s['raw_texts_per_s']} texts/s on these cores: the latency goal needs a GPU "
+            "(or fewer requests in flight per core).", ""]
 
 
 def _service(s: dict, out: Path) -> list[str]:
@@ -232,6 +266,7 @@ def _service(s: dict, out: Path) -> list[str]:
             f"Service text QPS ÷ raw encoder texts/s on the same queries "
             f"({s['raw_texts_per_s']} texts/s, batch {s['max_batch']}): "
             f"**{sm['service_over_raw']:.2f}**.", "",
+            *_service_limits(s, sm),
             "![service](bench_service.png)", "",
             f"Reproduce: `{RUN} service`", ""]
 

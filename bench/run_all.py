@@ -95,27 +95,10 @@ def encoder_part(args: argparse.Namespace) -> dict:
             pixels = torch.randn(batch, 3, size, size)
             rate = _best_rate(lambda: encode_image_batch(clip, pixels), batch, args.repeats)
             rows[f"image_b{batch}"] = _row(rate, image_flops, peak, batch=batch)
-        if "timm_model_name" in clip.config["model_cfg"]["vision_cfg"]:
-            rows.update(_channels_last(clip, image_flops, peak, size, args))
         out["models"][spec] = {"image_flops": image_flops, "text_flops": text_flops,
                                "image_size": size, "rows": rows}
         print(json.dumps({spec: rows}), flush=True)
     return out
-
-
-def _channels_last(clip, image_flops: int, peak: float, size: int,
-                   args: argparse.Namespace) -> dict:
-    """The cheap CPU speed-up for a conv tower: NHWC weights and inputs (not in retrieval/)."""
-    from retrieval.encode import encode_image_batch
-
-    clip.model.visual.to(memory_format=torch.channels_last)
-    rows = {}
-    for batch in sorted({args.image_batch, args.image_batch_large}):
-        pixels = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
-        rate = _best_rate(lambda: encode_image_batch(clip, pixels), batch, args.repeats)
-        rows[f"image_b{batch}_channels_last"] = _row(rate, image_flops, peak, batch=batch)
-    clip.model.visual.to(memory_format=torch.contiguous_format)
-    return rows
 
 
 def _row(rate: float, flops: int, peak_gflops: float, **extra) -> dict:
@@ -130,11 +113,17 @@ def _row(rate: float, flops: int, peak_gflops: float, **extra) -> dict:
 def indexing_part(args: argparse.Namespace) -> dict:
     command = [sys.executable, "bench/indexing.py", "--model", "default",
                "--repeat", str(args.index_repeat), "--workers", "2"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
-    figures = json.loads(result.stdout[result.stdout.index("{"):])
-    figures["ratio"] = round(figures["end_to_end_img_s"] / figures["encode_only_img_s"], 3)
-    figures["command"] = " ".join(["python", *command[1:]])
-    return figures
+    runs = []
+    for _ in range(3):  # single runs swung from 0.66 to 0.96 on a shared 2-core VM
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+        figures = json.loads(result.stdout[result.stdout.index("{"):])
+        figures["ratio"] = round(figures["end_to_end_img_s"] / figures["encode_only_img_s"], 3)
+        runs.append(figures)
+    runs.sort(key=lambda run: run["ratio"])
+    median = runs[len(runs) // 2]
+    median["ratios"] = [run["ratio"] for run in runs]
+    median["command"] = " ".join(["python", *command[1:]])
+    return median
 
 
 # --- 3. short text queries -----------------------------------------------------------------
@@ -168,18 +157,27 @@ def ann_part(args: argparse.Namespace) -> dict:
     flat.add(images)
     flat.search(captions[:10], 10)  # warm-up
     flat_qps = len(captions) / _timed(lambda: flat.search(captions, 10))
+    # One query per call, as a search request arrives: no batch for BLAS to amortise.
+    singles = [captions[i:i + 1] for i in range(min(args.ann_single, len(captions)))]
+    flat_single_qps = len(singles) / _timed(lambda: [flat.search(q, 10) for q in singles])
     flat.reset()  # free the exact index before building the approximate one
     spec = ann.choose_index(args.ann_count, dim, args.max_memory)
     started = time.perf_counter()
     index = ann.build_index(spec, images, ids)
     build_s = time.perf_counter() - started
-    _tuned, report = ann.tune(index, spec, images, ids, captions, query_source="captions")
+    tuned, report = ann.tune(index, spec, images, ids, captions, query_source="captions")
+    lookup = ann.sorted_lookup(ids, images)
+    single_qps = len(singles) / _timed(
+        lambda: [ann.search(index, q, 10, tuned.params, lookup) for q in singles])
     stored = len(faiss.serialize_index(index))
     return {"count": args.ann_count, "dim": dim, "queries": args.ann_queries,
             "max_memory": args.max_memory, "kind": spec.kind, "factory": spec.factory,
             "build_s": round(build_s, 1), "flat_qps": round(flat_qps, 1),
             "recall_at_10": report["recall_at_10"], "qps": report["qps"],
             "qps_ratio": round(report["qps"] / flat_qps, 2), "param": report["param"],
+            "single_queries": len(singles), "flat_single_qps": round(flat_single_qps, 1),
+            "single_qps": round(single_qps, 1),
+            "single_qps_ratio": round(single_qps / flat_single_qps, 2),
             "value": report["value"], "curve": report["curve"],
             "bytes_per_vector_measured": round(stored / args.ann_count, 1),
             "bytes_per_vector_formula": round(spec.memory_bytes / args.ann_count, 1),
@@ -220,6 +218,10 @@ def service_part(args: argparse.Namespace) -> dict:
     out["raw_texts_per_s"] = round(_best_rate(
         lambda: encode_texts(clip, texts, batch_size=args.max_batch), len(texts),
         args.repeats), 1)
+    # The model's own ceiling for what batching can buy: one text per call vs full batches.
+    few = texts[:64]
+    out["raw_single_texts_per_s"] = round(_best_rate(
+        lambda: [encode_texts(clip, [text]) for text in few], len(few), args.repeats), 1)
     return out
 
 
@@ -276,15 +278,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-batch", type=int, default=32)
     parser.add_argument("--image-batch-large", type=int, default=128)
     parser.add_argument("--text-n", type=int, default=256)
-    parser.add_argument("--index-repeat", type=int, default=5, help="passes over 22 demo images")
+    parser.add_argument("--index-repeat", type=int, default=20,
+                        help="passes over the 22 demo images (440: fixed costs amortised)")
     parser.add_argument("--ann-count", type=int, default=100_000, help="goal size: 1000000")
     parser.add_argument("--ann-queries", type=int, default=1000)
+    parser.add_argument("--ann-single", type=int, default=200,
+                        help="queries timed one per call (as requests arrive)")
     parser.add_argument("--max-memory", default="4GB")
     parser.add_argument("--service-items", type=int, default=5000)
     parser.add_argument("--service-seconds", type=float, default=10)
     parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--max-wait-ms", type=float, default=5)
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="the service's CPU default; batches of 32 suit a GPU")
+    parser.add_argument("--max-wait-ms", type=float, default=0)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--scale-sizes", default="10000,100000", help="add 1000000 for the goal")
     parser.add_argument("--scale-child", type=int, default=None, help=argparse.SUPPRESS)

@@ -73,3 +73,17 @@ def test_serve_is_a_clipdex_subcommand_bound_to_loopback():
     assert settings.host == "127.0.0.1" and settings.port == 8000
     assert settings.batching.max_batch == 1 and settings.read_keys == ("r1", "r2")
     assert "r1" not in repr(settings)
+
+
+def test_the_default_batch_fits_the_device():
+    def batch(*flags: str) -> int:
+        args = build_parser().parse_args(["serve", "--index", "idx", *flags])
+        return settings_from(args).batching.max_batch
+
+    assert batch("--device", "cpu") == 8  # CPU: small batches keep latency under load
+    assert batch("--device", "cuda") == 32
+    assert batch("--device", "cpu", "--max-batch", "16") == 16
+    args = build_parser().parse_args(["serve", "--index", "idx", "--device", "cpu"])
+    assert settings_from(args).max_in_flight == 32  # refused at the door beyond 4 batches
+    args = build_parser().parse_args(["serve", "--index", "idx", "--max-in-flight", "0"])
+    assert settings_from(args).max_in_flight is None

@@ -45,9 +45,9 @@ FAULT_POINTS = ("mid_generation", "before_current", "after_shard:0", "after_shar
 @dataclass(frozen=True)
 class CrashLoopConfig:
     workdir: Path
-    runs: int = 100
+    kills: int = 100  # run until this many jobs were killed at a random moment
     folders: int = 4
-    images_per_folder: int = 40
+    images_per_folder: int = 24
     corrupt_per_folder: int = 1  # skipped and reported, never indexed
     shard_size: int = 8
     fault_share: float = 0.2  # runs killed at a named fault point instead of a random time
@@ -71,6 +71,7 @@ class CrashLoopReport:
     expected_images: int = 0
     leftover_work_dirs: int = 0
     seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per run
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -229,14 +230,15 @@ def crash_loop(config: CrashLoopConfig, log: Any = None) -> CrashLoopReport:
                            f"{stderr}")
     full = time.perf_counter() - began
     seen: set[str] = set()
-    for run in range(config.runs):
+    run = 0
+    while report.killed_at_random_time < config.kills and run < 3 * config.kills:
         operation, targets = _next_operation(rng, index, folders, seen)
         if operation == "delete":  # these may vanish now, whether or not the delete lands
             seen -= set(targets)
         fault = rng.choice(FAULT_POINTS) if rng.random() < config.fault_share else None
         if operation == "delete" and fault and fault.startswith("after_shard"):
             fault = "before_current"  # a delete encodes nothing, so has no shards
-        kill_after = None if fault else rng.uniform(0.15, 1.1) * full
+        kill_after = None if fault else rng.uniform(0.1, 1.0) * full
         command = _command(operation, targets, index, config, rng.choice((0, 0, 2)))
         code, killed, stderr = _run(command, fault, kill_after)
         report.runs += 1
@@ -251,9 +253,15 @@ def crash_loop(config: CrashLoopConfig, log: Any = None) -> CrashLoopReport:
             report.failed += 1
             report.violations.append(f"run {run}: {operation} exited with {code}: {stderr}")
         seen = check_index(index, seen, report)
+        outcome = ("killed" if killed else "fault point" if code == -signal.SIGKILL
+                   else "finished" if code == 0 else "failed")
+        report.history.append({"run": run + 1, "operation": operation, "fault": fault,
+                               "outcome": outcome, "committed": len(seen)})
         if log:
-            log(f"run {run + 1}/{config.runs}: {operation} {'at ' + fault + ' ' if fault else ''}"
-                f"exit {code}{' (killed)' if killed else ''}; {len(seen)} images committed")
+            log(f"run {run + 1} (kill {report.killed_at_random_time}/{config.kills}): "
+                f"{operation} {'at ' + fault + ' ' if fault else ''}exit {code}"
+                f"{' (killed)' if killed else ''}; {len(seen)} images committed")
+        run += 1
     # Resume: adding every folder must top the index up to exactly the corpus, no more.
     final = "add" if (index / "CURRENT").exists() else "build"
     code, _, stderr = _run(_command(final, folders, index, config, 0), None, None)
@@ -274,11 +282,11 @@ if __name__ == "__main__":
     import tempfile
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--kills", type=int, default=100)
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="clipdex-crash-") as tmp:
-        result = crash_loop(CrashLoopConfig(Path(tmp), runs=args.runs), log=print)
+        result = crash_loop(CrashLoopConfig(Path(tmp), kills=args.kills), log=print)
     print(json.dumps(result.as_dict(), indent=2))
     if args.json:
         args.json.write_text(json.dumps(result.as_dict(), indent=2) + "\n")

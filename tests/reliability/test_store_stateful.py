@@ -3,6 +3,7 @@ any order keep counts equal, ids stable, and never return a deleted or unknown i
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -98,7 +99,10 @@ class StoreMachine(RuleBasedStateMachine):
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-StoreMachine.TestCase.settings = settings(max_examples=15, stateful_step_count=8,
+# `make soak` raises the example count through CLIPDEX_SOAK_EXAMPLES.
+StoreMachine.TestCase.settings = settings(max_examples=int(os.environ.get(
+                                              "CLIPDEX_SOAK_EXAMPLES", 15)),
+                                          stateful_step_count=8,
                                           deadline=None, database=None,
                                           suppress_health_check=[HealthCheck.too_slow])
 TestStore = StoreMachine.TestCase

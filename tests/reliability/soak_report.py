@@ -1,0 +1,173 @@
+"""docs/RELIABILITY.md (and its two plots) from docs/reliability_results.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+OUTCOME_STYLE = {"killed": ("tab:red", "x"), "fault point": ("tab:purple", "v"),
+                 "finished": ("tab:green", "o"), "failed": ("black", "s")}
+
+
+def write_report(results: dict[str, Any], docs: Path) -> None:
+    from tests.reliability.soak import verdicts
+
+    lines = ["# Reliability", "",
+             "Written by `make soak` (`.venv/bin/python -m tests.reliability.soak`) from "
+             "`docs/reliability_results.json`. The fast part of every suite runs in `make test`; "
+             "this is the long part. Each section names the command that reproduces it.", "",
+             "| suite | verdict | checks |", "|---|---|---|"]
+    for part, title in (("crash_loop", "Crash loop"), ("suites", "Corruption, disk full, bad "
+                        "input, stateful store"), ("schemathesis", "Schemathesis"),
+                        ("overload", "Overload")):
+        if part in results:
+            checks = verdicts(part, results[part])
+            failed = [name for name, ok in checks.items() if not ok]
+            verdict = "pass" if not failed else "FAIL: " + ", ".join(failed)
+            lines.append(f"| {title} | {verdict} | {', '.join(checks)} |")
+    lines.append("")
+    sections = {"crash_loop": _crash_loop, "suites": _suites, "schemathesis": _schemathesis,
+                "overload": _overload}
+    for part, render in sections.items():
+        if part in results:
+            lines += render(results[part], docs) + [""]
+    (docs / "RELIABILITY.md").write_text("\n".join(lines))
+
+
+def _header(title: str, result: dict[str, Any]) -> list[str]:
+    return [f"## {title}", "", f"`{result['command']}` ({result['wall_seconds']} s, "
+            f"{result['date']})", ""]
+
+
+def _crash_loop(result: dict[str, Any], docs: Path) -> list[str]:
+    lines = _header("Crash loop", result) + [
+        "Real `clipdex index build`, `index add` and `index delete` processes over a corpus "
+        "of small PNGs (plus one broken file per folder), each killed with SIGKILL at a random "
+        "moment of its life or at a named fault point of the store. After every kill a checker "
+        "opens the index from outside: the generation loads, the FAISS id map, the `.ids.npy` "
+        "rows and the SQLite rows hold the same ids, no id or live path appears twice, the "
+        "manifest's live count matches SQLite, searches return only live ids, and no image "
+        "committed earlier has gone (except those the loop deleted). A final `index add` of "
+        "every folder must give exactly the corpus.", "",
+        "| runs | random kills | fault-point kills | finished | failed | checks | losses | "
+        "duplicates | final / expected | leftover work folders |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {result['runs']} | {result['killed_at_random_time']} | "
+        f"{result['killed_at_fault_point']} | {result['finished_before_kill']} | "
+        f"{result['failed']} | {result['checks']} | {result['losses']} | "
+        f"{result['duplicates']} | {result['final_images']} / {result['expected_images']} | "
+        f"{result['leftover_work_dirs']} |", "",
+        "Operations: " + ", ".join(f"{k} {v}" for k, v in result["operations"].items()) + ".",
+        ""]
+    if result["violations"]:
+        lines += ["Violations:", ""] + [f"- {v}" for v in result["violations"][:20]] + [""]
+    if result.get("history"):
+        figure, axis = plt.subplots(figsize=(8, 3))
+        for outcome, (colour, marker) in OUTCOME_STYLE.items():
+            runs = [h for h in result["history"] if h["outcome"] == outcome]
+            if runs:
+                axis.scatter([h["run"] for h in runs], [h["committed"] for h in runs],
+                             c=colour, marker=marker, s=18, label=outcome)
+        axis.set_xlabel("run")
+        axis.set_ylabel("images committed")
+        axis.set_title("Committed images after each killed or finished job")
+        axis.legend(fontsize=8, loc="lower right")
+        figure.tight_layout()
+        figure.savefig(docs / "soak_crash_loop.png", dpi=110)
+        plt.close(figure)
+        lines.append("![committed images per run](soak_crash_loop.png)")
+    return lines
+
+
+def _suites(result: dict[str, Any], docs: Path) -> list[str]:
+    lines = _header("Corruption, disk full, bad input, stateful store", result) + [
+        f"The `make test` suites again, with {result['examples']} Hypothesis examples for the "
+        "stateful store test. Disk full includes a real 3 MiB tmpfs filled to several levels "
+        "(skipped where mounting is not allowed).", "",
+        "| suite | tests | failures | errors | skipped | seconds |", "|---|---|---|---|---|---|"]
+    for name, suite in result["suites"].items():
+        lines.append(f"| {name} (`{suite['path']}`) | {suite['tests']} | {suite['failures']} | "
+                     f"{suite['errors']} | {suite['skipped']} | {suite['seconds']} |")
+    failed = [f"- {name}: {case}" for name, s in result["suites"].items() for case in s["failed"]]
+    return lines + ([""] + failed if failed else [])
+
+
+def _schemathesis(result: dict[str, Any], docs: Path) -> list[str]:
+    operations = result.get("operations", {})
+    lines = _header("Schemathesis", result) + [
+        f"Schemathesis {result.get('schemathesis')} against the running service's OpenAPI "
+        f"schema, all checks, phases {', '.join(result.get('phases', {}))}, seed "
+        f"{result['seed']}, at most {result['max_examples']} examples per operation, with the "
+        "admin key so that the write endpoints are exercised too.", "",
+        "| operations tested | cases | responses | server errors | schema violations | "
+        "filtered as known false positives |", "|---|---|---|---|---|---|",
+        f"| {operations.get('tested')} / {operations.get('selected')} | {result['cases']} | "
+        f"{', '.join(f'{k}: {v}' for k, v in result['responses'].items())} | "
+        f"{result['server_errors']} | {result['schema_violations']} | "
+        f"{len(result.get('filtered') or [])} |", ""]
+    if result.get("failing_cases"):
+        lines += ["Failing cases:", ""] + [f"- `{json.dumps(case)}`"
+                                          for case in result["failing_cases"][:20]]
+    return lines
+
+
+def _overload(result: dict[str, Any], docs: Path) -> list[str]:
+    lines = _header("Overload", result)
+    for number, (label, run) in enumerate(result["runs"].items()):
+        lines += _overload_run(label, run, docs / f"soak_overload_{number}.png") + [""]
+    return lines
+
+
+def _overload_run(label: str, result: dict[str, Any], plot: Path) -> list[str]:
+    baseline, admitted, rejected = result["baseline"], result["admitted"], result["rejected"]
+    service = result.get("service", {})
+    lines = [f"### {label}", "", f"Service flags: `{' '.join(_flags(service))}`.", "",
+        f"A fresh `clipdex serve` process is measured at its capacity (closed "
+        f"loop), then offered {service.get('factor', 4)}× that rate for "
+        f"{service.get('seconds')} s, open loop.", "",
+        "| capacity (req/s) | offered (req/s) | sent | admitted (req/s) | refused "
+        "(by status) | other statuses | connection errors |", "|---|---|---|---|---|---|---|",
+        f"| {result['capacity_rps']} | {result['offered_rps']} | {result['sent']} | "
+        f"{admitted['count']} ({admitted['rps']}/s) | {rejected['count']} "
+        f"{rejected.get('by_status', {})} | {result['other_statuses'] or 'none'} | "
+        f"{result['connection_errors']} |", "",
+        "| latency (ms) | p50 | p95 | p99 |", "|---|---|---|---|"]
+    for name, row in (("at capacity (baseline)", baseline), ("admitted under overload",
+                      admitted), ("refused under overload", rejected)):
+        lines.append(f"| {name} | " + " | ".join(_ms(row.get(k)) for k in
+                                                 ("p50_ms", "p95_ms", "p99_ms")) + " |")
+    lines += ["", f"Memory (RSS): {result['rss_ready_mib']} MiB when ready, peak "
+              f"{result['rss_peak_mib']} MiB, bound {result['rss_bound_mib']} MiB. "
+              f"Alive after: {result['alive_after']}, `/healthz` {result['healthz_after']}."]
+    figure, axis = plt.subplots(figsize=(6, 3))
+    labels = ["baseline", "admitted", "refused"]
+    for offset, key in enumerate(("p50_ms", "p95_ms", "p99_ms")):
+        values = [row.get(key) or 0 for row in (baseline, admitted, rejected)]
+        axis.bar([i + 0.27 * (offset - 1) for i in range(3)], values, width=0.27, label=key[:3])
+    axis.set_xticks(range(3), labels)
+    axis.set_ylabel("latency (ms)")
+    axis.set_title(f"{label}: {service.get('factor', 4)}× capacity, {service.get('seconds')} s")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(plot, dpi=110)
+    plt.close(figure)
+    return lines + ["", f"![overload latencies, {label}]({plot.name})"]
+
+
+def _flags(service: dict[str, Any]) -> list[str]:
+    from tests.reliability.overload import ServeOptions
+
+    known = {k: v for k, v in service.items() if k in ServeOptions.__dataclass_fields__}
+    options = ServeOptions(**{**known, "extra": tuple(known.get("extra", ()))})
+    delay = f" (+{options.model_delay_ms} ms sleep per model call)" if options.model_delay_ms else ""
+    return ["--model", options.model, *options.flags(), delay]
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"
