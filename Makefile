@@ -45,7 +45,8 @@ bench: $(STAMP)
 	$(PY) bench/run_all.py
 
 # The long reliability runs (crash loop with 100 random kills, Schemathesis, 30 s of
-# overload, many Hypothesis examples; ~25 min on 2 cores); writes docs/RELIABILITY.md.
+# overload, many Hypothesis examples; ~21 min on 2 cores); writes docs/RELIABILITY.md.
+# It exits 1 when any check fails; the report says which.
 soak: $(STAMP)
 	$(PY) -m tests.reliability.soak
 

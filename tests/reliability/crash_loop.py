@@ -51,6 +51,9 @@ class CrashLoopConfig:
     corrupt_per_folder: int = 1  # skipped and reported, never indexed
     shard_size: int = 8
     fault_share: float = 0.2  # runs killed at a named fault point instead of a random time
+    # A random kill lands in this fraction of a full build's time (deletes and adds of little
+    # are shorter, so some runs finish first).
+    kill_window: tuple[float, float] = (0.1, 1.0)
     model: str = "clipdex-tiny"
     seed: int = 0
 
@@ -238,7 +241,7 @@ def crash_loop(config: CrashLoopConfig, log: Any = None) -> CrashLoopReport:
         fault = rng.choice(FAULT_POINTS) if rng.random() < config.fault_share else None
         if operation == "delete" and fault and fault.startswith("after_shard"):
             fault = "before_current"  # a delete encodes nothing, so has no shards
-        kill_after = None if fault else rng.uniform(0.1, 1.0) * full
+        kill_after = None if fault else rng.uniform(*config.kill_window) * full
         command = _command(operation, targets, index, config, rng.choice((0, 0, 2)))
         code, killed, stderr = _run(command, fault, kill_after)
         report.runs += 1

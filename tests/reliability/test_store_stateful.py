@@ -101,7 +101,7 @@ class StoreMachine(RuleBasedStateMachine):
 
 # `make soak` raises the example count through CLIPDEX_SOAK_EXAMPLES.
 StoreMachine.TestCase.settings = settings(max_examples=int(os.environ.get(
-                                              "CLIPDEX_SOAK_EXAMPLES", 15)),
+                                              "CLIPDEX_SOAK_EXAMPLES", "15")),
                                           stateful_step_count=8,
                                           deadline=None, database=None,
                                           suppress_health_check=[HealthCheck.too_slow])
