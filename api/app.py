@@ -76,14 +76,19 @@ def create_app(settings: Settings, clip: ClipModel | None = None,
 
 
 async def _watch(state: ServiceState) -> None:
-    """Reload when the index root's CURRENT pointer names a generation not being served."""
+    """Reload when the index root's CURRENT pointer names a generation not being served.
+    A generation that failed to load is not retried (nor logged) on every poll: generations
+    are immutable, so only a new name can change the outcome."""
+    refused: str | None = None
     while True:
         await asyncio.sleep(state.settings.watch_seconds)
         on_disk = state.current_name_on_disk()
         served = state.slot.current.generation.name if state.slot else None
-        if on_disk is None or on_disk == served:
+        if on_disk is None or on_disk in (served, refused):
             continue
         try:
             await state.reload()
         except ClipdexError as error:
-            log.error("could not switch to generation %s: %s", on_disk, error)
+            refused = on_disk
+            log.error("could not switch to generation %s (keeps serving %s): %s", on_disk,
+                      served, error)

@@ -26,7 +26,7 @@ def wait_for_generation(http: httpx.Client, name: str, timeout: float = 20) -> d
     raise AssertionError(f"still serving {ready.get('generation')}, not {name}")
 
 
-def test_watch_serves_new_generations_and_skips_a_broken_one(tiny, tmp_path):
+def test_watch_serves_new_generations_and_skips_a_broken_one(tiny, tmp_path, caplog):
     images = {name: make_image(tmp_path / f"{name}.png", COLOURS[name]) for name in ("red", "blue")}
     root = build_index(tmp_path / "index", tiny, images)
     settings = Settings(index=root, watch_seconds=0.1)
@@ -47,4 +47,6 @@ def test_watch_serves_new_generations_and_skips_a_broken_one(tiny, tmp_path):
         (root / "generations" / broken / "images.npy").write_bytes(b"\x93NUMPY damaged")
         time.sleep(1.0)  # ten polls
         assert http.get("/readyz").json()["generation"] == name
+        assert "could not switch to generation" in caplog.text
+        assert caplog.text.count(f"generation {broken}") == 1  # refused once, not every poll
         assert http.post("/search/text", json={"text": "a red square", "k": 3}).status_code == 200
