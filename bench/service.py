@@ -27,6 +27,10 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the load client below lives in tests/reliability
+
+from tests.reliability.overload import Pool, post_json
+
 WORDS = ["dog", "cat", "beach", "mountain", "city", "street", "child", "red", "blue", "green", "car", "bicycle", "river", "tree", "snow", "people", "running", "sitting", "table", "coffee", "rocket", "moon", "night", "market"]
 
 
@@ -57,67 +61,37 @@ def query_text(n: int) -> str:
     return " ".join(rng.choice(WORDS, size=int(rng.integers(4, 12))))
 
 
-class Connection:
-    """One keep-alive HTTP/1.1 connection speaking just enough of the protocol for this
-    benchmark. httpx costs about a millisecond of CPU per request, and on a 2-core machine
-    the load generator's CPU is taken from the server it measures; this costs a few µs
-    (the same trade wrk makes)."""
-
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def post_json(self, path: str, body: dict) -> tuple[int, bytes]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        payload = json.dumps(body).encode()
-        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\n"
-                          f"Content-Type: application/json\r\nContent-Length: {len(payload)}"
-                          f"\r\n\r\n".encode() + payload)
-        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-        status = int(head.split(" ", 2)[1])
-        length = next((int(line.split(":", 1)[1]) for line in head.split("\r\n")
-                       if line.lower().startswith("content-length:")), None)
-        if length is None:  # not something this server sends; fail loudly
-            raise RuntimeError(f"response without Content-Length: {head!r}")
-        return status, await self.reader.readexactly(length)
-
-    async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            await self.writer.wait_closed()
-
-
 async def load(url: str, concurrency: int, requests: int, seconds: float) -> dict:
-    """`concurrency` closed-loop clients, each on its own keep-alive connection."""
-    host, port = url.removeprefix("http://").split(":")
+    """`concurrency` closed-loop clients on keep-alive connections. The client is the overload
+    suite's bare-asyncio one: httpx costs about a millisecond of CPU per request, and on a
+    2-core machine the load generator's CPU is taken from the server it measures."""
+    port = int(url.rsplit(":", 1)[1])
     latencies: list[float] = []
     failures = 0
     counter = iter(range(requests))
     deadline = time.monotonic() + seconds
+    pool = Pool(port, concurrency)
 
-    async def worker(connection: Connection) -> None:
+    async def worker() -> None:
         nonlocal failures
         for n in counter:
             if time.monotonic() > deadline:
                 return
             started = time.perf_counter()
-            status, _ = await connection.post_json("/search/text",
-                                                   {"text": query_text(n), "k": 10})
+            status = await pool.send(post_json(port, "/search/text",
+                                               {"text": query_text(n), "k": 10}), 60)
             if status == 200:
                 latencies.append(time.perf_counter() - started)
             else:
                 failures += 1
 
-    connections = [Connection(host, int(port)) for _ in range(concurrency)]
-    for n, connection in enumerate(connections):  # open them all, and warm up; not measured
-        await connection.post_json("/search/text", {"text": f"warm up {n}", "k": 10})
+    # open every connection and warm up; not measured
+    await asyncio.gather(*(pool.send(post_json(port, "/search/text", {"text": f"warm up {n}"}),
+                                     60) for n in range(concurrency)))
     started = time.perf_counter()
-    await asyncio.gather(*(worker(connection) for connection in connections))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
-    for connection in connections:
-        await connection.close()
+    pool.close()
     ordered = sorted(latencies)
     percentile = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
     return {"ok": len(latencies), "failed": failures, "seconds": round(elapsed, 2),

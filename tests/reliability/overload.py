@@ -193,13 +193,18 @@ def memory_kib(pid: int) -> dict[str, int]:
 # --------------------------------------------------------------------------- the load
 
 
+def post_json(port: int, path: str, body: dict) -> bytes:
+    """The bytes of one HTTP/1.1 POST of `body` as JSON, for `Pool.send`."""
+    payload = json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+            ).encode() + payload
+
+
 def request_bytes(port: int, n: int) -> bytes:
     """A text search whose query is distinct per n, so nothing can be cached."""
     words = " ".join(WORDS[(n * 7 + step * 3) % len(WORDS)] for step in range(3 + n % 5))
-    body = json.dumps({"text": f"{words} {n}", "k": 5}).encode()
-    return (f"POST /search/text HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-            ).encode() + body
+    return post_json(port, "/search/text", {"text": f"{words} {n}", "k": 5})
 
 
 class Pool:
