@@ -71,7 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         unlocked_image_stages=args.unlocked_image_stages,
         precision=args.precision, workers=args.workers, seed=args.seed, resume=args.resume,
         command=args.command_line, data_note=args.data_note,
-        cache_dir=args.cache_dir,
+        cache_dir=args.cache_dir, imagenet_weight=args.imagenet_weight,
+        imagenet_classes=args.imagenet_classes,
     )
     clip = load_model(args.model, args.device)
     train_set, val_set = _read(args), _read(args, "val")
@@ -156,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument("--cache-dir", type=Path, default=None,
                        help="keep frozen image features here to reuse across runs")
+    train.add_argument("--imagenet-weight", type=float, default=0.0,
+                       help="weight of the ImageNet pseudo-label term: the image tower's own "
+                            "classifier teaches class-name prompts (0 = off)")
+    train.add_argument("--imagenet-classes", type=int, default=128,
+                       help="class prompts per step in the ImageNet term")
     train.add_argument("--data-note", default="", help="words for the model card's data field")
     train.set_defaults(func=cmd_train)
 

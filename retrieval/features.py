@@ -135,7 +135,7 @@ def prepare_features(clip: ClipModel, manifest: Manifest, config: TrainConfig
     return features, problems
 
 
-def _pad_hidden(hidden: list[torch.Tensor], device: torch.device
+def pad_hidden(hidden: list[torch.Tensor], device: torch.device
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack variable-length cached hidden states into (n, L, w) plus an (n, L) mask."""
     length = max(h.shape[0] for h in hidden)
@@ -164,7 +164,7 @@ def embed_texts(clip: ClipModel, config: TrainConfig, feats: Features,
         tokens = clip.tokenizer([feats.texts[r] for r in rows])
         return F.normalize(text_forward(clip, tokens).float(), dim=-1)
     hidden = [feats.text_hidden[r] for r in rows]
-    return F.normalize(split.trainable(*_pad_hidden(hidden, clip.device)).float(), dim=-1)
+    return F.normalize(split.trainable(*pad_hidden(hidden, clip.device)).float(), dim=-1)
 
 
 def evaluate_features(clip: ClipModel, config: TrainConfig, feats: Features) -> dict[str, float]:

@@ -23,3 +23,13 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
     return (F.cross_entropy(logits_per_image, labels)
             + F.cross_entropy(logits_per_image.T, labels)) / 2
+
+
+def soft_target_loss(image_features: torch.Tensor, class_features: torch.Tensor,
+                     logit_scale: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of image -> class-prompt similarities against a soft target
+    (a teacher's class distribution): image_features (n, d) and class_features (m, d)
+    L2-normalised, target (n, m) rows summing to 1."""
+    scale = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+    log_probs = F.log_softmax(scale * image_features @ class_features.T, dim=1)  # (n, m)
+    return -(target * log_probs).sum(dim=1).mean()

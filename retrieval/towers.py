@@ -24,6 +24,9 @@ class Split:
     frozen: Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
     trainable: Callable[..., torch.Tensor]
     modules: list[torch.nn.Module]  # the modules whose parameters train
+    # frozen features -> the trunk's pooled features as pretrained (image towers only):
+    # what the tower's own ImageNet classifier reads (retrieval/imagenet.py)
+    pooled: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def split_image_tower(clip: ClipModel, unlocked_stages: int = 0) -> Split | None:
@@ -38,7 +41,8 @@ def split_image_tower(clip: ClipModel, unlocked_stages: int = 0) -> Split | None
         return None
     trunk = visual.trunk
     if unlocked_stages == 0:
-        return Split(frozen=trunk, trainable=visual.head, modules=[visual.head])
+        return Split(frozen=trunk, trainable=visual.head, modules=[visual.head],
+                     pooled=lambda features: features)
     if not all(hasattr(trunk, name) for name in ("blocks", "conv_head", "bn2", "forward_head")):
         raise ValueError(f"{clip.arch}: unlocking image stages needs an EfficientNet-style trunk")
     stages = list(trunk.blocks)
@@ -49,12 +53,15 @@ def split_image_tower(clip: ClipModel, unlocked_stages: int = 0) -> Split | None
     def frozen(pixels: torch.Tensor) -> torch.Tensor:  # (n, 3, H, W) -> (n, C, h, w)
         return trunk.blocks[:cut](trunk.bn1(trunk.conv_stem(pixels)))
 
+    def pooled(features: torch.Tensor) -> torch.Tensor:  # (n, C, h, w) -> (n, 1280)
+        return trunk.forward_head(trunk.bn2(trunk.conv_head(trunk.blocks[cut:](features))))
+
     def trainable(features: torch.Tensor) -> torch.Tensor:  # (n, C, h, w) -> (n, d)
-        x = trunk.bn2(trunk.conv_head(trunk.blocks[cut:](features)))
-        return visual.head(trunk.forward_head(x))
+        return visual.head(pooled(features))
 
     return Split(frozen=frozen, trainable=trainable,
-                 modules=[*stages[cut:], trunk.conv_head, trunk.bn2, visual.head])
+                 modules=[*stages[cut:], trunk.conv_head, trunk.bn2, visual.head],
+                 pooled=pooled)
 
 
 def freeze_batch_norm(modules: list[torch.nn.Module]) -> None:

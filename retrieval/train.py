@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from retrieval import card as model_card
 from retrieval.encode import autocast_for
-from retrieval.errors import CheckpointError, ManifestError
+from retrieval.errors import CheckpointError, ManifestError, ModelLoadError
 from retrieval.features import (
     Features,
     embed_images,
@@ -36,6 +36,7 @@ from retrieval.features import (
     step_batches,
     text_split,
 )
+from retrieval.imagenet import ImageNetTargets, prepare_targets
 from retrieval.loss import INIT_LOGIT_SCALE, clip_loss
 from retrieval.manifest import Manifest, Problem
 from retrieval.model import ClipModel, describe
@@ -62,6 +63,8 @@ class TrainConfig:
     command: str = ""
     data_note: str = ""
     cache_dir: Path | None = None  # where frozen image features are kept between runs
+    imagenet_weight: float = 0.0  # weight of the ImageNet pseudo-label term (imagenet.py)
+    imagenet_classes: int = 128  # class prompts per step in that term
 
 
 def trainable_modules(clip: ClipModel, config: TrainConfig) -> list[torch.nn.Module]:
@@ -215,6 +218,7 @@ def train(clip: ClipModel, train_set: Manifest, val_set: Manifest, config: Train
     params = prepare_model(clip, config)
     train_feats, train_problems = prepare_features(clip, train_set, config)
     val_feats, val_problems = prepare_features(clip, val_set, config)
+    targets = _imagenet_targets(clip, config, train_feats)
     report = _ErrorReport(out / "errors.jsonl", list(train_set.problems) + train_problems
                           + list(val_set.problems) + val_problems)
     usable = [row for row, caps in enumerate(train_feats.captions_of) if caps]
@@ -231,11 +235,13 @@ def train(clip: ClipModel, train_set: Manifest, val_set: Manifest, config: Train
     best_card: dict[str, Any] = {}
     for epoch in range(start_epoch + 1, config.epochs + 1):
         started = time.perf_counter()
-        loss = _train_epoch(clip, config, train_feats, usable, optimizer, scheduler, params,
-                            epoch, steps_per_epoch, report)
+        loss, imagenet_loss = _train_epoch(clip, config, train_feats, usable, optimizer,
+                                           scheduler, params, epoch, steps_per_epoch, report,
+                                           targets)
         metrics = evaluate_features(clip, config, val_feats)
         seconds += time.perf_counter() - started
         row = {"epoch": epoch, "loss": round(loss, 4),
+               **({"imagenet_loss": round(imagenet_loss, 4)} if targets else {}),
                "temperature": round(1 / clip.model.logit_scale.exp().item(), 4),
                **{k: round(v, 2) for k, v in metrics.items() if "_R@" in k}}
         history.append(row)
@@ -250,6 +256,19 @@ def train(clip: ClipModel, train_set: Manifest, val_set: Manifest, config: Train
         write_log(out, history)
         log(json.dumps(row))
     return best_card or model_card.read_card(out / "best.safetensors")
+
+
+def _imagenet_targets(clip: ClipModel, config: TrainConfig, feats: Features
+                      ) -> ImageNetTargets | None:
+    """The ImageNet pseudo-label term's teacher, when asked for (imagenet_weight > 0)."""
+    if config.imagenet_weight <= 0:
+        return None
+    targets = prepare_targets(clip, image_split(clip, config), text_split(clip, config),
+                              feats.image, config.imagenet_classes)
+    if targets is None:
+        raise ModelLoadError(f"{clip.arch}: the ImageNet term needs an EfficientNet-Lite image "
+                             "tower with cached features and a Hugging Face text tower")
+    return targets
 
 
 class _ErrorReport:
@@ -277,12 +296,14 @@ def _train_precision(clip: ClipModel, config: TrainConfig) -> str:
 def _train_epoch(clip: ClipModel, config: TrainConfig, feats: Features, usable: list[int],
                  optimizer: torch.optim.Optimizer, scheduler: Any,
                  params: list[torch.nn.Parameter], epoch: int, steps: int,
-                 report: _ErrorReport) -> float:
+                 report: _ErrorReport, targets: ImageNetTargets | None = None
+                 ) -> tuple[float, float]:
     """One pass over the images, each paired with one of its captions drawn at random.
 
-    Returns the mean loss per optimizer step.
+    Returns the mean InfoNCE loss and ImageNet-term loss per optimizer step.
     """
     rng = random.Random(config.seed * 1000 + epoch)  # the same order when an epoch is redone
+    class_rng = random.Random(config.seed * 1000 + epoch + 1)  # captions drawn as without it
     order = usable[:]
     rng.shuffle(order)
     modules = trainable_modules(clip, config)
@@ -290,7 +311,7 @@ def _train_epoch(clip: ClipModel, config: TrainConfig, feats: Features, usable: 
         module.train()
     freeze_batch_norm(modules)
     batches = step_batches(clip, config, feats, order)
-    total, count = 0.0, 0
+    total, extra, count = 0.0, 0.0, 0
     bar = tqdm(range(steps), desc=f"epoch {epoch}/{config.epochs}", unit="step", leave=False)
     for _ in bar:
         optimizer.zero_grad(set_to_none=True)
@@ -302,8 +323,11 @@ def _train_epoch(clip: ClipModel, config: TrainConfig, feats: Features, usable: 
                 image_emb = embed_images(clip, config, feats, rows, pixels)
                 text_emb = embed_texts(clip, config, feats, texts)
                 loss = clip_loss(image_emb, text_emb, clip.model.logit_scale)
-            (loss / config.accum_steps).backward()
+                imagenet = targets.loss(clip, text_split(clip, config), rows, image_emb,
+                                        class_rng) if targets else torch.zeros(())
+            ((loss + config.imagenet_weight * imagenet) / config.accum_steps).backward()
             total += loss.item() / config.accum_steps
+            extra += imagenet.item() / config.accum_steps
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
@@ -313,4 +337,4 @@ def _train_epoch(clip: ClipModel, config: TrainConfig, feats: Features, usable: 
         bar.set_postfix(loss=f"{loss.item():.3f}")
     batches.close()
     clip.model.eval()
-    return total / max(count, 1)
+    return total / max(count, 1), extra / max(count, 1)
