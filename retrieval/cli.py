@@ -71,7 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         unlocked_image_stages=args.unlocked_image_stages,
         precision=args.precision, workers=args.workers, seed=args.seed, resume=args.resume,
         command=args.command_line, data_note=args.data_note,
-        cache_dir=args.cache_dir, imagenet_weight=args.imagenet_weight,
+        cache_dir=args.cache_dir, image_views=args.image_views,
+        imagenet_weight=args.imagenet_weight,
         imagenet_classes=args.imagenet_classes,
     )
     clip = load_model(args.model, args.device)
@@ -157,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument("--cache-dir", type=Path, default=None,
                        help="keep frozen image features here to reuse across runs")
+    train.add_argument("--image-views", type=int, default=1,
+                       help="cached views per training image (augmentation): 1 = as "
+                            "preprocessed, 2 adds its mirror, more add random crops")
     train.add_argument("--imagenet-weight", type=float, default=0.0,
                        help="weight of the ImageNet pseudo-label term: the image tower's own "
                             "classifier teaches class-name prompts (0 = off)")

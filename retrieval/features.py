@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from retrieval.encode import autocast_for, encode_texts, text_forward, trim_padding
+from retrieval.errors import ManifestError
 from retrieval.manifest import Manifest, Problem
 from retrieval.metrics import retrieval_metrics
 from retrieval.model import ClipModel
@@ -58,28 +59,50 @@ class Features:
     text_hidden: list[torch.Tensor] | None  # per caption (length, width), or None
     text_to_image: np.ndarray  # (n_texts,) image row of each caption
     captions_of: list[list[int]]  # per image: its caption rows
+    image_views: list[torch.Tensor] = field(default_factory=list)  # augmented views, as image
 
 
-def _cache_key(clip: ClipModel, paths: list[Path], unlocked_stages: int) -> str:
+def _cache_key(clip: ClipModel, paths: list[Path], unlocked_stages: int, view: int) -> str:
     payload = [clip.arch, clip.init, clip.config.get("preprocess_cfg"), unlocked_stages,
-               [str(path) for path in paths]]
+               [str(path) for path in paths]] + ([view] if view else [])
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:20]
 
 
+def view_transform(clip: ClipModel, view: int) -> Callable:
+    """The preprocessing of cached view `view`: 0 is the model's own, 1 its mirror image,
+    2 and up a random resized crop (scale 0.5-1) that is mirrored half the time."""
+    from torchvision import transforms
+
+    if view == 0:
+        return clip.preprocess
+    size = clip.model.visual.image_size
+    size = size[0] if isinstance(size, tuple | list) else size
+    cfg = clip.config.get("preprocess_cfg", {})
+    tail = [transforms.ToTensor(), transforms.Normalize(cfg.get("mean", (0.5,) * 3),
+                                                        cfg.get("std", (0.5,) * 3))]
+    bicubic = transforms.InterpolationMode.BICUBIC
+    if view == 1:
+        return transforms.Compose([transforms.RandomHorizontalFlip(p=1.0), clip.preprocess])
+    return transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=bicubic),
+        transforms.RandomHorizontalFlip(), *tail])
+
+
 def _cache_images(clip: ClipModel, split: Split, paths: list[Path], config: TrainConfig,
-                  label: str) -> tuple[torch.Tensor, list[int], list[Problem]]:
+                  label: str, view: int = 0) -> tuple[torch.Tensor, list[int], list[Problem]]:
     """Frozen features of every decodable image, from the disk cache when it has them."""
     folder = None
     if config.cache_dir:
-        key = _cache_key(clip, paths, config.unlocked_image_stages)
+        key = _cache_key(clip, paths, config.unlocked_image_stages, view)
         folder = Path(config.cache_dir) / f"image-features-{key}"
         if (folder / "kept.npy").exists():
             problems = [Problem(**row) for row in json.loads((folder / "problems.json").read_text())]
             return (torch.from_numpy(np.load(folder / "features.npy")),
                     np.load(folder / "kept.npy").tolist(), problems)
     chunks, kept, problems = [], [], []
-    bar = tqdm(total=len(paths), desc=f"image features {label}", unit="img")
-    for batch in iter_image_batches(paths, clip.preprocess, 64, config.workers):
+    bar = tqdm(total=len(paths), desc=f"image features {label} view {view}", unit="img")
+    torch.manual_seed(config.seed * 100 + view)  # the random crops' seeds, via the workers'
+    for batch in iter_image_batches(paths, view_transform(clip, view), 64, config.workers):
         if batch.indices:
             pixels = batch.pixels.to(clip.device)
             if clip.channels_last:  # the tower is NHWC (see load_model)
@@ -112,16 +135,21 @@ def _cache_texts(clip: ClipModel, split: Split, texts: list[str]) -> list[torch.
     return out
 
 
-def prepare_features(clip: ClipModel, manifest: Manifest, config: TrainConfig
-                     ) -> tuple[Features, list[Problem]]:
-    """Cache what the splits allow; keep paths and texts for what is streamed."""
+def prepare_features(clip: ClipModel, manifest: Manifest, config: TrainConfig,
+                     views: int = 1) -> tuple[Features, list[Problem]]:
+    """Cache what the splits allow, with `views` - 1 augmented views of each image (see
+    `view_transform`); keep paths and texts for what is streamed."""
     paths = [item.image for item in manifest.items]
     problems: list[Problem] = []
     split = image_split(clip, config)
-    image = None
+    image, image_views = None, []
     kept = list(range(len(paths)))
     if split is not None:
         image, kept, problems = _cache_images(clip, split, paths, config, manifest.source.name)
+        for view in range(1, views):
+            extra, extra_kept, _ = _cache_images(clip, split, paths, config,
+                                                 manifest.source.name, view)
+            image_views.append(_align(extra, extra_kept, kept))
     items = [manifest.items[i] for i in kept]
     texts, text_to_image, captions_of = [], [], []
     for row, item in enumerate(items):
@@ -131,8 +159,20 @@ def prepare_features(clip: ClipModel, manifest: Manifest, config: TrainConfig
     splitter = text_split(clip, config)
     hidden = _cache_texts(clip, splitter, texts) if splitter is not None else None
     features = Features([item.image for item in items], image, texts, hidden,
-                        np.asarray(text_to_image, dtype=np.int64), captions_of)
+                        np.asarray(text_to_image, dtype=np.int64), captions_of, image_views)
     return features, problems
+
+
+def _align(features: torch.Tensor, kept: list[int], wanted: list[int]) -> torch.Tensor:
+    """Rows of a view's features for the images view 0 kept (decoding is deterministic, so
+    the same images fail; this only guards against a view that lost more)."""
+    if kept == wanted:
+        return features
+    row_of = {index: row for row, index in enumerate(kept)}
+    missing = [i for i in wanted if i not in row_of]
+    if missing:
+        raise ManifestError(f"{len(missing)} images decoded for view 0 but not for another view")
+    return features[[row_of[i] for i in wanted]]
 
 
 def pad_hidden(hidden: list[torch.Tensor], device: torch.device
@@ -148,12 +188,19 @@ def pad_hidden(hidden: list[torch.Tensor], device: torch.device
 
 
 def embed_images(clip: ClipModel, config: TrainConfig, feats: Features, rows: list[int],
-                 pixels: torch.Tensor | None = None) -> torch.Tensor:
-    """(len(rows), d) normalised: the trainable top on cached features, or the whole tower."""
+                 pixels: torch.Tensor | None = None,
+                 views: list[int] | None = None) -> torch.Tensor:
+    """(len(rows), d) normalised: the trainable top on cached features (view `views[i]` of
+    row i; default view 0), or the whole tower on `pixels`."""
     split = image_split(clip, config)
     if split is None:
         return F.normalize(clip.model.encode_image(pixels.to(clip.device)).float(), dim=-1)
-    cached = feats.image[rows].to(clip.device, torch.float32)
+    if views is None or not feats.image_views:
+        cached = feats.image[rows]
+    else:
+        sources = [feats.image, *feats.image_views]
+        cached = torch.stack([sources[view][row] for row, view in zip(rows, views)])
+    cached = cached.to(clip.device, torch.float32)
     return F.normalize(split.trainable(cached).float(), dim=-1)
 
 

@@ -63,6 +63,7 @@ class TrainConfig:
     command: str = ""
     data_note: str = ""
     cache_dir: Path | None = None  # where frozen image features are kept between runs
+    image_views: int = 1  # cached views per image: 1 = as preprocessed, 2 adds its mirror, …
     imagenet_weight: float = 0.0  # weight of the ImageNet pseudo-label term (imagenet.py)
     imagenet_classes: int = 128  # class prompts per step in that term
 
@@ -216,7 +217,7 @@ def train(clip: ClipModel, train_set: Manifest, val_set: Manifest, config: Train
                               "or choose another --out")
     clip.model.logit_scale.data.fill_(config.init_logit_scale)
     params = prepare_model(clip, config)
-    train_feats, train_problems = prepare_features(clip, train_set, config)
+    train_feats, train_problems = prepare_features(clip, train_set, config, config.image_views)
     val_feats, val_problems = prepare_features(clip, val_set, config)
     targets = _imagenet_targets(clip, config, train_feats)
     report = _ErrorReport(out / "errors.jsonl", list(train_set.problems) + train_problems
@@ -304,6 +305,7 @@ def _train_epoch(clip: ClipModel, config: TrainConfig, feats: Features, usable: 
     """
     rng = random.Random(config.seed * 1000 + epoch)  # the same order when an epoch is redone
     class_rng = random.Random(config.seed * 1000 + epoch + 1)  # captions drawn as without it
+    view_rng = random.Random(config.seed * 1000 + epoch + 2)  # the same, with or without views
     order = usable[:]
     rng.shuffle(order)
     modules = trainable_modules(clip, config)
@@ -319,8 +321,9 @@ def _train_epoch(clip: ClipModel, config: TrainConfig, feats: Features, usable: 
             rows, pixels, problems = next(batches)
             report.add(problems)
             texts = [rng.choice(feats.captions_of[row]) for row in rows]
+            views = [view_rng.randrange(1 + len(feats.image_views)) for _ in rows]
             with autocast_for(clip.device, _train_precision(clip, config)):
-                image_emb = embed_images(clip, config, feats, rows, pixels)
+                image_emb = embed_images(clip, config, feats, rows, pixels, views)
                 text_emb = embed_texts(clip, config, feats, texts)
                 loss = clip_loss(image_emb, text_emb, clip.model.logit_scale)
                 imagenet = targets.loss(clip, text_split(clip, config), rows, image_emb,
