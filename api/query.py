@@ -4,20 +4,19 @@ cursors, and turn hits into response bodies. The routers stay thin on top of thi
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 import numpy as np
 
 from api.errors import Problem
-from api.images import decode_upload
 from api.schemas import SearchHit, SearchResponse
 from api.state import ServiceState
-from retrieval.search import Hit, Page, Searcher, query_fingerprint
+from retrieval.cursor import Cursor, decode_cursor, encode_cursor, query_fingerprint
+from retrieval.images import load_image
+from retrieval.search import Hit, Searcher
 
 Vector = np.ndarray  # (d,) float32, unit length
 
@@ -50,58 +49,39 @@ async def encode_texts(state: ServiceState, texts: Sequence[str]) -> list[Vector
 async def encode_image(state: ServiceState, data: bytes) -> Vector:
     """Decode and preprocess on a pool thread (per-request errors), encode in a batch."""
     assert state.image_batcher is not None and state.clip is not None
-    clip, max_pixels = state.clip, state.settings.max_image_pixels
-    pixels = await asyncio.to_thread(lambda: clip.preprocess(decode_upload(data, max_pixels)))
+    clip, limits = state.clip, state.upload_limits
+    # The decode pool's few threads bound how many uploads are decoded at once, and with the
+    # decoder's byte cap, the memory that hostile images can take.
+    pixels = await asyncio.get_running_loop().run_in_executor(
+        state.decode_executor, lambda: clip.preprocess(load_image(data, limits=limits)))
     return await state.image_batcher.submit(pixels)
 
 
-def encode_cursor(generation: str, fingerprint: str, page: Page) -> str | None:
-    if page.after is None:
-        return None
-    score, item_id = page.after
-    payload = {"g": generation, "f": fingerprint, "s": score, "i": item_id, "n": page.served}
-    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str, generation: str, fingerprint: str) -> tuple[tuple[float, int], int]:
-    """-> ((score, id) of the last hit served, hits served so far)."""
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        payload = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        after = (float(payload["s"]), int(payload["i"]))
-        served, cursor_generation, cursor_query = int(payload["n"]), payload["g"], payload["f"]
-    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise Problem(422, "Bad cursor", "the cursor is not one this service issued; pass "
-                      "next_cursor from the previous response unchanged") from None
-    if cursor_query != fingerprint:
-        raise Problem(422, "Bad cursor", "this cursor belongs to a different query; send the "
-                      "same query (text, target, threshold) with its cursor")
-    if cursor_generation != generation:
-        raise Problem(409, "Stale cursor", f"the index changed (generation {cursor_generation} "
-                      f"-> {generation}) since this cursor was issued; start the search again")
-    return after, served
-
-
 async def search_page(state: ServiceState, searcher: Searcher, query: Vector,
-                      request: PageRequest, fingerprint: str, base_url: str) -> SearchResponse:
+                      request: PageRequest, fingerprint: str) -> SearchResponse:
     started = time.perf_counter()
     generation = searcher.generation.name
     fingerprint = query_fingerprint(fingerprint, request.target, request.threshold)
     after, served = (None, 0)
     if request.cursor:
-        after, served = decode_cursor(request.cursor, generation, fingerprint)
+        cursor = decode_cursor(request.cursor, generation, fingerprint, state.settings.max_depth)
+        after, served = cursor.after, cursor.served
     if served + request.k > state.settings.max_depth:
         raise Problem(422, "Too deep", f"paging stops at {state.settings.max_depth} hits; "
                       "narrow the query or raise the threshold")
     page = await asyncio.to_thread(searcher.page, request.target, query, request.k,
                                    request.threshold, after, served)
     return SearchResponse(
-        hits=[hit_body(hit, base_url) for hit in page.hits], generation=generation,
-        next_cursor=encode_cursor(generation, fingerprint, page),
+        hits=[hit_body(hit, state.settings.public_url) for hit in page.hits],
+        generation=generation,
+        next_cursor=(encode_cursor(Cursor(generation, fingerprint, page.after, page.served))
+                     if page.after is not None else None),
         took_ms=round((time.perf_counter() - started) * 1000, 3))
 
 
-def hit_body(hit: Hit, base_url: str, score: bool = True) -> SearchHit:
+def hit_body(hit: Hit, public_url: str, score: bool = True) -> SearchHit:
+    """A hit as clients see it. Links are built from the configured public URL (relative when
+    none is set), never from the request's Host header, which any client can forge."""
     record = hit.item
     body = SearchHit(id=hit.id, score=hit.score)
     if record is None:
@@ -110,9 +90,19 @@ def hit_body(hit: Hit, base_url: str, score: bool = True) -> SearchHit:
     body.text = record.text
     body.captions = list(record.captions or [])
     body.image_id = record.image_id
-    body.metadata = dict(record.metadata or {})
+    body.metadata = public_metadata(record.metadata or {})
+    base = public_url.rstrip("/")
     if record.modality == "image":
-        body.image_url = f"{base_url}items/{hit.id}/image"
+        body.image_url = f"{base}/items/{hit.id}/image"
     elif record.image_id is not None:
-        body.image_url = f"{base_url}items/{record.image_id}/image"
+        body.image_url = f"{base}/items/{record.image_id}/image"
     return body
+
+
+def public_metadata(metadata: dict) -> dict:
+    """Item metadata with any absolute server path cut to its file name. The indexer no
+    longer stores such paths in metadata; generations built before it did (`image_path` of
+    captions, `source` of corpus texts), and a response must not show the server's layout."""
+    return {key: (PurePosixPath(value).name if isinstance(value, str) and value.startswith("/")
+                  and "\n" not in value and len(value) < 4096 else value)
+            for key, value in metadata.items()}

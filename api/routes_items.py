@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import mimetypes
-from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
-from api.deps import Leased, ReadAccess
+from api.deps import Leased, ReadAccess, State
 from api.errors import Problem, problem_responses
 from api.query import hit_body
 from api.schemas import MAX_ITEM_ID, ItemResponse
 from retrieval.search import Hit, Searcher
+from retrieval.store import resolve_stored
 
 router = APIRouter(prefix="/items", tags=["items"], dependencies=[ReadAccess],
                    responses=problem_responses(401, 404, 422, 503))
@@ -35,9 +35,9 @@ async def _record(searcher: Searcher, item_id: int):
 
 
 @router.get("/{item_id}", response_model=ItemResponse, summary="One indexed item's record")
-async def get_item(item_id: ItemId, request: Request, searcher: Leased) -> ItemResponse:
+async def get_item(item_id: ItemId, state: State, searcher: Leased) -> ItemResponse:
     record = await _record(searcher, item_id)
-    body = hit_body(Hit(item_id, 0.0, record), str(request.base_url))
+    body = hit_body(Hit(item_id, 0.0, record), state.settings.public_url)
     return ItemResponse(**{**body.model_dump(), "score": None})
 
 
@@ -49,19 +49,8 @@ async def get_item_image(item_id: ItemId, searcher: Leased) -> FileResponse:
         if record.image_id is None:
             raise Problem(404, "Not found", f"item {item_id} is a text with no image")
         record = await _record(searcher, record.image_id)
-    path = _resolve(searcher, record.path)
+    path = resolve_stored(searcher.generation.root, record.path)
     if path is None:
         raise Problem(404, "Not found", f"the image file of item {item_id} is no longer on disk")
     media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return FileResponse(path, media_type=media_type)
-
-
-def _resolve(searcher: Searcher, stored: str | None) -> Path | None:
-    """The stored path as the indexer recorded it; relative ones resolve against the index."""
-    if not stored:
-        return None
-    path = Path(stored)
-    if not path.is_absolute():
-        root = getattr(searcher.generation, "root", None)
-        path = Path(root) / path if root is not None else path
-    return path if path.is_file() else None

@@ -9,12 +9,13 @@ import json
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, UploadFile
 from pydantic import AfterValidator, Field, WithJsonSchema
 
 from api.deps import Leased, ReadAccess, State
 from api.errors import Problem, problem_responses
 from api.images import decode_base64, upload_openapi
+from api.limits import body_limit
 from api.query import PageRequest, encode_image, encode_text, encode_texts, hit_body, search_page
 from api.schemas import (
     LABELS_DESCRIPTION,
@@ -31,7 +32,7 @@ from api.schemas import (
     Target,
     not_blank,
 )
-from api.settings import MAX_K, MAX_LABELS
+from api.settings import MAX_K, MAX_LABELS, TEXT_QUERY_BODY_BYTES, VECTOR_QUERY_BODY_BYTES
 from retrieval.search import (
     ZERO_SHOT_TEMPLATE,
     Searcher,
@@ -61,49 +62,49 @@ UPLOAD = upload_openapi("image")
 
 
 @router.post("/search/text", response_model=SearchResponse, responses=problem_responses(409),
+             openapi_extra=body_limit(TEXT_QUERY_BODY_BYTES),
              summary="Text query: top-k images (or texts) with scores")
-async def search_text(body: SearchTextRequest, request: Request, state: State,
+async def search_text(body: SearchTextRequest, state: State,
                       searcher: Leased) -> SearchResponse:
     query = await encode_text(state, body.text)
     return await search_page(state, searcher, query, _paging(body, body.target),
-                             f"text:{body.text}", str(request.base_url))
+                             f"text:{body.text}")
 
 
 @router.post("/search/image", response_model=SearchResponse,
              responses=problem_responses(409, 415), openapi_extra=UPLOAD,
              summary="Image upload: top-k texts (target=text) or similar images (target=image)")
-async def search_image(request: Request, state: State, searcher: Leased, image: ImageFile,
+async def search_image(state: State, searcher: Leased, image: ImageFile,
                        target: FormTarget = "text", k: FormK = 10,
                        threshold: FormThreshold = None,
                        cursor: FormCursor = None) -> SearchResponse:
     data = await image.read()
     query = await encode_image(state, data)
     return await search_page(state, searcher, query, PageRequest(target, k, threshold, cursor),
-                             "image:" + hashlib.sha256(data).hexdigest(), str(request.base_url))
+                             "image:" + hashlib.sha256(data).hexdigest())
 
 
 @router.post("/search/vector", response_model=SearchResponse,
+             openapi_extra=body_limit(VECTOR_QUERY_BODY_BYTES),
              responses=problem_responses(409),
              summary="Embedding query: a vector in, results out (normalised first)")
-async def search_vector(body: SearchVectorRequest, request: Request, state: State,
+async def search_vector(body: SearchVectorRequest, state: State,
                         searcher: Leased) -> SearchResponse:
     query = searcher.check_vector(body.vector)
     return await search_page(state, searcher, query, _paging(body, body.target),
-                             "vector:" + hashlib.sha256(query.tobytes()).hexdigest(),
-                             str(request.base_url))
+                             "vector:" + hashlib.sha256(query.tobytes()).hexdigest())
 
 
 @router.post("/search/multi", response_model=SearchResponse,
              responses=problem_responses(404, 409, 415),
              summary="Weighted multi-query: sum of weight x unit embedding, normalised")
-async def search_multi(body: SearchMultiRequest, request: Request, state: State,
+async def search_multi(body: SearchMultiRequest, state: State,
                        searcher: Leased) -> SearchResponse:
     vectors = await asyncio.gather(*(_term_vector(state, searcher, term) for term in body.terms))
     query = combine([(term.weight, vector) for term, vector in zip(body.terms, vectors)])
     terms = json.dumps(body.model_dump(include={"terms"}), sort_keys=True)
     return await search_page(state, searcher, query, _paging(body, body.target),
-                             "multi:" + hashlib.sha256(terms.encode()).hexdigest(),
-                             str(request.base_url))
+                             "multi:" + hashlib.sha256(terms.encode()).hexdigest())
 
 
 async def _term_vector(state: State, searcher: Searcher, term: QueryTerm) -> np.ndarray:
@@ -147,12 +148,12 @@ def _check_labels(labels: list[str]) -> list[str]:
 @router.post("/caption", response_model=CaptionResponse, responses=problem_responses(415),
              openapi_extra=UPLOAD,
              summary="Caption by retrieval: the indexed texts that best match an image")
-async def caption(request: Request, state: State, searcher: Leased, image: ImageFile,
+async def caption(state: State, searcher: Leased, image: ImageFile,
                   k: Annotated[int, Form(ge=1, le=100, description="captions to return")] = 5
                   ) -> CaptionResponse:
     query = normalise(await encode_image(state, await image.read()))
     hits = (await asyncio.to_thread(searcher.search, "text", query[None, :], k))[0]
-    base = str(request.base_url)
+    base = state.settings.public_url
     return CaptionResponse(captions=[hit_body(hit, base) for hit in hits],
                            generation=searcher.generation.name)
 

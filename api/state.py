@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from api.batcher import MicroBatcher
+from api.errors import redact_paths
+from api.images import upload_limits
 from api.metrics import Metrics
 from api.settings import Settings
 from retrieval.encode import encode_image_batch, encode_texts
@@ -91,6 +93,9 @@ class ServiceState:
         self.load_error: str | None = None
         # One thread owns the model: batches from both batchers run there one at a time.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipdex-model")
+        self.decode_executor = ThreadPoolExecutor(max_workers=settings.max_concurrent_decodes,
+                                                  thread_name_prefix="clipdex-decode")
+        self.upload_limits = upload_limits(settings.max_image_pixels, settings.max_decode_bytes)
         self.text_batcher: MicroBatcher[str, np.ndarray] | None = None
         self.image_batcher: MicroBatcher[torch.Tensor, np.ndarray] | None = None
         self._reload_lock = asyncio.Lock()
@@ -134,14 +139,17 @@ class ServiceState:
             if batcher is not None:
                 await batcher.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.decode_executor.shutdown(wait=False, cancel_futures=True)
 
     # --- generations ---
     def ready_problem(self) -> str | None:
-        """Why the service cannot answer searches, or None when it can."""
+        """Why the service cannot answer searches, or None when it can (said to clients, so
+        without the server's paths)."""
         if self.clip is None:
-            return self.load_error or "the model is not loaded yet"
+            return redact_paths(self.load_error or "the model is not loaded yet")
         if self.slot is None:
-            return self.load_error or "no index generation is loaded; start with --index DIR"
+            return redact_paths(self.load_error or "no index generation is loaded; start with "
+                                "--index DIR")
         if self.clip.embed_dim != self.slot.current.embed_dim:
             return (f"model embed_dim {self.clip.embed_dim} != index embed_dim "
                     f"{self.slot.current.embed_dim}")

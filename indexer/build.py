@@ -32,6 +32,7 @@ from retrieval.store import (
     ItemRecord,
     ModelIdentity,
     StoreOptions,
+    append_items,
     maybe_fault,
     model_identity,
     open_generation,
@@ -109,13 +110,14 @@ def add(sources: Sequence[Path], index: Path, clip: ClipModel,
     identity = model_identity(clip)
     with open_generation(index, identity.sha256, identity.embed_dim) as current:
         collection = _only_new(collect(sources), current)
-        parent, start_id = current.name, current.next_id
+        parent = current.name
     job = _Job(index, identity, collection, config, parent=parent)
-    records, vectors, problems = job.run(clip, start_id=start_id, progress=progress)
+    # Provisional ids from 0: the store allocates the real ones under its writer lock, so an
+    # admin write through the service while this job encodes is no conflict.
+    records, vectors, problems = job.run(clip, start_id=0, progress=progress)
     info = _build_info(sources, collection, problems)
-    name = update_generation(index, identity, add=records, add_vectors=vectors,
-                             options=config.store_options(), build_info=info)
-    return job.finish(name, records, problems, started)
+    appended = append_items(index, identity, records, vectors, config.store_options(), info)
+    return job.finish(appended.generation, records, problems, started)
 
 
 def delete(index: Path, ids: Sequence[int] = (), paths: Sequence[Path] = (),
@@ -220,8 +222,8 @@ class _Job:
         next_id = start_id + len(records)
         for offset, position in enumerate(text_pos.tolist()):
             text, metadata, owner = self.texts[position]
-            if owner is not None:
-                metadata = {"image_path": str(images[owner].path)}
+            if owner is not None:  # a caption: image_id links it to its image (no path here:
+                metadata = {}      # item metadata reaches clients, the server's layout must not)
             records.append(ItemRecord(next_id + offset, "text", text=text, metadata=metadata,
                                       image_id=image_ids.get(owner) if owner is not None else None))
         return records
@@ -360,7 +362,7 @@ def skip_kind(problem: Problem) -> str:
     reason = problem.reason
     if os.path.isfile(problem.path) and os.path.getsize(problem.path) == 0:
         return "empty_file"
-    for needle, kind in (("pixel cap", "too_large"), ("bomb", "too_large"),
+    for needle, kind in (("pixel cap", "too_large"), ("MiB cap", "too_large"), ("bomb", "too_large"),
                          ("truncated", "truncated"), ("not found", "missing"),
                          ("cannot identify", "not_an_image"), ("cannot decode", "corrupt")):
         if needle in reason:

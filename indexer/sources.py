@@ -170,11 +170,12 @@ def _manifest_texts(path: Path, text_key: str) -> list[TextEntry]:
     for number, row in enumerate(read_rows(path), start=1):
         for text in _as_texts(row.get(text_key)):
             metadata = {k: v for k, v in row.items() if k != text_key}
-            texts.append(TextEntry(text, {"source": str(path), "row": number, **metadata}))
+            texts.append(TextEntry(text, {"source": path.name, "row": number, **metadata}))
     return texts
 
 
 def _text_lines(path: Path) -> list[TextEntry]:
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    return [TextEntry(line.strip(), {"source": str(path.resolve()), "line": number})
+    # `source` is the file's name: item metadata reaches clients, the server's layout must not
+    return [TextEntry(line.strip(), {"source": path.name, "line": number})
             for number, line in enumerate(lines, start=1) if line.strip()]

@@ -8,15 +8,16 @@ when it batches requests itself (the API), or done here with `retrieval.encode`.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
+from retrieval.cursor import query_fingerprint  # noqa: F401 - re-exported
 from retrieval.encode import encode_image_batch, encode_texts
 from retrieval.errors import IndexMismatchError, InvalidQueryError, UnknownItemError
 from retrieval.model import ClipModel
@@ -29,6 +30,7 @@ Vector = np.ndarray  # (d,) float32, L2-normalised
 class GenerationLike(Protocol):
     name: str
     embed_dim: int
+    root: Path | None  # the index directory (stored relative paths resolve against it)
 
     def count(self, modality: str) -> int: ...
     def search(self, modality: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
@@ -58,12 +60,12 @@ def _float32(vector: Sequence[float] | np.ndarray) -> np.ndarray:
 
 def normalise(vector: np.ndarray) -> Vector:
     """A finite (d,) vector scaled to unit length; raise InvalidQueryError for a zero one."""
-    vector = _float32(vector)
-    norm = float(np.linalg.norm(vector.astype(np.float64)))  # float32 squares could overflow
+    wide = _float32(vector).astype(np.float64)  # float32 squares and norms could overflow
+    norm = float(np.linalg.norm(wide))
     if not np.isfinite(norm) or norm < 1e-6:
         raise InvalidQueryError("the query vector has zero length (or is not finite); "
                          "give non-zero weights to terms that do not cancel out")
-    return vector / norm
+    return (wide / norm).astype(np.float32)
 
 
 def combine(weighted: Sequence[tuple[float, np.ndarray]]) -> Vector:
@@ -72,12 +74,6 @@ def combine(weighted: Sequence[tuple[float, np.ndarray]]) -> Vector:
         raise InvalidQueryError("a multi-query needs at least one term")
     total = sum(weight * normalise(vector) for weight, vector in weighted)
     return normalise(total)
-
-
-def query_fingerprint(*parts: Any) -> str:
-    """A short stable hash of what defines a query, so a cursor cannot be reused for another."""
-    digest = hashlib.sha256(repr(parts).encode()).hexdigest()
-    return digest[:16]
 
 
 class Searcher:

@@ -103,14 +103,20 @@ def model_identity(clip: Any) -> ModelIdentity:
 
 
 def maybe_fault(point: str, number: int | None = None) -> None:
-    """Test hook: CLIPDEX_FAULT=point[:n] kills this process with SIGKILL there, and
-    CLIPDEX_FAULT=stall:point[:n] sleeps so a test can kill it from outside."""
+    """Test hook: CLIPDEX_FAULT=point[:n] kills this process with SIGKILL there,
+    CLIPDEX_FAULT=stall:point[:n] sleeps so a test can kill it from outside, and
+    CLIPDEX_FAULT=pause:point[:n] stops it (SIGSTOP) until a test sends SIGCONT."""
     wanted = os.environ.get("CLIPDEX_FAULT", "")
-    stall = wanted.startswith("stall:")
-    if wanted.removeprefix("stall:") != (point if number is None else f"{point}:{number}"):
+    mode, _, target = wanted.partition(":")
+    if mode not in ("stall", "pause"):
+        mode, target = "kill", wanted
+    if target != (point if number is None else f"{point}:{number}"):
         return
-    if stall:
+    if mode == "stall":
         time.sleep(600)
+    elif mode == "pause":
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return
     os.kill(os.getpid(), signal.SIGKILL)
 
 

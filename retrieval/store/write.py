@@ -14,7 +14,7 @@ import shutil
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,39 @@ def update_generation(root: Path, model: ModelIdentity, add: Sequence[ItemRecord
                            options, compact, build_info or {})
         finally:
             parent.close()
+
+
+@dataclass(frozen=True)
+class Appended:
+    generation: str  # the new generation's name
+    ids: list[int]  # the ids the added records got, in the order given
+
+
+def append_items(root: Path, model: ModelIdentity, records: Sequence[ItemRecord],
+                 vectors: dict[str, np.ndarray], options: StoreOptions = DEFAULT_OPTIONS,
+                 build_info: dict[str, Any] | None = None) -> Appended:
+    """Add `records` with ids allocated under the writer lock, so concurrent writers (an
+    `index add` and the service's admin API) never collide or fail on stale ids.
+
+    The records' ids are provisional: a contiguous block (any base, say 0..n-1) that is
+    shifted to start at the current generation's next id; `image_id` links that point into
+    the block shift with it, links to items already stored are kept."""
+    block = [r.id for r in records]
+    base = min(block, default=0)
+    if sorted(block) != list(range(base, base + len(block))):
+        raise IndexStoreError("provisional item ids must be one contiguous block")
+    with _writer_lock(root):
+        parent = open_generation(root, model.sha256, model.embed_dim)
+        try:
+            shift, end = parent.next_id - base, base + len(block)
+            placed = [replace(r, id=r.id + shift, image_id=(
+                r.image_id + shift if r.image_id is not None and base <= r.image_id < end
+                else r.image_id)) for r in records]
+            name = _update(root, parent, model, placed, vectors, (), options, None,
+                           build_info or {})
+        finally:
+            parent.close()
+    return Appended(name, [r.id for r in placed])
 
 
 def _update(root: Path, parent: Generation, model: ModelIdentity, add: list[ItemRecord],

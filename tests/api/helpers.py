@@ -13,6 +13,8 @@ from typing import Any, Self
 import numpy as np
 import uvicorn
 
+from api.server import server_config
+
 
 @dataclass
 class ItemRecord:
@@ -82,8 +84,9 @@ class ServerThread:
     """uvicorn serving `app` on 127.0.0.1:<free port> until `stop()`."""
 
     def __init__(self, app: Any):
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+        # The service's own server config (its request-head limits included).
+        config = server_config(app, "127.0.0.1", 0, log_level="warning", access_log=False,
+                               lifespan="on", timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
