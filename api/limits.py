@@ -12,9 +12,10 @@
 2. `InFlightLimitMiddleware` admits at most `max_in_flight` complete requests into the
    application and answers the next one 503 with Retry-After, before routing.
 
-Refusals keep the connection open where the body is within its cap: uvicorn reads and
-discards the unread rest, so the client gets its 503 instead of a connection reset (closing
-with unread bytes in the socket makes the kernel send RST, and the client loses the answer).
+Refusals keep the connection open (but a body timeout's): uvicorn reads and discards the
+unread rest of the body without buffering it, so the client gets its 401, 413 or 503 instead
+of a connection reset (closing with unread bytes in the socket makes the kernel send RST, and
+the client loses the answer). What a refused client can still do is spend its own bandwidth.
 """
 
 from __future__ import annotations
@@ -94,13 +95,12 @@ class Door:
             body = await self._read_body(receive, declared, policy.max_body)
         except Problem as problem:
             await send_problem(send, problem.status, problem.title, problem.slug,
-                               problem.detail, close=(declared or 0) > policy.max_body,
-                               extra_headers=[(k.lower().encode(), v.encode())
-                                              for k, v in problem.headers.items()])
+                               problem.detail, extra_headers=[(k.lower().encode(), v.encode())
+                                                              for k, v in problem.headers.items()])
             return
         except BodyTooLarge:
             await send_problem(send, 413, "Request too large", "request-too-large",
-                               too_large_detail(policy.max_body), close=True)
+                               too_large_detail(policy.max_body))
             return
         except ClientGone:
             return  # nobody to answer

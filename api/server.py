@@ -12,6 +12,7 @@ is read and dropped for a moment, so it receives the answer rather than a reset.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +29,17 @@ LINGER_S = 2.0  # how long a refused connection's late bytes are read and droppe
 class HeadLimits:
     max_head_bytes: int = 32 * 1024  # request line + all headers
     max_url_bytes: int = 8 * 1024  # the request target (path and query)
+    # From a connection's first byte (or a request's) to the end of its headers. Without it a
+    # client sending a header byte now and then keeps a connection (and a file descriptor)
+    # forever: enough of them and the process can accept no one else.
+    head_timeout_s: float = 10.0
 
 
 REFUSALS = {
     414: ("URI Too Long", "URI too long", "uri-too-long",
           "the request target is over the {max_url_bytes:,}-byte limit"),
+    408: ("Request Timeout", "Request timeout", "request-timeout",
+          "the request headers did not arrive within {head_timeout_s:g} s"),
     431: ("Request Header Fields Too Large", "Request headers too large",
           "headers-too-large",
           "the request line and headers are over the {max_head_bytes:,}-byte limit"),
@@ -56,10 +63,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True
         self._refused = False
         self._pending: int | None = None  # a refusal raised inside a parser callback
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head, self._head_bytes = True, 0
+        if self._head_timer is None:
+            self._arm_head_timer()
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -69,11 +87,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._disarm_head_timer()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head, self._head_bytes = True, 0  # what follows is the next request's head
+        if self.cycle is not None and self.cycle.response_complete and self._head_timer is None:
+            # The body of a refused request has been read and dropped; uvicorn's keep-alive
+            # timer was cancelled by its bytes, so this one bounds the idle connection.
+            self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -99,7 +122,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         else:
             super().send_400_response(msg)
 
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.limits.head_timeout_s, self._head_late)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self._in_head and not self._refused and not self.transport.is_closing():
+            self._refuse(408)
+
     def _refuse(self, status: int) -> None:
+        self._disarm_head_timer()
         self._refused = True
         reason, title, slug, detail = REFUSALS[status]
         body = json.dumps({"type": PROBLEM_TYPE + slug, "title": title, "status": status,

@@ -13,7 +13,7 @@ from typing import Any, Self
 import numpy as np
 import uvicorn
 
-from api.server import server_config
+from api.server import HeadLimits, server_config
 
 
 @dataclass
@@ -83,10 +83,10 @@ def colour_generation(clip, image_paths: dict[str, Path], name: str = "g1") -> I
 class ServerThread:
     """uvicorn serving `app` on 127.0.0.1:<free port> until `stop()`."""
 
-    def __init__(self, app: Any):
+    def __init__(self, app: Any, limits: HeadLimits | None = None):
         # The service's own server config (its request-head limits included).
-        config = server_config(app, "127.0.0.1", 0, log_level="warning", access_log=False,
-                               lifespan="on", timeout_graceful_shutdown=5)
+        config = server_config(app, "127.0.0.1", 0, limits or HeadLimits(), log_level="warning",
+                               access_log=False, lifespan="on", timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from api.app import create_app
 from api.batcher import BatcherConfig
+from api.server import HeadLimits
 from api.settings import Settings
 from tests.api.helpers import ServerThread, build_index
 from tests.conftest import COLOURS, make_image
@@ -363,3 +364,16 @@ def test_uploading_the_same_image_twice_gives_the_same_item(tiny, images, tmp_pa
     assert with_captions.status_code == 409
     assert "/admin/items/texts" in with_captions.json()["detail"]
     assert item["modality"] == "image"
+
+
+def test_a_head_that_never_ends_gets_408(tiny, index_root):
+    limits = HeadLimits(head_timeout_s=0.5)
+    app = create_app(Settings(index=index_root, read_keys=(READ,)), clip=tiny)
+    with ServerThread(app, limits) as running, raw_socket(running) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+        started = time.monotonic()
+        response = read_response(sock, 5.0)
+        assert status_of(response) == 408
+        assert 0.4 < time.monotonic() - started < 3
+        with raw_socket(running) as silent:  # a connection that never says anything
+            assert status_of(read_response(silent, 5.0)) == 408
