@@ -9,8 +9,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from api.batcher import BatcherConfig
 from api.settings import Settings
+from retrieval.batcher import BatcherConfig
 
 log = logging.getLogger("api")
 

@@ -13,9 +13,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.batcher import QueueFullError
 from api.schemas import ProblemBody
 from retrieval import errors as core_errors
+from retrieval.batcher import QueueFullError
 
 PROBLEM_TYPE = "https://clipdex.dev/problems/"  # + slug; documentation anchors, not fetched
 log = logging.getLogger("api")
@@ -39,6 +39,7 @@ CORE_ERRORS: dict[str, tuple[int, str]] = {
     "UnsupportedImageError": (415, "Unsupported image format"),
     "BadCursorError": (422, "Bad cursor"),
     "StaleCursorError": (409, "Stale cursor"),
+    "TooDeepError": (422, "Too deep"),
     "InvalidQueryError": (422, "Bad query"),
     "ManifestError": (422, "Bad manifest"),
     "UnknownItemError": (404, "Not found"),

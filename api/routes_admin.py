@@ -19,7 +19,6 @@ from api.deps import AdminAccess, Leased, State
 from api.errors import Problem, problem_responses
 from api.images import upload_openapi
 from api.limits import body_limit
-from api.query import encode_image, encode_texts
 from api.schemas import MAX_ITEM_ID, AddTextsRequest, ReloadResponse, WriteResponse
 from api.settings import EMPTY_BODY_BYTES, MAX_TEXT_CHARS
 from api.state import ServiceState
@@ -45,10 +44,10 @@ async def reload(state: State) -> ReloadResponse:
 @router.post("/items/texts", response_model=WriteResponse, summary="Add caption texts",
              responses=problem_responses(400, 413))
 async def add_texts(body: AddTextsRequest, state: State) -> WriteResponse:
-    vectors = await encode_texts(state, body.texts)
+    vectors = await state.run(state.encoder.texts, body.texts)
     records = [ItemRecord(n, "text", text=text, image_id=body.image_id)
                for n, text in enumerate(body.texts)]
-    return await _append(state, records, {"text": np.stack(vectors)})
+    return await _append(state, records, {"text": vectors})
 
 
 @router.post("/items/image", response_model=WriteResponse,
@@ -68,14 +67,14 @@ async def add_image(state: State, searcher: Leased, image: Annotated[UploadFile,
     existing = (await asyncio.to_thread(searcher.generation.ids_for_paths, [stored])).get(stored)
     if existing is not None:
         return _duplicate(existing, captions, searcher.generation.name)
-    image_vector, caption_vectors = await asyncio.gather(encode_image(state, data),
-                                                         encode_texts(state, captions))
+    image_vectors = await state.run(state.encoder.images, [data])  # (1, d)
+    caption_vectors = await state.run(state.encoder.texts, captions)  # (n, d)
     await asyncio.to_thread(keep_upload, root, stored, data)
     records = [ItemRecord(0, "image", path=stored, captions=captions)]
     records += [ItemRecord(1 + n, "text", text=c, image_id=0) for n, c in enumerate(captions)]
-    vectors = {"image": image_vector[None, :]}
+    vectors = {"image": image_vectors}
     if captions:
-        vectors["text"] = np.stack(caption_vectors)
+        vectors["text"] = caption_vectors
     return await _append(state, records, vectors)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from api.batcher import BatcherConfig
+from retrieval.batcher import BatcherConfig
 
 MAX_K = 1000
 MAX_TEXT_CHARS = 1000

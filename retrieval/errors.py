@@ -14,7 +14,8 @@ ClipdexError
  │    └── UnknownItemError     an item id that the index does not hold (or was deleted)
  └── InvalidQueryError   a query array or modality the index cannot answer
       ├── BadCursorError      a paging cursor that was not issued for this query (or tampered)
-      └── StaleCursorError    a cursor issued by another generation of the index
+      ├── StaleCursorError    a cursor issued by another generation of the index
+      └── TooDeepError        paging past the deepest hit a searcher serves
 """
 
 from __future__ import annotations
@@ -78,4 +79,8 @@ class BadCursorError(InvalidQueryError):
 
 
 class StaleCursorError(InvalidQueryError):
+    pass
+
+
+class TooDeepError(InvalidQueryError):
     pass

@@ -3,6 +3,8 @@ turns whatever Pillow can open into a safe, upright 8-bit RGB image at a bounded
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import io
 import re
 import warnings
@@ -163,6 +165,40 @@ def _quiet(error: BaseException) -> str:
     """Pillow's message without the repr of an in-memory buffer ("<_io.BytesIO object at
     0x7f...>"), which says nothing to a client and leaks a heap address."""
     return _OBJECT_REPR.sub("the data", str(error))
+
+
+TRIM_AFTER_PIXELS = 4_000_000  # decodes bigger than this hand their freed memory back
+
+
+def model_pixels(image: bytes | Image.Image, preprocess: Callable, limits: DecodeLimits) -> Any:
+    """An upload (bytes) or an image, decoded within `limits` and preprocessed for the model.
+
+    glibc keeps large freed blocks in its heap once its mmap threshold has grown past them:
+    eight 40 MP uploads left 500 MB resident for good. A trim after each big decode returns
+    it; small decodes (most) skip the cost."""
+    decoded = load_image(image, limits=limits)
+    large = decoded.width * decoded.height > TRIM_AFTER_PIXELS
+    pixels = preprocess(decoded)
+    del decoded
+    if large:
+        release_freed_memory()
+    return pixels
+
+
+def release_freed_memory() -> None:
+    """malloc_trim(0) where the C library has it (glibc); a no-op elsewhere."""
+    if _LIBC_TRIM is not None:
+        _LIBC_TRIM(0)
+
+
+def _libc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC_TRIM = _libc_trim()
 
 
 def split_tensor_tail(preprocess: Any) -> tuple[Callable, tuple[float, ...], tuple[float, ...]] | None:

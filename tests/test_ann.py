@@ -71,7 +71,7 @@ def test_tuning_with_cross_modal_queries_reaches_recall_of_exact_search(kind):
     assert report["param"] == knob and tuned.params[knob] == report["value"]
     # the reported recall is what an independent check against IndexFlatIP finds
     truth = ids[ann.exact_neighbours(images, captions, 10)]
-    stored = lambda wanted: images[wanted - 1000]  # noqa: E731 - ids are 1000, 1001, ...
+    stored = lambda wanted: images[wanted - 1000]
     found = ann.search(index, captions, 10, tuned.params, stored)[1]
     assert ann.recall_at(found, truth) == pytest.approx(report["recall_at_10"], abs=1e-4)
     # IVF-PQ re-ranks its candidates exactly, so PQ's lossy codes no longer cap its recall

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from api.app import create_app
-from api.batcher import BatcherConfig
 from api.settings import Settings
+from retrieval.batcher import BatcherConfig
 from tests.api.helpers import ServerThread, build_index
 from tests.conftest import COLOURS, make_image
 

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from api.batcher import BatcherConfig, MicroBatcher, QueueFullError
+from retrieval.batcher import BatcherConfig, MicroBatcher, QueueFullError
 
 
 def _run(coroutine):

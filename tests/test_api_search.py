@@ -25,9 +25,9 @@ def _generation(count: int = 30, dim: int = 8, ties: bool = False) -> InMemoryGe
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_pages_cover_the_exact_ranking_once(ties):
-    searcher = Searcher(None, _generation(ties=ties))
+    searcher = Searcher(_generation(ties=ties))
     query = normalise(np.arange(8, dtype=np.float32))
-    exact = [hit.id for hit in searcher.search("image", query[None], 100)[0]]
+    exact = [hit.id for hit in searcher.nearest("image", query[None], 100)[0]]
     seen, after, served = [], None, 0
     while True:
         page = searcher.page("image", query, 7, after=after, served=served)
@@ -39,8 +39,8 @@ def test_pages_cover_the_exact_ranking_once(ties):
 
 
 def test_empty_modality_answers_an_empty_list():
-    searcher = Searcher(None, _generation())
-    assert searcher.search("text", np.ones((2, 8), np.float32) / np.sqrt(8), 10) == [[], []]
+    searcher = Searcher(_generation())
+    assert searcher.nearest("text", np.ones((2, 8), np.float32) / np.sqrt(8), 10) == [[], []]
 
 
 def test_combine_normalises_and_refuses_cancelling_terms():

@@ -59,6 +59,10 @@ class InMemoryGeneration:
         rows = [int(np.flatnonzero(self._ids[modality] == item_id)[0]) for item_id in ids]
         return self._vectors[modality][rows]
 
+    def ids_for_paths(self, paths: Sequence[str]) -> dict[str, int]:
+        wanted = set(paths)
+        return {r.path: r.id for r in self._records.values() if r.path in wanted}
+
     def close(self) -> None:
         self.closed = True
 
