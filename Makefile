@@ -38,6 +38,7 @@ run: $(STAMP) $(DEMO_INDEX)/CURRENT
 	$(CLIPDEX) serve --index $(DEMO_INDEX) --host 127.0.0.1 --port 8000
 
 test: $(STAMP) browser
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 # All benchmarks in one sequence (~15 min on 2 cores); writes docs/BENCHMARKS.md.
