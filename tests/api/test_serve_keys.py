@@ -1,0 +1,45 @@
+"""`clipdex serve` takes its keys from files or the environment (where `ps` does not show
+them) and says out loud when it listens beyond loopback without read keys."""
+
+from __future__ import annotations
+
+import pytest
+
+from api.cli import exposure_warnings, settings_from
+from retrieval.cli import build_parser
+
+
+def settings(*flags: str):
+    return settings_from(build_parser().parse_args(["serve", "--index", "idx", *flags]))
+
+
+def test_keys_come_from_files(tmp_path):
+    (tmp_path / "read.keys").write_text("first\n\n  second  \n")
+    (tmp_path / "admin.key").write_text("the-admin\n")
+    made = settings("--read-keys-file", str(tmp_path / "read.keys"),
+                    "--admin-key-file", str(tmp_path / "admin.key"))
+    assert made.read_keys == ("first", "second") and made.admin_key == "the-admin"
+
+
+def test_keys_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CLIPDEX_READ_KEYS", "a, b,")
+    monkeypatch.setenv("CLIPDEX_ADMIN_KEY", "boss")
+    made = settings()
+    assert made.read_keys == ("a", "b") and made.admin_key == "boss"
+
+
+def test_an_empty_or_missing_key_file_stops_the_start(tmp_path):
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SystemExit, match="holds no key"):
+        settings("--read-keys-file", str(tmp_path / "empty"))
+    with pytest.raises(SystemExit, match="cannot read the key file"):
+        settings("--admin-key-file", str(tmp_path / "absent"))
+
+
+def test_exposure_without_read_keys_is_warned_about(monkeypatch):
+    monkeypatch.delenv("CLIPDEX_READ_KEYS", raising=False)
+    assert exposure_warnings(settings()) == []  # loopback
+    assert exposure_warnings(settings("--host", "::1")) == []
+    [warning] = exposure_warnings(settings("--host", "0.0.0.0"))
+    assert "without read keys" in warning
+    assert exposure_warnings(settings("--host", "0.0.0.0", "--read-key", "k")) == []
