@@ -64,6 +64,9 @@ def create_app(settings: Settings, clip: ClipModel | None = None,
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
+    if not settings.read_keys:
+        _searching_needs_no_key(app)
+
     @app.get("/", include_in_schema=False)
     async def index_page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
@@ -82,6 +85,22 @@ def create_app(settings: Settings, clip: ClipModel | None = None,
                        check=lambda need, headers: check_key(settings, need, headers))
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app
+
+
+def _searching_needs_no_key(app: FastAPI) -> None:
+    """Without read keys only the admin routes take a key: say so in the OpenAPI schema (the
+    read routes declare their schemes for services that have keys)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        schema = build()
+        for path, operations in schema.get("paths", {}).items():
+            if not path.startswith("/admin"):
+                for operation in operations.values():
+                    operation.pop("security", None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def _watch(state: ServiceState) -> None:

@@ -13,8 +13,9 @@ import hmac
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
 from fastapi.routing import APIRoute
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import Headers
 from starlette.routing import BaseRoute
 
@@ -88,11 +89,24 @@ def _check_admin(settings: Settings, key: str | None) -> None:
                   headers=AUTH_HEADERS)
 
 
-def require_read(request: Request, state: State) -> None:
+# The schemes as OpenAPI shows them (and /docs offers to fill in). They only declare; the check
+# is `check_key`, which also takes HTTP Basic with the key as password. auto_error=False: a
+# missing or other credential is check_key's to judge, with the service's own problem bodies.
+BEARER = HTTPBearer(auto_error=False, scheme_name="bearer",
+                    description="Authorization: Bearer KEY")
+API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey",
+                       description="X-API-Key: KEY")
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]
+ApiKey = Annotated[str | None, Security(API_KEY)]
+
+
+def require_read(request: Request, state: State, _bearer: Bearer = None,
+                 _api_key: ApiKey = None) -> None:
     check_key(state.settings, "read", request.headers)
 
 
-def require_admin(request: Request, state: State) -> None:
+def require_admin(request: Request, state: State, _bearer: Bearer = None,
+                  _api_key: ApiKey = None) -> None:
     check_key(state.settings, "admin", request.headers)
 
 

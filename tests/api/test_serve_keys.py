@@ -43,3 +43,18 @@ def test_exposure_without_read_keys_is_warned_about(monkeypatch):
     [warning] = exposure_warnings(settings("--host", "0.0.0.0"))
     assert "without read keys" in warning
     assert exposure_warnings(settings("--host", "0.0.0.0", "--read-key", "k")) == []
+
+
+def test_the_openapi_schema_names_the_key_schemes():
+    from api.app import create_app
+    from api.settings import Settings
+
+    either = [{"bearer": []}, {"apiKey": []}]
+    keyed = create_app(Settings(read_keys=("k",), admin_key="a")).openapi()
+    assert set(keyed["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    assert keyed["paths"]["/search/text"]["post"]["security"] == either
+    assert keyed["paths"]["/admin/reload"]["post"]["security"] == either
+    assert "security" not in keyed["paths"]["/healthz"]["get"]
+    open_service = create_app(Settings()).openapi()
+    assert "security" not in open_service["paths"]["/search/text"]["post"]
+    assert open_service["paths"]["/admin/reload"]["post"]["security"] == either
