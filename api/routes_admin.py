@@ -24,7 +24,15 @@ from api.schemas import MAX_ITEM_ID, AddTextsRequest, ReloadResponse, WriteRespo
 from api.settings import EMPTY_BODY_BYTES, MAX_TEXT_CHARS
 from api.state import ServiceState
 from retrieval.images import image_format
-from retrieval.store import ItemRecord, append_items, keep_upload, update_generation, upload_path
+from retrieval.store import (
+    ItemRecord,
+    append_items,
+    image_with_captions,
+    keep_upload,
+    text_records,
+    update_generation,
+    upload_path,
+)
 
 # Any write can meet these: no or a wrong key, writes disabled, an index that no longer
 # fits the model or cannot be read (a core error); bodies add 400/413, uploads 415.
@@ -46,8 +54,7 @@ async def reload(state: State) -> ReloadResponse:
              responses=problem_responses(400, 413))
 async def add_texts(body: AddTextsRequest, state: State) -> WriteResponse:
     vectors = await encode_texts(state, body.texts)
-    records = [ItemRecord(n, "text", text=text, image_id=body.image_id)
-               for n, text in enumerate(body.texts)]
+    records = text_records(body.texts, image_id=body.image_id)
     return await _append(state, records, {"text": np.stack(vectors)})
 
 
@@ -71,8 +78,7 @@ async def add_image(state: State, searcher: Leased, image: Annotated[UploadFile,
     image_vector, caption_vectors = await asyncio.gather(encode_image(state, data),
                                                          encode_texts(state, captions))
     await asyncio.to_thread(keep_upload, root, stored, data)
-    records = [ItemRecord(0, "image", path=stored, captions=captions)]
-    records += [ItemRecord(1 + n, "text", text=c, image_id=0) for n, c in enumerate(captions)]
+    records = image_with_captions(stored, captions)
     vectors = {"image": image_vector[None, :]}
     if captions:
         vectors["text"] = np.stack(caption_vectors)

@@ -25,7 +25,7 @@ from retrieval.encode import encode_image_batch, encode_texts
 from retrieval.errors import ClipdexError
 from retrieval.model import ClipModel
 from retrieval.search import GenerationLike, Searcher
-from retrieval.store import ModelIdentity, model_identity, open_generation
+from retrieval.store import ModelIdentity, model_identity, open_generation, read_current
 
 log = logging.getLogger("api")
 
@@ -184,11 +184,7 @@ class ServiceState:
         """The generation the index root points at now (for --watch), without opening it."""
         if self.settings.index is None:
             return None
-        pointer = Path(self.settings.index) / "CURRENT"
-        try:
-            return pointer.read_text().strip() or None
-        except OSError:
-            return None
+        return read_current(Path(self.settings.index))
 
     def _observe_counts(self) -> None:
         if self.slot is None:
