@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 from pathlib import Path
@@ -27,7 +28,9 @@ from retrieval.store import (
     append_items,
     current_name,
     drop_stale_add_jobs,
+    faults,
     image_with_captions,
+    layout,
     linked_records,
     open_generation,
     read_generation_manifest,
@@ -37,7 +40,6 @@ from retrieval.store import (
     write_error_report,
     write_generation,
 )
-from retrieval.store import faults, layout
 
 DIM = 8
 MODEL = ModelIdentity(sha256="ab" * 32, arch="synthetic", embed_dim=DIM)
@@ -269,3 +271,37 @@ def test_fault_points_cost_nothing_unless_clipdex_fault_is_set():
     stall = faults.hook("stall:before_current")
     assert stall is not faults.fault_point
     assert stall("mid_generation") is None and stall("after_shard", 0) is None  # elsewhere
+
+
+INDEX_PATH_NAMES = {"CURRENT", "CURRENT.tmp", ".lock", "generations", "work", "errors.jsonl",
+                    "uploads", "manifest.json", "items.sqlite", "job.json"}
+
+
+def _string_literals(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef)
+                  and node.body and isinstance(node.body[0], ast.Expr)}
+    return [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+            and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_only_the_store_names_paths_inside_an_index_directory():
+    root = Path(__file__).resolve().parent.parent
+    offenders = [(str(path.relative_to(root)), text)
+                 for package in ("api", "indexer") for path in (root / package).rglob("*.py")
+                 for text in _string_literals(path)
+                 if text.split("/")[0] in INDEX_PATH_NAMES or
+                 any(f"/{name}" in text for name in INDEX_PATH_NAMES - {"work"})]
+    assert offenders == []
+
+
+def test_store_and_indexer_keep_files_and_functions_small():
+    root = Path(__file__).resolve().parent.parent
+    for package in ("retrieval/store", "indexer"):
+        for path in (root / package).rglob("*.py"):
+            source = path.read_text()
+            assert len(source.splitlines()) <= 400, path
+            for node in ast.walk(ast.parse(source)):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    assert node.end_lineno - node.lineno < 50, f"{path}: {node.name}"

@@ -18,9 +18,11 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
+from typing import Protocol
 
-FaultPoint = Callable[[str, "int | None"], None]
+
+class FaultPoint(Protocol):
+    def __call__(self, point: str, number: int | None = None) -> None: ...
 
 
 def _never(point: str, number: int | None = None) -> None:
