@@ -23,7 +23,15 @@ from api.schemas import MAX_ITEM_ID, AddTextsRequest, ReloadResponse, WriteRespo
 from api.settings import EMPTY_BODY_BYTES, MAX_TEXT_CHARS
 from api.state import ServiceState
 from retrieval.images import image_format
-from retrieval.store import ItemRecord, append_items, keep_upload, update_generation, upload_path
+from retrieval.store import (
+    ItemRecord,
+    append_items,
+    image_with_captions,
+    keep_upload,
+    text_records,
+    update_generation,
+    upload_path,
+)
 
 # Any write can meet these: no or a wrong key, writes disabled, an index that no longer
 # fits the model or cannot be read (a core error); bodies add 400/413, uploads 415.
@@ -45,8 +53,7 @@ async def reload(state: State) -> ReloadResponse:
              responses=problem_responses(400, 413))
 async def add_texts(body: AddTextsRequest, state: State) -> WriteResponse:
     vectors = await state.run(state.encoder.texts, body.texts)
-    records = [ItemRecord(n, "text", text=text, image_id=body.image_id)
-               for n, text in enumerate(body.texts)]
+    records = text_records(body.texts, image_id=body.image_id)
     return await _append(state, records, {"text": vectors})
 
 
@@ -70,8 +77,7 @@ async def add_image(state: State, searcher: Leased, image: Annotated[UploadFile,
     image_vectors = await state.run(state.encoder.images, [data])  # (1, d)
     caption_vectors = await state.run(state.encoder.texts, captions)  # (n, d)
     await asyncio.to_thread(keep_upload, root, stored, data)
-    records = [ItemRecord(0, "image", path=stored, captions=captions)]
-    records += [ItemRecord(1 + n, "text", text=c, image_id=0) for n, c in enumerate(captions)]
+    records = image_with_captions(stored, captions)
     vectors = {"image": image_vectors}
     if captions:
         vectors["text"] = caption_vectors

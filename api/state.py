@@ -27,7 +27,7 @@ from retrieval.encoders import BatchedEncoder
 from retrieval.errors import ClipdexError
 from retrieval.model import ClipModel
 from retrieval.search import GenerationLike, Searcher
-from retrieval.store import ModelIdentity, model_identity, open_generation
+from retrieval.store import ModelIdentity, model_identity, open_generation, read_current
 
 log = logging.getLogger("api")
 Result = TypeVar("Result")
@@ -198,11 +198,7 @@ class ServiceState:
         """The generation the index root points at now (for --watch), without opening it."""
         if self.settings.index is None:
             return None
-        pointer = Path(self.settings.index) / "CURRENT"
-        try:
-            return pointer.read_text().strip() or None
-        except OSError:
-            return None
+        return read_current(Path(self.settings.index))
 
     def _observe_counts(self) -> None:
         if self.slot is None:

@@ -140,8 +140,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from retrieval.store import open_generation
+    from retrieval.store import read_generation_manifest
 
-    with open_generation(args.index) as generation:
-        print(json.dumps(generation.manifest, indent=2))
+    print(json.dumps(read_generation_manifest(args.index).data, indent=2))
     return 0

@@ -37,7 +37,11 @@ _EXPORTS = {
     # errors
     "ClipdexError": "retrieval.errors",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = ["BatchedEncoder", "BatcherConfig", "ClipModel", "ClipdexError", "DecodeLimits",
+    "Encoder", "Generation", "Hit", "ItemRecord", "MicroBatcher", "ModelEncoder", "Query",
+    "Result", "Searcher", "Term", "append_items", "encode_image_batch", "encode_images",
+    "encode_texts", "encode_token_batch", "load_image", "load_model", "model_identity",
+    "open_generation", "update_generation", "write_generation"]
 
 
 def __getattr__(name: str) -> Any:

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from retrieval.store import current_name, open_generation
-from retrieval.store.read import PLURAL
+from retrieval.store.layout import PLURAL
 
 ROOT = Path(__file__).resolve().parents[2]
 FAULT_POINTS = ("mid_generation", "before_current", "after_shard:0", "after_shard:3")

@@ -32,6 +32,7 @@ def test_the_public_surface_resolves():
     assert {"Searcher", "Query", "ModelEncoder", "load_model", "open_generation"} <= set(
         retrieval.__all__)
     assert all(getattr(retrieval, name) is not None for name in retrieval.__all__)
+    assert retrieval.__all__ == sorted(retrieval._EXPORTS)
 
 
 def test_pages_of_a_text_query_cover_its_ranking_once(searcher):
