@@ -63,7 +63,8 @@ class GenerationManifest:
 
     @property
     def model(self) -> ModelIdentity:
-        return ModelIdentity(**self.data["model"])
+        built = self.data["model"]
+        return ModelIdentity(str(built["sha256"]), str(built["arch"]), int(built["embed_dim"]))
 
     @property
     def embed_dim(self) -> int:
