@@ -101,7 +101,7 @@ async def load(url: str, concurrency: int, requests: int, seconds: float) -> dic
 
 def serve(checkpoint: Path, index: Path, port: int, max_batch: int, wait_ms: float,
           queue: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "retrieval.cli", "serve", "--index", str(index),
+    command = [sys.executable, "-m", "clipdex", "serve", "--index", str(index),
                "--model", str(checkpoint), "--port", str(port), "--max-batch", str(max_batch),
                "--max-wait-ms", str(wait_ms), "--queue-size", str(queue), "--device", "cpu",
                # every request is served here; shedding under overload is the soak's subject

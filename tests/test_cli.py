@@ -6,11 +6,11 @@ import sys
 
 import numpy as np
 
-from retrieval.cli import main
+from clipdex.main import main
 
 
 def test_help_lists_the_subcommands():
-    result = subprocess.run([sys.executable, "-m", "retrieval.cli", "--help"],
+    result = subprocess.run([sys.executable, "-m", "clipdex", "--help"],
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0
     for command in ("train", "eval", "encode", "demo"):

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from indexer.build import BuildConfig, build
-from retrieval.cli import main
+from clipdex.main import main
 from retrieval.store import open_generation
 from tests.conftest import COLOURS, make_image
 
@@ -94,7 +94,7 @@ def test_bad_images_are_skipped_and_reported(tmp_path, capsys):
 
 def _subprocess_build(args: list[str], fault: str) -> subprocess.Popen:
     env = {**os.environ, "CLIPDEX_FAULT": fault, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "retrieval.cli", "index", "build", *args,
+    return subprocess.Popen([sys.executable, "-m", "clipdex", "index", "build", *args,
                              *TINY], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
 
@@ -248,7 +248,7 @@ def test_a_killed_add_leaves_no_shards_behind_once_another_generation_lands(colo
     assert run_build(str(colour_corpus), "--out", str(out)) == 0
     extra = folder_of_images(tmp_path / "extra", ["grey1", "grey2", "grey3"])
     process = subprocess.Popen(
-        [sys.executable, "-m", "retrieval.cli", "index", "add", str(extra), "--index", str(out),
+        [sys.executable, "-m", "clipdex", "index", "add", str(extra), "--index", str(out),
          "--shard-size", "1", *TINY], env={**os.environ, "CLIPDEX_FAULT": "after_shard:0",
                                            "PYTHONPATH": str(ROOT)},
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

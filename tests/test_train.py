@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from retrieval.cli import main
+from clipdex.main import main
 from retrieval.manifest import read_manifest
 from retrieval.model import load_model
 from retrieval.train import TrainConfig, train

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from api.cli import exposure_warnings, settings_from
-from retrieval.cli import build_parser
+from clipdex.commands.serve import exposure_warnings, settings_from
+from clipdex.main import build_parser
 
 
 def settings(*flags: str):

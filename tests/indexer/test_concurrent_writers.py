@@ -49,7 +49,7 @@ def test_index_add_and_admin_writes_at_once_both_land(tiny, tmp_path):
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
            "CLIPDEX_FAULT": "pause:after_shard:0"}  # stops itself once its images are encoded
-    command = [sys.executable, "-m", "retrieval.cli", "index", "add", str(second),
+    command = [sys.executable, "-m", "clipdex", "index", "add", str(second),
                "--index", str(root), "--model", "clipdex-tiny", "--device", "cpu",
                "--workers", "0"]
     job = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,

@@ -175,7 +175,7 @@ def _command(operation: str, targets: list[Path] | list[str], index: Path,
              config: CrashLoopConfig, workers: int) -> list[str]:
     job = ["--model", config.model, "--device", "cpu", "--workers", str(workers),
            "--shard-size", str(config.shard_size)]
-    base = [sys.executable, "-m", "retrieval.cli", "index"]
+    base = [sys.executable, "-m", "clipdex", "index"]
     if operation == "build":
         return [*base, "build", *map(str, targets), "--out", str(index), *job]
     if operation == "delete":

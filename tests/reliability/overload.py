@@ -97,7 +97,7 @@ def slowed(call, seconds):
 delay = float(sys.argv[1]) / 1000
 encode.encode_texts = slowed(encode.encode_texts, delay)
 encode.encode_image_batch = slowed(encode.encode_image_batch, delay)
-from retrieval.cli import main
+from clipdex.main import main
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -106,7 +106,7 @@ def start_service(index: Path, port: int, options: ServeOptions, log: Path) -> s
     serve = ["serve", "--index", str(index), "--model", options.model, "--device", "cpu",
              "--port", str(port), *options.flags()]
     command = ([sys.executable, "-c", SLOWED_SERVE, str(options.model_delay_ms), *serve]
-               if options.model_delay_ms > 0 else [sys.executable, "-m", "retrieval.cli", *serve])
+               if options.model_delay_ms > 0 else [sys.executable, "-m", "clipdex", *serve])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with log.open("wb") as sink:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)

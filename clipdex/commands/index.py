@@ -1,8 +1,5 @@
-"""`clipdex index build|add|delete|compact|info`, registered into the core CLI as an entry point.
-
-This is the edge: it loads the model, draws progress bars, prints summaries. The job itself
-(indexer.build) and the store (retrieval.store) never print.
-"""
+"""`clipdex index build|add|delete|compact|info`: the indexing jobs (indexer.build) with
+progress bars and summaries; the jobs and the store never print."""
 
 from __future__ import annotations
 
@@ -11,17 +8,25 @@ import json
 import sys
 from pathlib import Path
 
-from indexer.build import BuildConfig, Summary, add, build, compact, delete
-from retrieval.ann import KINDS, parse_memory
-from retrieval.images import DEFAULT_MAX_PIXELS
+from clipdex.options import Flag, config_flags, config_from, log, model_options
+from retrieval.ann import KINDS
 
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+BUILD_FLAGS = {
+    "batch_size": Flag("images per model call"),
+    "workers": Flag("image decoding processes"),
+    "max_pixels": Flag("skip images larger than this many pixels"),
+    "shard_size": Flag("items per resumable shard (smaller: less lost to a kill)"),
+    "max_memory": Flag("index memory budget, e.g. 4GB"),
+    "index_kind": Flag("force an index type instead of choosing by size and memory",
+                       name="--index-type", choices=KINDS),
+    "precision": Flag("autocast precision", choices=("auto", "fp32", "fp16", "bf16")),
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `index` and its actions to the `clipdex` parser."""
+    from indexer.build import BuildConfig
+
     index = subparsers.add_parser("index", help="build and update image/text search indexes")
     actions = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
 
@@ -29,13 +34,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build_parser.add_argument("sources", nargs="+", type=Path,
                               help="image folders, CSV/JSONL/parquet manifests, .txt corpora")
     build_parser.add_argument("--out", type=Path, required=True, help="index directory")
-    _add_job_options(build_parser)
+    model_options(build_parser)
+    config_flags(build_parser, BuildConfig, BUILD_FLAGS)
     build_parser.set_defaults(func=cmd_build)
 
     add_parser = actions.add_parser("add", help="add new sources into a new generation")
     add_parser.add_argument("sources", nargs="+", type=Path)
     add_parser.add_argument("--index", type=Path, required=True, help="index directory")
-    _add_job_options(add_parser)
+    model_options(add_parser)
+    config_flags(add_parser, BuildConfig, BUILD_FLAGS)
     add_parser.set_defaults(func=cmd_add)
 
     delete_parser = actions.add_parser("delete", help="delete items by id or image path")
@@ -56,29 +63,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info_parser.set_defaults(func=cmd_info)
 
 
-def _add_job_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default",
-                        help="'default', a .safetensors checkpoint, a clipdex architecture or "
-                             "an open_clip ARCH[:TAG] (default: %(default)s)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=None, help="image decoding processes")
-    parser.add_argument("--max-memory", default="4GB", help="index memory budget, e.g. 4GB")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="skip images larger than this many pixels")
-    parser.add_argument("--shard-size", type=int, default=2048,
-                        help="items per resumable shard (smaller: less lost to a kill)")
-    parser.add_argument("--index-type", choices=KINDS, default=None,
-                        help="force an index type instead of choosing by size and memory")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+def _config(args: argparse.Namespace):
+    from indexer.build import BuildConfig
+    from retrieval.ann import parse_memory
 
-
-def _config(args: argparse.Namespace) -> BuildConfig:
     parse_memory(args.max_memory)  # fail early on "4 gallons"
-    return BuildConfig(batch_size=args.batch_size, workers=args.workers,
-                       max_pixels=args.max_pixels, shard_size=args.shard_size,
-                       max_memory=args.max_memory, index_kind=args.index_type,
-                       precision=args.precision)
+    return config_from(args, BuildConfig)
 
 
 def _load(args: argparse.Namespace):
@@ -96,46 +86,54 @@ def _bar(label: str, total: int):
                 disable=total == 0)
 
 
-def _report(summary: Summary) -> None:
-    _log(f"generation {summary.generation}: {summary.images} images, {summary.texts} texts "
+def _report(summary) -> None:
+    log(f"generation {summary.generation}: {summary.images} images, {summary.texts} texts "
          f"in {summary.seconds:.1f} s (shards: {summary.shards_encoded} encoded, "
          f"{summary.shards_resumed} resumed)")
     skipped = sum(summary.skipped.values())
     if skipped:
         reasons = ", ".join(f"{kind} {n}" for kind, n in sorted(summary.skipped.items()))
-        _log(f"skipped {skipped}: {reasons} (see {summary.errors_file})")
+        log(f"skipped {skipped}: {reasons} (see {summary.errors_file})")
     for modality, report in summary.tuning.items():
         if "skipped" in report:
-            _log(f"{modality} index tuning skipped: {report['skipped']}")
+            log(f"{modality} index tuning skipped: {report['skipped']}")
         else:
-            _log(f"{modality} index: recall@{report['k']} {report['recall_at_' + str(report['k'])]}"
+            log(f"{modality} index: recall@{report['k']} {report['recall_at_' + str(report['k'])]}"
                  f" vs exact with {report['queries']} {report['query_source']} queries, "
                  f"{report['qps']:.0f} queries/s ({report['param']}={report['value']})")
     print(json.dumps(summary.as_dict(), indent=2))
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from indexer.build import build
+
     clip = _load(args)
     _report(build(args.sources, args.out, clip, _config(args), progress=_bar))
     return 0
 
 
 def cmd_add(args: argparse.Namespace) -> int:
+    from indexer.build import add
+
     clip = _load(args)
     _report(add(args.sources, args.index, clip, _config(args), progress=_bar))
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
+    from indexer.build import BuildConfig, delete
+
     name = delete(args.index, ids=args.ids or (), paths=args.paths or (),
                   config=BuildConfig(max_memory=args.max_memory))
-    _log(f"generation {name}: deleted {len(args.ids or args.paths)} item(s)")
+    log(f"generation {name}: deleted {len(args.ids or args.paths)} item(s)")
     return 0
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
+    from indexer.build import BuildConfig, compact
+
     name = compact(args.index, BuildConfig(max_memory=args.max_memory))
-    _log(f"generation {name}: compacted")
+    log(f"generation {name}: compacted")
     return 0
 
 

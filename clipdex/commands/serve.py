@@ -1,4 +1,5 @@
-"""`clipdex serve`: registered with the core CLI as a "clipdex.commands" entry point."""
+"""`clipdex serve`: flags into the service's Settings, keys from files or the environment, and
+uvicorn with the service's own protocol limits."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import argparse
 import ipaddress
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 from api.settings import Settings
+from clipdex.options import model_options
 from retrieval.batcher import BatcherConfig
 
 log = logging.getLogger("api")
@@ -30,8 +31,7 @@ IN_FLIGHT_PER_BATCH = 4
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", type=Path, required=True, help="index root the indexer wrote")
-    parser.add_argument("--model", default="default", help="model spec (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda …")
+    model_options(parser)
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch", type=int, default=None,
@@ -140,9 +140,3 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            log_level="info", access_log=False)
     uvicorn.Server(config).run()
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="clipdex-serve", description=__doc__)
-    add_arguments(parser)
-    return cmd_serve(parser.parse_args(argv))
