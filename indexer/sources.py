@@ -62,7 +62,7 @@ def collect(sources: Sequence[Path]) -> Collection:
     problems: list[Problem] = []
     for source in map(Path, sources):
         if source.resolve() == DEMO_DIR.resolve():
-            ensure_demo_corpus()  # a fresh clone holds only the captions; images come from a wheel
+            ensure_demo_corpus()  # a fresh clone has no data/demo: captions ship in the package
         if source.is_dir():
             _merge(images, _scan_folder(source, problems))
             for manifest in sorted(p for p in source.iterdir()

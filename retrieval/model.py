@@ -26,8 +26,11 @@ from retrieval import card as model_card
 from retrieval.errors import ModelLoadError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# What a wheel ships (package data): the default model and its card, the demo captions.
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+DEFAULT_CHECKPOINT = BUNDLED_DIR / "clipdex-default.safetensors"
+# The checkout's data/ folder: training figures, and the demo folder `make run` indexes.
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-DEFAULT_CHECKPOINT = DATA_DIR / "clipdex-default.safetensors"
 
 
 @dataclass

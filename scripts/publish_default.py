@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from retrieval.card import card_path, read_weights, write_checkpoint, write_json_atomic
-from retrieval.model import DEFAULT_CHECKPOINT
+from retrieval.model import DATA_DIR, DEFAULT_CHECKPOINT
 
 
 def publish_weights(run: Path) -> None:
@@ -30,8 +30,8 @@ def publish_weights(run: Path) -> None:
         card.pop(field, None)
     card["storage_dtype"] = "float16"
     write_checkpoint(DEFAULT_CHECKPOINT, state, card)
-    shutil.copyfile(run / "training.png", DEFAULT_CHECKPOINT.parent / "clipdex-default-training.png")
-    shutil.copyfile(run / "log.csv", DEFAULT_CHECKPOINT.parent / "clipdex-default-training.csv")
+    shutil.copyfile(run / "training.png", DATA_DIR / "clipdex-default-training.png")
+    shutil.copyfile(run / "log.csv", DATA_DIR / "clipdex-default-training.csv")
 
 
 def add_evaluation(results: Path, command: str) -> None:
