@@ -4,6 +4,7 @@ card, the demo captions and the page, and `clipdex demo` runs from the installed
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -22,6 +23,9 @@ def _run(*argv: str, **options) -> subprocess.CompletedProcess:
 
 
 def test_the_wheel_carries_the_default_model_and_runs_the_demo(tmp_path):
+    # setuptools stages files in the checkout's build/ and never removes a file that moved
+    # away: a stale copy there would ship in the wheel.
+    shutil.rmtree(ROOT / "build", ignore_errors=True)
     built = _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                  "-q", "-w", str(tmp_path / "dist"), str(ROOT))
     assert built.returncode == 0, built.stderr[-3000:]
