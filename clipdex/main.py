@@ -9,7 +9,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from clipdex.commands import index, models, serve
+from clipdex.commands import index, models, search, serve
 from clipdex.options import log
 from retrieval.errors import ClipdexError
 
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="clipdex", description="Contrastive image-text retrieval: train and evaluate dual "
                                     "encoders, build indexes, search and serve them.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (models, index, serve):
+    for group in (models, index, search, serve):
         group.register(sub)
     return parser
 

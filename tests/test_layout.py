@@ -47,3 +47,15 @@ def test_modules_and_functions_stay_small():
                         too_big.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: "
                                        f"{length} lines")
     assert too_big == []
+
+
+def test_tests_import_no_other_test_module():
+    """Shared code lives in conftest.py or a helpers module, never in another test file."""
+    offenders = []
+    for path in (ROOT / "tests").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                last = node.module.split(".")[-1]
+                if node.module.startswith("tests.") and last.startswith("test_"):
+                    offenders.append(f"{path.relative_to(ROOT)}: {node.module}")
+    assert offenders == []

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clipdex.commands.serve import settings_from
 from api.errors import core_problem
-from retrieval import errors
+from clipdex.commands.serve import settings_from
 from clipdex.main import build_parser
+from retrieval import errors
 from retrieval.search import Searcher, combine, normalise, zero_shot_probabilities
 from tests.api.helpers import InMemoryGeneration, ItemRecord
 

@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from indexer.build import BuildConfig, build
 from clipdex.main import main
+from indexer.build import BuildConfig, build
 from retrieval.store import open_generation
 from tests.conftest import COLOURS, make_image
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model", "clipdex-tiny", "--device", "cpu", "--workers", "0"]
 
 
