@@ -21,9 +21,12 @@ def upload_openapi(*fields: str) -> dict[str, Any]:
     return {"requestBody": {"content": {"multipart/form-data": {"encoding": encoding}}}}
 
 
-def upload_limits(max_pixels: int, max_bytes: int) -> DecodeLimits:
-    """The core decoder's limits for uploads: the service's caps and the formats above."""
-    return DecodeLimits(max_pixels=max_pixels, max_bytes=max_bytes, formats=ALLOWED_FORMATS)
+def upload_limits(max_pixels: int, max_bytes: int, draft_side: int | None = None
+                  ) -> DecodeLimits:
+    """The core decoder's limits for uploads: the service's caps and the formats above, and
+    reduced-size JPEG decoding down to what the model needs."""
+    return DecodeLimits(max_pixels=max_pixels, max_bytes=max_bytes, formats=ALLOWED_FORMATS,
+                        draft_side=draft_side)
 
 
 def decode_base64(text: str) -> bytes:

@@ -25,6 +25,7 @@ from retrieval.batcher import MicroBatcher
 from retrieval.encode import encode_image_batch, encode_texts
 from retrieval.encoders import BatchedEncoder
 from retrieval.errors import ClipdexError
+from retrieval.images import draft_side_of
 from retrieval.model import ClipModel
 from retrieval.search import GenerationLike, Searcher
 from retrieval.store import ModelIdentity, model_identity, open_generation, read_current
@@ -136,6 +137,9 @@ class ServiceState:
         for batcher in (self.text_batcher, self.image_batcher):
             batcher.start()
             self.metrics.watch_queue(batcher.name, lambda b=batcher: b.depth)
+        self.upload_limits = upload_limits(self.settings.max_image_pixels,
+                                           self.settings.max_decode_bytes,
+                                           draft_side_of(clip.preprocess))
         self.encoder = BatchedEncoder(
             clip, self.text_batcher, self.image_batcher, asyncio.get_running_loop(),
             self.upload_limits, self.settings.max_concurrent_decodes,

@@ -46,6 +46,7 @@ from retrieval.store import (
     write_generation,
 )
 
+DECODER = "jpeg-draft/1"  # reduced-size JPEG decoding (retrieval.images.DecodeLimits)
 # (kept positions, their (m, d) embeddings, problems, how many inputs the step consumed)
 Step = tuple[list[int], np.ndarray, list[tuple[int, Problem]], int]
 
@@ -299,9 +300,10 @@ def _concatenate(parts: list[Shard], dim: int) -> tuple[np.ndarray, np.ndarray, 
 
 def _job_hash(identity: ModelIdentity, collection: Collection, config: BuildConfig,
               parent: str | None) -> str:
-    """Same model, same files (by size and mtime), same texts and shard size: same job."""
+    """Same model, same files (by size and mtime), same texts and shard size, same decoder:
+    same job (DECODER names the decoding, so shards of an older decoder are not mixed in)."""
     digest = hashlib.sha256(json.dumps([identity.sha256, config.max_pixels, config.shard_size,
-                                        parent]).encode())
+                                        parent, DECODER]).encode())
     for entry in collection.images:
         stat = entry.path.stat() if entry.path.exists() else None
         digest.update(f"{entry.path}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}\0"

@@ -20,7 +20,7 @@ from PIL import Image
 
 from retrieval.batcher import MicroBatcher
 from retrieval.encode import encode_image_batch, encode_texts
-from retrieval.images import DecodeLimits, model_pixels
+from retrieval.images import DecodeLimits, draft_side_of, model_pixels
 from retrieval.model import ClipModel
 
 ImageLike = bytes | Image.Image  # an encoded file, or a decoded image
@@ -45,7 +45,8 @@ class ModelEncoder:
     """Encodes on the calling thread, one model call per method call."""
 
     def __init__(self, clip: ClipModel, limits: DecodeLimits | None = None):
-        self.clip, self.limits = clip, limits or DecodeLimits()
+        self.clip = clip
+        self.limits = limits or DecodeLimits(draft_side=draft_side_of(clip.preprocess))
         self.embed_dim = int(clip.embed_dim)
         self.logit_scale = model_logit_scale(clip)
 
