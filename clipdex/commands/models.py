@@ -36,7 +36,7 @@ TRAIN_SET_ELSEWHERE = frozenset({"command"})  # the command line itself, for the
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from retrieval.train import TrainConfig
+    from retrieval.training.config import TrainConfig
 
     train = sub.add_parser("train", help="train or fine-tune a dual encoder with InfoNCE")
     _manifest_options(train)
@@ -102,7 +102,8 @@ def _read(args: argparse.Namespace, prefix: str = ""):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from retrieval.model import load_model
-    from retrieval.train import TrainConfig, train
+    from retrieval.training.config import TrainConfig
+    from retrieval.training.train import train
 
     config = config_from(args, TrainConfig, command=args.command_line)
     clip = load_model(args.model, args.device)

@@ -29,17 +29,6 @@ READ, ADMIN = "reader-key", "admin-key"
 AUTH = {"Authorization": f"Bearer {READ}"}
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("hostile-images")
-    return {name: make_image(folder / f"{name}.png", rgb) for name, rgb in COLOURS.items()}
-
-
-@pytest.fixture(scope="module")
-def index_root(tiny, images, tmp_path_factory) -> Path:
-    return build_index(tmp_path_factory.mktemp("hostile-index"), tiny, images)
-
-
 def serve(tiny, root: Path, **overrides) -> ServerThread:
     options = {"read_keys": (READ,), "admin_key": ADMIN, "max_in_flight": 4,
                "batching": BatcherConfig(8, 0, 64), "body_idle_s": 1.0,

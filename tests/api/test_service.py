@@ -19,21 +19,10 @@ from api.app import create_app
 from api.settings import Settings
 from retrieval.batcher import BatcherConfig
 from tests.api.helpers import ServerThread, build_index
-from tests.conftest import COLOURS, make_image
+from tests.conftest import COLOURS
 
 READ, ADMIN = "reader-key", "admin-key"
 AUTH = {"Authorization": f"Bearer {READ}"}
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("images")
-    return {name: make_image(folder / f"{name}.png", rgb) for name, rgb in COLOURS.items()}
-
-
-@pytest.fixture(scope="module")
-def index_root(tiny, images, tmp_path_factory) -> Path:
-    return build_index(tmp_path_factory.mktemp("index"), tiny, images)
 
 
 def serve(tiny, index_root: Path, **overrides) -> ServerThread:

@@ -10,7 +10,7 @@ from clipdex.commands.models import TRAIN_SET_ELSEWHERE
 from clipdex.main import build_parser
 from clipdex.options import config_from
 from indexer.build import BuildConfig
-from retrieval.train import TrainConfig
+from retrieval.training.config import TrainConfig
 
 
 def _dests(*argv: str) -> dict:

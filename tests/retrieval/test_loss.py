@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from retrieval.loss import INIT_LOGIT_SCALE, clip_loss
+from retrieval.training.loss import INIT_LOGIT_SCALE, clip_loss
 
 
 def test_loss_matches_hand_computation_on_3x3():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from retrieval.encode import trim_padding
-from retrieval.towers import split_image_tower, split_text_tower
+from retrieval.training.towers import split_image_tower, split_text_tower
 
 
 def test_text_split_equals_full_forward_at_every_cut(towers):

@@ -8,7 +8,8 @@ import torch
 from clipdex.main import main
 from retrieval.manifest import read_manifest
 from retrieval.model import load_model
-from retrieval.train import TrainConfig, train
+from retrieval.training.config import TrainConfig
+from retrieval.training.train import train
 
 
 def _log_rows(out):

@@ -16,7 +16,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,10 @@ from tqdm import tqdm
 from retrieval import card as model_card
 from retrieval.encode import autocast_for
 from retrieval.errors import CheckpointError, ManifestError
-from retrieval.features import (
+from retrieval.manifest import Manifest, Problem
+from retrieval.model import ClipModel, describe
+from retrieval.training.config import TrainConfig
+from retrieval.training.features import (
     Features,
     embed_images,
     embed_texts,
@@ -36,32 +39,8 @@ from retrieval.features import (
     step_batches,
     text_split,
 )
-from retrieval.loss import INIT_LOGIT_SCALE, clip_loss
-from retrieval.manifest import Manifest, Problem
-from retrieval.model import ClipModel, describe
-from retrieval.towers import freeze_batch_norm
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    out: Path
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_fraction: float = 0.05
-    accum_steps: int = 1
-    lock_image: bool = True  # image trunk frozen and cached; False trains it (a GPU job)
-    unlocked_text_layers: int = 2  # top text layers that train; the rest are frozen
-    unlocked_image_stages: int = 0  # top image trunk stages that train (cached below them)
-    init_logit_scale: float = INIT_LOGIT_SCALE
-    precision: str = "auto"
-    workers: int | None = None
-    seed: int = 0
-    resume: bool = False
-    command: str = ""
-    data_note: str = ""
-    cache_dir: Path | None = None  # where frozen image features are kept between runs
+from retrieval.training.loss import clip_loss
+from retrieval.training.towers import freeze_batch_norm
 
 
 def trainable_modules(clip: ClipModel, config: TrainConfig) -> list[torch.nn.Module]:

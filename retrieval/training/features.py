@@ -13,7 +13,6 @@ import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import open_clip
@@ -26,10 +25,8 @@ from retrieval.manifest import Manifest, Problem
 from retrieval.metrics import retrieval_metrics
 from retrieval.model import ClipModel
 from retrieval.pipeline import ImageBatch, encode_image_files, iter_image_batches
-from retrieval.towers import Split, split_image_tower, split_text_tower
-
-if TYPE_CHECKING:
-    from retrieval.train import TrainConfig
+from retrieval.training.config import TrainConfig
+from retrieval.training.towers import Split, split_image_tower, split_text_tower
 
 
 def image_split(clip: ClipModel, config: TrainConfig) -> Split | None:
