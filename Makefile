@@ -30,7 +30,9 @@ browser:
 	  || echo "chromium is not installed and cannot be installed here: the browser test will skip"
 
 # The demo photographs install with scikit-image; the indexer copies them into data/demo.
-$(DEMO_INDEX)/CURRENT: | $(STAMP)
+# A new default model makes the old demo index refuse its queries: rebuild it then.
+$(DEMO_INDEX)/CURRENT: retrieval/bundled/clipdex-default.safetensors | $(STAMP)
+	rm -rf $(DEMO_INDEX)
 	$(CLIPDEX) index build data/demo --out $(DEMO_INDEX)
 
 run: $(STAMP) $(DEMO_INDEX)/CURRENT
@@ -38,6 +40,7 @@ run: $(STAMP) $(DEMO_INDEX)/CURRENT
 	$(CLIPDEX) serve --index $(DEMO_INDEX) --host 127.0.0.1 --port 8000
 
 test: $(STAMP) browser
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 # All benchmarks in one sequence (~15 min on 2 cores); writes docs/BENCHMARKS.md.

@@ -18,7 +18,8 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
 from api import errors
-from api.limits import BodyLimitMiddleware, InFlightLimitMiddleware
+from api.deps import check_key, route_policy
+from api.limits import Door, DoorConfig, InFlightLimitMiddleware
 from api.metrics import Metrics, RequestMetricsMiddleware
 from api.routes_admin import router as admin_router
 from api.routes_compat import router as compat_router
@@ -58,21 +59,48 @@ def create_app(settings: Settings, clip: ClipModel | None = None,
                   description="Contrastive image-text search over a clipdex index generation.")
     app.state.settings = settings
     errors.install(app)
-    for router in (search_router, items_router, compat_router, ops_router, admin_router):
+    routers = (search_router, items_router, compat_router, ops_router, admin_router)
+    for router in routers:
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    if not settings.read_keys:
+        _searching_needs_no_key(app)
 
     @app.get("/", include_in_schema=False)
     async def index_page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
-    # The last added runs first: metrics see every answer, refusals at the door included.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # The last added runs first: metrics see every answer, refusals at the door included;
+    # the Door (keys, body caps and timeouts) runs before a request counts as in flight.
     if settings.max_in_flight is not None:
         app.add_middleware(InFlightLimitMiddleware, max_in_flight=settings.max_in_flight,
                            retry_after_s=settings.retry_after_s)
+    door = DoorConfig(settings.max_body_bytes, settings.body_idle_s, settings.body_deadline_s,
+                      settings.max_buffered_bytes)
+    # The routers' own APIRoutes (FastAPI nests included routers in private wrappers): each
+    # carries its path, its key dependency and its body cap.
+    app.add_middleware(Door, config=door, routes=[r for router in routers for r in router.routes],
+                       policy_of=route_policy,
+                       check=lambda need, headers: check_key(settings, need, headers))
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app
+
+
+def _searching_needs_no_key(app: FastAPI) -> None:
+    """Without read keys only the admin routes take a key: say so in the OpenAPI schema (the
+    read routes declare their schemes for services that have keys)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        schema = build()
+        for path, operations in schema.get("paths", {}).items():
+            if not path.startswith("/admin"):
+                for operation in operations.values():
+                    operation.pop("security", None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def _watch(state: ServiceState) -> None:

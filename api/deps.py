@@ -13,9 +13,15 @@ import hmac
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.routing import APIRoute
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import Headers
+from starlette.routing import BaseRoute
 
 from api.errors import Problem
+from api.limits import BODY_LIMIT_KEY, NO_BODY_LIMIT, RoutePolicy
+from api.settings import Settings
 from api.state import ServiceState
 from retrieval.search import Searcher
 
@@ -29,18 +35,18 @@ def get_state(request: Request) -> ServiceState:
 State = Annotated[ServiceState, Depends(get_state)]
 
 
-def presented_key(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
+def presented_key(headers: Headers) -> str | None:
+    header = headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
     if scheme.lower() == "basic" and value.strip():
         try:
             user, _, password = base64.b64decode(value.strip()).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, UnicodeDecodeError, ValueError):
             return None
         return password or user or None
-    return request.headers.get("x-api-key") or None
+    return headers.get("x-api-key") or None
 
 
 def _matches(key: str, candidates: list[str]) -> bool:
@@ -50,11 +56,15 @@ def _matches(key: str, candidates: list[str]) -> bool:
     return found
 
 
-def require_read(request: Request, state: State) -> None:
-    settings = state.settings
+def check_key(settings: Settings, need: str, headers: Headers) -> None:
+    """Raise the 401/403 Problem when `headers` carry no key good for `need` ("read" or
+    "admin"). Called by the route dependencies and, before any body is read, by the Door."""
+    if need == "admin":
+        _check_admin(settings, presented_key(headers))
+        return
     if not settings.read_keys:
         return
-    key = presented_key(request)
+    key = presented_key(headers)
     allowed = list(settings.read_keys) + ([settings.admin_key] if settings.admin_key else [])
     if key is None:
         raise Problem(401, "Unauthorized", "this service needs a read key: send "
@@ -64,12 +74,10 @@ def require_read(request: Request, state: State) -> None:
                       headers=AUTH_HEADERS)
 
 
-def require_admin(request: Request, state: State) -> None:
-    settings = state.settings
+def _check_admin(settings: Settings, key: str | None) -> None:
     if not settings.admin_key:
         raise Problem(403, "Forbidden", "write endpoints are disabled; start the service "
-                      "with --admin-key to enable them")
-    key = presented_key(request)
+                      "with an admin key (CLIPDEX_ADMIN_KEY) to enable them")
     if key is None:
         raise Problem(401, "Unauthorized", "this endpoint needs the admin key: send "
                       "'Authorization: Bearer KEY'", headers=AUTH_HEADERS)
@@ -79,6 +87,39 @@ def require_admin(request: Request, state: State) -> None:
         raise Problem(403, "Forbidden", "a read key cannot change the index; use the admin key")
     raise Problem(401, "Unauthorized", "the key is not valid for this service; check it",
                   headers=AUTH_HEADERS)
+
+
+# The schemes as OpenAPI shows them (and /docs offers to fill in). They only declare; the check
+# is `check_key`, which also takes HTTP Basic with the key as password. auto_error=False: a
+# missing or other credential is check_key's to judge, with the service's own problem bodies.
+BEARER = HTTPBearer(auto_error=False, scheme_name="bearer",
+                    description="Authorization: Bearer KEY")
+API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey",
+                       description="X-API-Key: KEY")
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]
+ApiKey = Annotated[str | None, Security(API_KEY)]
+
+
+def require_read(request: Request, state: State, _bearer: Bearer = None,
+                 _api_key: ApiKey = None) -> None:
+    check_key(state.settings, "read", request.headers)
+
+
+def require_admin(request: Request, state: State, _bearer: Bearer = None,
+                  _api_key: ApiKey = None) -> None:
+    check_key(state.settings, "admin", request.headers)
+
+
+def route_policy(route: BaseRoute, default_max_body: int) -> RoutePolicy:
+    """What the Door enforces for a route: the key its dependencies require, and the body cap
+    in its openapi_extra (routes that take a body default to the upload cap)."""
+    if not isinstance(route, APIRoute):
+        return RoutePolicy(None, NO_BODY_LIMIT)  # static files, the page
+    needs = {dependency.dependency for dependency in route.dependencies}
+    need = "admin" if require_admin in needs else "read" if require_read in needs else None
+    takes_body = bool(route.methods & {"POST", "PUT", "PATCH"})
+    fallback = default_max_body if takes_body else NO_BODY_LIMIT
+    return RoutePolicy(need, (route.openapi_extra or {}).get(BODY_LIMIT_KEY, fallback))
 
 
 async def lease_searcher(state: State) -> AsyncIterator[Searcher]:

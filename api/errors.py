@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -12,9 +13,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.batcher import QueueFullError
 from api.schemas import ProblemBody
 from retrieval import errors as core_errors
+from retrieval.batcher import QueueFullError
 
 PROBLEM_TYPE = "https://clipdex.dev/problems/"  # + slug; documentation anchors, not fetched
 log = logging.getLogger("api")
@@ -34,6 +35,11 @@ class Problem(Exception):
 # Core error class name -> (status, title); the most specific class in the MRO wins.
 CORE_ERRORS: dict[str, tuple[int, str]] = {
     "BadImageError": (422, "Unreadable image"),
+    "ImageTooLargeError": (413, "Image too large"),
+    "UnsupportedImageError": (415, "Unsupported image format"),
+    "BadCursorError": (422, "Bad cursor"),
+    "StaleCursorError": (409, "Stale cursor"),
+    "TooDeepError": (422, "Too deep"),
     "InvalidQueryError": (422, "Bad query"),
     "ManifestError": (422, "Bad manifest"),
     "UnknownItemError": (404, "Not found"),
@@ -48,11 +54,22 @@ CORE_ERRORS: dict[str, tuple[int, str]] = {
 
 def core_problem(error: core_errors.ClipdexError) -> Problem:
     """The one place a core error becomes an HTTP status."""
+    detail = redact_paths(str(error))
     for cls in type(error).__mro__:
         if cls.__name__ in CORE_ERRORS:
             status, title = CORE_ERRORS[cls.__name__]
-            return Problem(status, title, str(error))
-    return Problem(422, "Cannot process request", str(error))
+            return Problem(status, title, detail)
+    return Problem(422, "Cannot process request", detail)
+
+
+# An absolute file system path: "/" then at least one "dir/" and a last part.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/-])/(?:[^\s/'\"(),;<>]+/)+([^\s/'\"(),;<>]*)")
+
+
+def redact_paths(text: str) -> str:
+    """Core errors name files with their full paths, which the CLI's user needs and a remote
+    client must not see (the server's layout): each becomes its last part ("images.npy")."""
+    return _ABSOLUTE_PATH.sub(lambda match: match.group(1) or "(a folder)", text)
 
 
 def problem_response(problem: Problem) -> JSONResponse:

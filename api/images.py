@@ -1,18 +1,14 @@
-"""Uploaded image bytes -> an upright RGB image, with the format and pixel checks first."""
+"""What the service accepts as an image upload; decoding itself is the core's one decoder
+(`retrieval.images.load_image`), shared with the indexer."""
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
-import warnings
 from typing import Any
 
-from PIL import Image
-
-from api.errors import Problem
 from retrieval.errors import BadImageError
-from retrieval.images import to_rgb
+from retrieval.images import DecodeLimits
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")  # GIF: the first frame
 UPLOAD_MEDIA_TYPES = "image/jpeg, image/png, image/webp, image/gif"
@@ -25,36 +21,12 @@ def upload_openapi(*fields: str) -> dict[str, Any]:
     return {"requestBody": {"content": {"multipart/form-data": {"encoding": encoding}}}}
 
 
-def decode_upload(data: bytes, max_pixels: int, keep_format: bool = False) -> Any:
-    """Check format and size from the header, then decode; EXIF orientation is applied.
-    With `keep_format`, return the format name ("PNG", ...) instead, after the same checks."""
-    if not data:
-        raise BadImageError("the image upload is empty; attach a JPEG, PNG, WebP or GIF file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                _check_header(image, max_pixels)
-                image.load()  # a GIF decodes its first frame
-                return image.format if keep_format else to_rgb(image)
-    except Problem:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise Problem(413, "Image too large", f"decompression bomb refused ({error})") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise BadImageError(f"cannot decode the image ({error}); send a valid JPEG, PNG, "
-                            "WebP or GIF file") from None
-
-
-def _check_header(image: Image.Image, max_pixels: int) -> None:
-    if image.format not in ALLOWED_FORMATS:
-        raise Problem(415, "Unsupported image format",
-                      f"{image.format or 'this'} images are not accepted; send JPEG, PNG, "
-                      "WebP or GIF")
-    width, height = image.size
-    if width * height > max_pixels:
-        raise Problem(413, "Image too large",
-                      f"{width}x{height} is over the {max_pixels:,}-pixel cap; downscale it")
+def upload_limits(max_pixels: int, max_bytes: int, draft_side: int | None = None
+                  ) -> DecodeLimits:
+    """The core decoder's limits for uploads: the service's caps and the formats above, and
+    reduced-size JPEG decoding down to what the model needs."""
+    return DecodeLimits(max_pixels=max_pixels, max_bytes=max_bytes, formats=ALLOWED_FORMATS,
+                        draft_side=draft_side)
 
 
 def decode_base64(text: str) -> bytes:

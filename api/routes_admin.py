@@ -7,7 +7,6 @@ writer lock); the service then swaps to it while in-flight requests finish on th
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from pathlib import Path
 from typing import Annotated
 
@@ -16,25 +15,33 @@ from fastapi import APIRouter, File, Form, UploadFile
 from fastapi import Path as PathParam
 from pydantic import Field
 
-from api.deps import AdminAccess, State
+from api.deps import AdminAccess, Leased, State
 from api.errors import Problem, problem_responses
-from api.images import decode_upload, upload_openapi
-from api.query import encode_image, encode_texts
+from api.images import upload_openapi
+from api.limits import body_limit
 from api.schemas import MAX_ITEM_ID, AddTextsRequest, ReloadResponse, WriteResponse
-from api.settings import MAX_TEXT_CHARS
+from api.settings import EMPTY_BODY_BYTES, MAX_TEXT_CHARS
 from api.state import ServiceState
-from retrieval.store import ItemRecord, open_generation, update_generation
+from retrieval.images import image_format
+from retrieval.store import (
+    ItemRecord,
+    append_items,
+    image_with_captions,
+    keep_upload,
+    text_records,
+    update_generation,
+    upload_path,
+)
 
 # Any write can meet these: no or a wrong key, writes disabled, an index that no longer
 # fits the model or cannot be read (a core error); bodies add 400/413, uploads 415.
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminAccess],
                    responses=problem_responses(401, 403, 409, 422, 503))
-UPLOADS = "uploads"  # under the index root: where images added through the API are kept
 SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif"}
 Caption = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 
 
-@router.post("/reload", response_model=ReloadResponse,
+@router.post("/reload", response_model=ReloadResponse, openapi_extra=body_limit(EMPTY_BODY_BYTES),
              summary="Serve the index root's current generation; in-flight requests finish "
                      "on the old one")
 async def reload(state: State) -> ReloadResponse:
@@ -45,36 +52,47 @@ async def reload(state: State) -> ReloadResponse:
 @router.post("/items/texts", response_model=WriteResponse, summary="Add caption texts",
              responses=problem_responses(400, 413))
 async def add_texts(body: AddTextsRequest, state: State) -> WriteResponse:
-    vectors = await encode_texts(state, body.texts)
-    async with state.write_lock:
-        first = await asyncio.to_thread(_next_id, state)
-        records = [ItemRecord(first + n, "text", text=text, image_id=body.image_id)
-                   for n, text in enumerate(body.texts)]
-        return await _commit(state, records, {"text": np.stack(vectors)})
+    vectors = await state.run(state.encoder.texts, body.texts)
+    records = text_records(body.texts, image_id=body.image_id)
+    return await _append(state, records, {"text": vectors})
 
 
 @router.post("/items/image", response_model=WriteResponse,
              responses=problem_responses(400, 413, 415), openapi_extra=upload_openapi("image"),
-             summary="Add an image (kept under the index root) with optional captions")
-async def add_image(state: State, image: Annotated[UploadFile, File()],
+             summary="Add an image (kept under the index root) with optional captions; the "
+                     "same bytes again answer the existing item (duplicate: true)")
+async def add_image(state: State, searcher: Leased, image: Annotated[UploadFile, File()],
                     captions: Annotated[list[Caption] | None, Form(max_length=20, description=(
                         f"0 to 20 captions, each up to {MAX_TEXT_CHARS} characters; blank ones "
                         "are dropped"))] = None
                     ) -> WriteResponse:
     data = await image.read()
     captions = [c.strip() for c in captions or [] if c.strip()]
-    image_vector, caption_vectors = await asyncio.gather(encode_image(state, data),
-                                                         encode_texts(state, captions))
-    async with state.write_lock:
-        path = await asyncio.to_thread(_save_upload, state, data)
-        first = await asyncio.to_thread(_next_id, state)
-        records = [ItemRecord(first, "image", path=str(path), captions=captions)]
-        records += [ItemRecord(first + 1 + n, "text", text=c, image_id=first)
-                    for n, c in enumerate(captions)]
-        vectors = {"image": image_vector[None, :]}
-        if captions:
-            vectors["text"] = np.stack(caption_vectors)
-        return await _commit(state, records, vectors)
+    root = _root(state)
+    suffix = SUFFIX[await asyncio.to_thread(image_format, data, state.upload_limits)]
+    stored = upload_path(data, suffix)
+    existing = (await asyncio.to_thread(searcher.generation.ids_for_paths, [stored])).get(stored)
+    if existing is not None:
+        return _duplicate(existing, captions, searcher.generation.name)
+    image_vectors = await state.run(state.encoder.images, [data])  # (1, d)
+    caption_vectors = await state.run(state.encoder.texts, captions)  # (n, d)
+    await asyncio.to_thread(keep_upload, root, stored, data)
+    records = image_with_captions(stored, captions)
+    vectors = {"image": image_vectors}
+    if captions:
+        vectors["text"] = caption_vectors
+    return await _append(state, records, vectors)
+
+
+def _duplicate(existing: int, captions: list[str], generation: str) -> WriteResponse:
+    """Uploads are kept by content hash, so the same bytes are the same item: adding them
+    again would make two items of one file. Captions sent with a duplicate are refused rather
+    than dropped: they belong to POST /admin/items/texts with the existing image's id."""
+    if captions:
+        raise Problem(409, "Already indexed", f"this image is already item {existing}; add "
+                      "its captions with POST /admin/items/texts and "
+                      f'{{"image_id": {existing}}}')
+    return WriteResponse(ids=[existing], generation=generation, duplicate=True)
 
 
 # `:int` keeps /items/image (POST) apart: DELETE /admin/items/image is then 405, not a bad id.
@@ -83,8 +101,11 @@ async def add_image(state: State, image: Annotated[UploadFile, File()],
                summary="Delete an item (an image takes its captions along)")
 async def delete_item(state: State, item_id: Annotated[int, PathParam(ge=0, le=MAX_ITEM_ID)]
                       ) -> WriteResponse:
+    root, model = _root(state), state.model
     async with state.write_lock:
-        return await _commit(state, [], {}, delete=[item_id])
+        await asyncio.to_thread(update_generation, root, model, delete_ids=[item_id])
+        _, current = await state.reload()
+    return WriteResponse(ids=[item_id], generation=current)
 
 
 def _root(state: ServiceState) -> Path:
@@ -94,29 +115,12 @@ def _root(state: ServiceState) -> Path:
     return Path(state.settings.index)
 
 
-def _next_id(state: ServiceState) -> int:
-    generation = open_generation(_root(state), verify_checksums=False)
-    try:
-        return generation.next_id
-    finally:
-        generation.close()
-
-
-def _save_upload(state: ServiceState, data: bytes) -> Path:
-    """Keep a validated upload under the index root, named by its content hash."""
-    suffix = SUFFIX[decode_upload(data, state.settings.max_image_pixels, keep_format=True)]
-    folder = _root(state) / UPLOADS
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / (hashlib.sha256(data).hexdigest()[:32] + suffix)
-    if not path.exists():
-        path.write_bytes(data)
-    return path.resolve()
-
-
-async def _commit(state: ServiceState, records: list[ItemRecord],
-                  vectors: dict[str, np.ndarray], delete: list[int] = ()) -> WriteResponse:
+async def _append(state: ServiceState, records: list[ItemRecord],
+                  vectors: dict[str, np.ndarray]) -> WriteResponse:
+    """The store allocates the ids under its writer lock (the records carry provisional ones),
+    so this never conflicts with an `index add` running beside the service."""
     root, model = _root(state), state.model
-    await asyncio.to_thread(update_generation, root, model, add=records, add_vectors=vectors,
-                            delete_ids=delete)
-    _, current = await state.reload()
-    return WriteResponse(ids=[r.id for r in records] or list(delete), generation=current)
+    async with state.write_lock:
+        appended = await asyncio.to_thread(append_items, root, model, records, vectors)
+        _, current = await state.reload()
+    return WriteResponse(ids=appended.ids, generation=current)

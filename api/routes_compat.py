@@ -6,22 +6,21 @@ ClipClient posts a JSON body (without a content type) to /knn-service and reads 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import Leased, ReadAccess, State
 from api.errors import Problem, problem_responses
 from api.images import decode_base64
-from api.query import PageRequest, encode_image, encode_text, search_page
+from api.responses import hit_body
 from api.schemas import INTEGRAL
 from api.settings import MAX_K, MAX_TEXT_CHARS
+from retrieval.query import Query, Term
 
 router = APIRouter(tags=["clip-retrieval compatibility"], dependencies=[ReadAccess],
-                   responses=problem_responses(401, 503))
+                   responses=problem_responses(401, 503), strict_content_type=False)
 
 
 QUERY_FIELDS = ("text", "image", "embedding_input")  # the first one given is used
@@ -49,43 +48,32 @@ async def indices_list(state: State) -> list[str]:
     return [state.settings.index_name]
 
 
-# The body is parsed by hand (ClipClient sends no content type), so its schema is declared here.
+# ClipClient sends its JSON without a content type; with strict_content_type off (on this
+# router) FastAPI parses such a body as JSON, so the route shares every route's parsing path.
 @router.post("/knn-service", summary="clip-retrieval: nearest neighbours of text/image/vector",
-             responses=problem_responses(404, 413, 415, 422), openapi_extra={
-                 "requestBody": {"required": True, "content": {
-                     "application/json": {"schema": KnnRequest.model_json_schema()}}}})
-async def knn_service(request: Request, state: State, searcher: Leased) -> list[dict[str, Any]]:
-    body = _parse(await request.body())
+             responses=problem_responses(404, 413, 415, 422))
+async def knn_service(body: KnnRequest, state: State, searcher: Leased) -> list[dict[str, Any]]:
     if body.indice_name not in (None, state.settings.index_name):
         raise Problem(404, "Not found", f"no index {body.indice_name!r}; this service serves "
                       f"{state.settings.index_name!r} (see /indices-list)")
     if body.image_url:
         raise Problem(422, "Bad query", "image_url is not fetched by this service (no outbound "
                       "requests); send the image itself base64-encoded as 'image'")
+    query = Query((_term(body),), target=body.modality, k=body.num_images)
+    result = await state.run(searcher.search, query)
+    return [_result(hit_body(hit, state.settings.public_url).model_dump())
+            for hit in result.hits]
+
+
+def _term(body: KnnRequest) -> Term:
+    """The first query clip-retrieval's request gives: text, then image, then embedding."""
     if body.text:
-        query, key = await encode_text(state, body.text), "text:" + body.text
-    elif body.image:
-        data = decode_base64(body.image)
-        query, key = await encode_image(state, data), "image:" + hashlib.sha256(data).hexdigest()
-    elif body.embedding_input:
-        query = searcher.check_vector(body.embedding_input)
-        key = "vector:" + hashlib.sha256(query.tobytes()).hexdigest()
-    else:
-        raise Problem(422, "Bad query", "send one of text, image or embedding_input")
-    page = await search_page(state, searcher, query,
-                             PageRequest(body.modality, body.num_images, None, None), key,
-                             str(request.base_url))
-    return [_result(hit.model_dump()) for hit in page.hits]
-
-
-def _parse(raw: bytes) -> KnnRequest:
-    try:
-        return KnnRequest.model_validate(json.loads(raw or b"{}"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise Problem(422, "Invalid request", "the body is not JSON") from None
-    except ValidationError as error:
-        where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        raise Problem(422, "Invalid request", where) from None
+        return Term(text=body.text)
+    if body.image:
+        return Term(image=decode_base64(body.image))
+    if body.embedding_input:
+        return Term(vector=body.embedding_input)
+    raise Problem(422, "Bad query", "send one of text, image or embedding_input")
 
 
 def _result(hit: dict[str, Any]) -> dict[str, Any]:

@@ -3,19 +3,16 @@ classification and captioning by retrieval."""
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import json
-from typing import Annotated
+from typing import Annotated, Any
 
-import numpy as np
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, UploadFile
 from pydantic import AfterValidator, Field, WithJsonSchema
 
 from api.deps import Leased, ReadAccess, State
 from api.errors import Problem, problem_responses
 from api.images import decode_base64, upload_openapi
-from api.query import PageRequest, encode_image, encode_text, encode_texts, hit_body, search_page
+from api.limits import body_limit
+from api.responses import hit_body, search_response
 from api.schemas import (
     LABELS_DESCRIPTION,
     MAX_LABEL_CHARS,
@@ -31,15 +28,8 @@ from api.schemas import (
     Target,
     not_blank,
 )
-from api.settings import MAX_K, MAX_LABELS
-from retrieval.search import (
-    ZERO_SHOT_TEMPLATE,
-    Searcher,
-    combine,
-    logit_scale,
-    normalise,
-    zero_shot_probabilities,
-)
+from api.settings import MAX_K, MAX_LABELS, TEXT_QUERY_BODY_BYTES, VECTOR_QUERY_BODY_BYTES
+from retrieval.query import ZERO_SHOT_TEMPLATE, Query, Term
 
 # Every search can meet these; routes add what their inputs make possible (cursors: 409,
 # uploads: 415, item ids: 404).
@@ -61,59 +51,49 @@ UPLOAD = upload_openapi("image")
 
 
 @router.post("/search/text", response_model=SearchResponse, responses=problem_responses(409),
+             openapi_extra=body_limit(TEXT_QUERY_BODY_BYTES),
              summary="Text query: top-k images (or texts) with scores")
-async def search_text(body: SearchTextRequest, request: Request, state: State,
+async def search_text(body: SearchTextRequest, state: State,
                       searcher: Leased) -> SearchResponse:
-    query = await encode_text(state, body.text)
-    return await search_page(state, searcher, query, _paging(body, body.target),
-                             f"text:{body.text}", str(request.base_url))
+    query = Query.text(body.text, **_paging(body))
+    return search_response(await state.run(searcher.search, query), state.settings.public_url)
 
 
 @router.post("/search/image", response_model=SearchResponse,
              responses=problem_responses(409, 415), openapi_extra=UPLOAD,
              summary="Image upload: top-k texts (target=text) or similar images (target=image)")
-async def search_image(request: Request, state: State, searcher: Leased, image: ImageFile,
+async def search_image(state: State, searcher: Leased, image: ImageFile,
                        target: FormTarget = "text", k: FormK = 10,
                        threshold: FormThreshold = None,
                        cursor: FormCursor = None) -> SearchResponse:
-    data = await image.read()
-    query = await encode_image(state, data)
-    return await search_page(state, searcher, query, PageRequest(target, k, threshold, cursor),
-                             "image:" + hashlib.sha256(data).hexdigest(), str(request.base_url))
+    query = Query.image(await image.read(), target=target, k=k, threshold=threshold,
+                        cursor=cursor)
+    return search_response(await state.run(searcher.search, query), state.settings.public_url)
 
 
 @router.post("/search/vector", response_model=SearchResponse,
+             openapi_extra=body_limit(VECTOR_QUERY_BODY_BYTES),
              responses=problem_responses(409),
              summary="Embedding query: a vector in, results out (normalised first)")
-async def search_vector(body: SearchVectorRequest, request: Request, state: State,
+async def search_vector(body: SearchVectorRequest, state: State,
                         searcher: Leased) -> SearchResponse:
-    query = searcher.check_vector(body.vector)
-    return await search_page(state, searcher, query, _paging(body, body.target),
-                             "vector:" + hashlib.sha256(query.tobytes()).hexdigest(),
-                             str(request.base_url))
+    query = Query.vector(body.vector, **_paging(body))
+    return search_response(await state.run(searcher.search, query), state.settings.public_url)
 
 
 @router.post("/search/multi", response_model=SearchResponse,
              responses=problem_responses(404, 409, 415),
              summary="Weighted multi-query: sum of weight x unit embedding, normalised")
-async def search_multi(body: SearchMultiRequest, request: Request, state: State,
+async def search_multi(body: SearchMultiRequest, state: State,
                        searcher: Leased) -> SearchResponse:
-    vectors = await asyncio.gather(*(_term_vector(state, searcher, term) for term in body.terms))
-    query = combine([(term.weight, vector) for term, vector in zip(body.terms, vectors)])
-    terms = json.dumps(body.model_dump(include={"terms"}), sort_keys=True)
-    return await search_page(state, searcher, query, _paging(body, body.target),
-                             "multi:" + hashlib.sha256(terms.encode()).hexdigest(),
-                             str(request.base_url))
+    query = Query(tuple(_term(term) for term in body.terms), **_paging(body))
+    return search_response(await state.run(searcher.search, query), state.settings.public_url)
 
 
-async def _term_vector(state: State, searcher: Searcher, term: QueryTerm) -> np.ndarray:
-    if term.text is not None:
-        return await encode_text(state, term.text)
-    if term.image_base64 is not None:
-        return await encode_image(state, decode_base64(term.image_base64))
-    if term.item_id is not None:
-        return await asyncio.to_thread(searcher.item_vector, term.item_id)
-    return searcher.check_vector(term.vector)
+def _term(term: QueryTerm) -> Term:
+    image = decode_base64(term.image_base64) if term.image_base64 is not None else None
+    return Term(weight=term.weight, text=term.text, image=image, vector=term.vector,
+                item_id=term.item_id)
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=problem_responses(415),
@@ -124,14 +104,7 @@ async def classify(state: State, searcher: Leased, image: ImageFile,
                        min_length=1, max_length=MAX_LABELS, description=LABELS_DESCRIPTION,
                        json_schema_extra={"uniqueItems": True})]
                    ) -> ClassifyResponse:
-    labels = _check_labels(labels)
-    prompts = [ZERO_SHOT_TEMPLATE.format(label) for label in labels]
-    image_vector, label_vectors = await asyncio.gather(encode_image(state, await image.read()),
-                                                       encode_texts(state, prompts))
-    assert state.clip is not None
-    probabilities = zero_shot_probabilities(image_vector, np.stack(label_vectors),
-                                            logit_scale(state.clip))
-    ranked = sorted(zip(labels, probabilities.tolist()), key=lambda pair: -pair[1])
+    ranked = await state.run(searcher.classify, await image.read(), _check_labels(labels))
     return ClassifyResponse(labels=[LabelProbability(label=label, probability=p)
                                     for label, p in ranked], template=ZERO_SHOT_TEMPLATE)
 
@@ -147,15 +120,16 @@ def _check_labels(labels: list[str]) -> list[str]:
 @router.post("/caption", response_model=CaptionResponse, responses=problem_responses(415),
              openapi_extra=UPLOAD,
              summary="Caption by retrieval: the indexed texts that best match an image")
-async def caption(request: Request, state: State, searcher: Leased, image: ImageFile,
+async def caption(state: State, searcher: Leased, image: ImageFile,
                   k: Annotated[int, Form(ge=1, le=100, description="captions to return")] = 5
                   ) -> CaptionResponse:
-    query = normalise(await encode_image(state, await image.read()))
-    hits = (await asyncio.to_thread(searcher.search, "text", query[None, :], k))[0]
-    base = str(request.base_url)
+    hits = await state.run(searcher.caption, await image.read(), k)
+    base = state.settings.public_url
     return CaptionResponse(captions=[hit_body(hit, base) for hit in hits],
                            generation=searcher.generation.name)
 
 
-def _paging(body, target: str) -> PageRequest:
-    return PageRequest(target, body.k, body.threshold, body.cursor)
+def _paging(body: SearchTextRequest | SearchVectorRequest | SearchMultiRequest
+            ) -> dict[str, Any]:
+    return {"target": body.target, "k": body.k, "threshold": body.threshold,
+            "cursor": body.cursor}

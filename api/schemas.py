@@ -161,6 +161,7 @@ class AddTextsRequest(BaseModel):
 class WriteResponse(BaseModel):
     ids: list[int]
     generation: str
+    duplicate: bool = Field(False, description="the image was already indexed: ids names it")
 
 
 class HealthResponse(BaseModel):

@@ -4,28 +4,34 @@ dropping requests), the encoding batchers on their single model thread, and metr
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from api.batcher import MicroBatcher
+from api.errors import redact_paths
+from api.images import upload_limits
 from api.metrics import Metrics
 from api.settings import Settings
+from retrieval.batcher import MicroBatcher
 from retrieval.encode import encode_image_batch, encode_texts
+from retrieval.encoders import BatchedEncoder
 from retrieval.errors import ClipdexError
+from retrieval.images import draft_side_of
 from retrieval.model import ClipModel
 from retrieval.search import GenerationLike, Searcher
-from retrieval.store import ModelIdentity, model_identity, open_generation
+from retrieval.store import ModelIdentity, model_identity, open_generation, read_current
 
 log = logging.getLogger("api")
+Result = TypeVar("Result")
 
 
 @dataclass
@@ -72,9 +78,7 @@ class GenerationSlot:
 
 
 def _close(generation: GenerationLike) -> None:
-    close = getattr(generation, "close", None)
-    if close is not None:
-        close()
+    generation.close()
 
 
 def open_index(root: Path, model: ModelIdentity) -> GenerationLike:
@@ -91,8 +95,14 @@ class ServiceState:
         self.load_error: str | None = None
         # One thread owns the model: batches from both batchers run there one at a time.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipdex-model")
+        self.upload_limits = upload_limits(settings.max_image_pixels, settings.max_decode_bytes)
         self.text_batcher: MicroBatcher[str, np.ndarray] | None = None
         self.image_batcher: MicroBatcher[torch.Tensor, np.ndarray] | None = None
+        self.encoder: BatchedEncoder | None = None
+        # Searcher calls block their thread on the batchers: one thread per request in flight
+        # (they wait, they do not compute), so batching is never capped by the pool.
+        self.request_executor = ThreadPoolExecutor(
+            max_workers=max(8, settings.max_in_flight or 64), thread_name_prefix="clipdex-req")
         self._reload_lock = asyncio.Lock()
         self.write_lock = asyncio.Lock()  # API writes one at a time (ids come from next_id)
 
@@ -108,14 +118,13 @@ class ServiceState:
             self.model = await asyncio.to_thread(model_identity, clip)
             if generation is None and self.settings.index is not None:
                 generation = await asyncio.to_thread(open_index, self.settings.index, self.model)
+            self._start_batchers(clip)
             if generation is not None:
-                self.slot = GenerationSlot(Searcher(clip, generation))
+                self.slot = GenerationSlot(self._searcher(generation))
                 self._observe_counts()
         except ClipdexError as error:  # the service stays up and /readyz says why
             self.load_error = str(error)
             log.error("not ready: %s", error)
-        if self.clip is not None:
-            self._start_batchers(self.clip)
 
     def _start_batchers(self, clip: ClipModel) -> None:
         config = self.settings.batching
@@ -128,20 +137,37 @@ class ServiceState:
         for batcher in (self.text_batcher, self.image_batcher):
             batcher.start()
             self.metrics.watch_queue(batcher.name, lambda b=batcher: b.depth)
+        self.upload_limits = upload_limits(self.settings.max_image_pixels,
+                                           self.settings.max_decode_bytes,
+                                           draft_side_of(clip.preprocess))
+        self.encoder = BatchedEncoder(
+            clip, self.text_batcher, self.image_batcher, asyncio.get_running_loop(),
+            self.upload_limits, self.settings.max_concurrent_decodes,
+            wave=min(config.max_batch, config.queue_size))
 
+    def _searcher(self, generation: GenerationLike) -> Searcher:
+        return Searcher(generation, self.encoder, max_depth=self.settings.max_depth)
+
+    async def run(self, call: Callable[..., Result], *args: Any) -> Result:
+        """`call(*args)` on a request thread: Searcher calls block while the batchers work."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.request_executor, functools.partial(call, *args))
     async def stop(self) -> None:
         for batcher in (self.text_batcher, self.image_batcher):
             if batcher is not None:
                 await batcher.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.request_executor.shutdown(wait=False, cancel_futures=True)
 
     # --- generations ---
     def ready_problem(self) -> str | None:
-        """Why the service cannot answer searches, or None when it can."""
+        """Why the service cannot answer searches, or None when it can (said to clients, so
+        without the server's paths)."""
         if self.clip is None:
-            return self.load_error or "the model is not loaded yet"
+            return redact_paths(self.load_error or "the model is not loaded yet")
         if self.slot is None:
-            return self.load_error or "no index generation is loaded; start with --index DIR"
+            return redact_paths(self.load_error or "no index generation is loaded; start with "
+                                "--index DIR")
         if self.clip.embed_dim != self.slot.current.embed_dim:
             return (f"model embed_dim {self.clip.embed_dim} != index embed_dim "
                     f"{self.slot.current.embed_dim}")
@@ -161,7 +187,7 @@ class ServiceState:
             if previous is not None and generation.name == previous:
                 _close(generation)
                 return previous, previous
-            searcher = Searcher(self.clip, generation)
+            searcher = self._searcher(generation)
             if self.slot is None:
                 self.slot = GenerationSlot(searcher)
             else:
@@ -176,11 +202,7 @@ class ServiceState:
         """The generation the index root points at now (for --watch), without opening it."""
         if self.settings.index is None:
             return None
-        pointer = Path(self.settings.index) / "CURRENT"
-        try:
-            return pointer.read_text().strip() or None
-        except OSError:
-            return None
+        return read_current(Path(self.settings.index))
 
     def _observe_counts(self) -> None:
         if self.slot is None:

@@ -27,9 +27,9 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the load client below lives in tests/reliability
+sys.path.insert(0, str(ROOT))  # run as a script: the repository's packages
 
-from tests.reliability.overload import Pool, post_json
+from bench.load import Pool, batch_counters, latency_summary, post_json
 
 WORDS = ["dog", "cat", "beach", "mountain", "city", "street", "child", "red", "blue", "green", "car", "bicycle", "river", "tree", "snow", "people", "running", "sitting", "table", "coffee", "rocket", "moon", "night", "market"]
 
@@ -92,18 +92,16 @@ async def load(url: str, concurrency: int, requests: int, seconds: float) -> dic
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
     pool.close()
-    ordered = sorted(latencies)
-    percentile = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
     return {"ok": len(latencies), "failed": failures, "seconds": round(elapsed, 2),
             "throughput_rps": round(len(latencies) / elapsed, 1),
-            "p50_ms": round(percentile(0.50), 1), "p95_ms": round(percentile(0.95), 1),
-            "p99_ms": round(percentile(0.99), 1),
-            "mean_ms": round(statistics.fmean(ordered) * 1000, 1) if ordered else None}
+            **{name: round(value, 1) for name, value in latency_summary(latencies).items()
+               if value is not None},
+            "mean_ms": round(statistics.fmean(latencies) * 1000, 1) if latencies else None}
 
 
 def serve(checkpoint: Path, index: Path, port: int, max_batch: int, wait_ms: float,
           queue: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "retrieval.cli", "serve", "--index", str(index),
+    command = [sys.executable, "-m", "clipdex", "serve", "--index", str(index),
                "--model", str(checkpoint), "--port", str(port), "--max-batch", str(max_batch),
                "--max-wait-ms", str(wait_ms), "--queue-size", str(queue), "--device", "cpu",
                # every request is served here; shedding under overload is the soak's subject
@@ -128,14 +126,9 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 180) -> Non
 
 
 def batch_sizes(url: str) -> float | None:
-    text = httpx.get(f"{url}/metrics").text
-    values = {}
-    for line in text.splitlines():
-        for key in ("clipdex_batch_size_sum", "clipdex_batch_size_count"):
-            if line.startswith(key + '{kind="text"}'):
-                values[key] = float(line.split()[-1])
-    count = values.get("clipdex_batch_size_count")
-    return round(values["clipdex_batch_size_sum"] / count, 2) if count else None
+    """The mean text batch size so far, from the service's /metrics."""
+    totals = batch_counters(int(url.rsplit(":", 1)[1]))
+    return round(totals["inputs"] / totals["batches"], 2) if totals["batches"] else None
 
 
 def main(argv: list[str] | None = None) -> int:

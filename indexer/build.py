@@ -1,9 +1,9 @@
 """The indexing job: encode sources in resumable shards, then write one store generation.
 
-Encoded shards land in DIR/work/<job-hash>/ as `images-00012.npy` (kept embeddings) plus
-`images-00012.json` (their positions and the skipped files), each written atomically, the JSON
-last as the commit mark. A rerun of the same job (same model, files, sizes, shard size) loads
-finished shards and encodes only the rest, so a kill -9 costs at most one shard of work.
+Encoded shards are kept in the index directory's work area (`retrieval.store.work`), keyed by
+a hash of the job: a rerun of the same job (same model, files, sizes, shard size) loads
+finished shards and encodes only the rest, so a kill -9 costs at most one shard of work. Every
+file the job writes goes through `retrieval.store`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,25 +19,34 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from indexer.sources import Collection, ImageEntry, collect
+from indexer.sources import Collection, collect
 from retrieval.encode import encode_image_batch, encode_texts
-from retrieval.errors import IndexStoreError, UnknownItemError
 from retrieval.images import DEFAULT_MAX_PIXELS
 from retrieval.manifest import Problem
 from retrieval.model import ClipModel
 from retrieval.pipeline import iter_image_batches
 from retrieval.store import (
     Generation,
+    GenerationManifest,
     ItemRecord,
+    JobFolder,
     ModelIdentity,
+    NewImage,
+    NewText,
+    Shard,
     StoreOptions,
-    maybe_fault,
+    append_items,
+    drop_stale_add_jobs,
+    linked_records,
     model_identity,
     open_generation,
+    read_generation_manifest,
     update_generation,
+    write_error_report,
     write_generation,
 )
 
+DECODER = "jpeg-draft/1"  # reduced-size JPEG decoding (retrieval.images.DecodeLimits)
 # (kept positions, their (m, d) embeddings, problems, how many inputs the step consumed)
 Step = tuple[list[int], np.ndarray, list[tuple[int, Problem]], int]
 
@@ -99,7 +107,7 @@ def build(sources: Sequence[Path], out: Path, clip: ClipModel, config: BuildConf
     records, vectors, problems = job.run(clip, start_id=1, progress=progress)
     info = _build_info(sources, collection, problems)
     name = write_generation(out, identity, records, vectors, config.store_options(), info)
-    return job.finish(name, records, problems, started)
+    return job.finish(read_generation_manifest(out, name), records, problems, started)
 
 
 def add(sources: Sequence[Path], index: Path, clip: ClipModel,
@@ -109,33 +117,29 @@ def add(sources: Sequence[Path], index: Path, clip: ClipModel,
     identity = model_identity(clip)
     with open_generation(index, identity.sha256, identity.embed_dim) as current:
         collection = _only_new(collect(sources), current)
-        parent, start_id = current.name, current.next_id
+        parent = current.name
     job = _Job(index, identity, collection, config, parent=parent)
-    records, vectors, problems = job.run(clip, start_id=start_id, progress=progress)
+    # Provisional ids: the store allocates the real ones under its writer lock, so an admin
+    # write through the service while this job encodes is no conflict.
+    records, vectors, problems = job.run(clip, start_id=None, progress=progress)
     info = _build_info(sources, collection, problems)
-    name = update_generation(index, identity, add=records, add_vectors=vectors,
-                             options=config.store_options(), build_info=info)
-    return job.finish(name, records, problems, started)
+    appended = append_items(index, identity, records, vectors, config.store_options(), info)
+    return job.finish(appended.manifest, records, problems, started)
 
 
 def delete(index: Path, ids: Sequence[int] = (), paths: Sequence[Path] = (),
            config: BuildConfig = BuildConfig()) -> str:
-    """Tombstone items by id or image path into a new generation (captions go too)."""
-    with open_generation(index) as current:
-        identity = ModelIdentity(**current.manifest["model"])
-        wanted = [str(Path(p).resolve()) for p in paths]
-        found = current.ids_for_paths(wanted)
-    missing = [p for p in wanted if p not in found]
-    if missing:
-        raise UnknownItemError(f"no live image with path {missing[0]} in {index}")
-    return update_generation(index, identity, delete_ids=[*ids, *found.values()],
+    """Tombstone items by id or image path into a new generation (captions go too); the
+    store resolves the paths under its writer lock."""
+    identity = read_generation_manifest(index).model
+    return update_generation(index, identity, delete_ids=ids,
+                             delete_paths=[str(Path(p).resolve()) for p in paths],
                              options=config.store_options(), build_info={"action": "delete"})
 
 
 def compact(index: Path, config: BuildConfig = BuildConfig()) -> str:
     """Rewrite the index without tombstones (and re-choose the index type for its size)."""
-    with open_generation(index) as current:
-        identity = ModelIdentity(**current.manifest["model"])
+    identity = read_generation_manifest(index).model
     return update_generation(index, identity, options=config.store_options(), compact=True,
                              build_info={"action": "compact"})
 
@@ -165,15 +169,16 @@ class _Job:
         self.texts = [(caption, {}, index) for index, entry in enumerate(collection.images)
                       for caption in entry.captions]
         self.texts += [(entry.text, entry.metadata, None) for entry in collection.texts]
-        self.work = self.out / "work" / _job_hash(identity, collection, config, parent)
+        self.work = JobFolder(self.out, _job_hash(identity, collection, config, parent))
         self.parent = parent
         self.resumed = self.encoded = 0
 
-    def run(self, clip: ClipModel, start_id: int, progress: ProgressFactory | None
+    def run(self, clip: ClipModel, start_id: int | None, progress: ProgressFactory | None
             ) -> tuple[list[ItemRecord], dict[str, np.ndarray], list[Problem]]:
+        """Encode what is not in finished shards yet; records get ids from `start_id`
+        (None: provisional ones for `append_items`)."""
         progress = progress or (lambda label, total: _NoBar())
-        self.work.mkdir(parents=True, exist_ok=True)
-        (self.work / "job.json").write_text(json.dumps({"parent": self.parent}))
+        self.work.start(self.parent)
         paths = [entry.path for entry in self.collection.images]
         image_pos, image_vectors, problems = self._sharded(
             "images", len(paths), clip.embed_dim, lambda todo: self._image_steps(clip, paths, todo),
@@ -186,45 +191,35 @@ class _Job:
         problems = self.collection.problems + problems
         return records, {"image": image_vectors, "text": text_vectors}, problems
 
-    def finish(self, name: str, records: list[ItemRecord], problems: list[Problem],
-               started: float) -> Summary:
-        """Write errors.jsonl beside the generations and drop the shards."""
-        report = self.out / "errors.jsonl"
-        temp = report.with_suffix(".jsonl.tmp")
-        temp.write_text("".join(json.dumps({"path": p.path, "reason": p.reason,
-                                            "kind": skip_kind(p)}) + "\n" for p in problems))
-        os.replace(temp, report)
-        shutil.rmtree(self.work, ignore_errors=True)
-        _drop_stale_add_jobs(self.out / "work")
+    def finish(self, written: GenerationManifest, records: list[ItemRecord],
+               problems: list[Problem], started: float) -> Summary:
+        """Write the error report beside the generations and drop the shards."""
+        report = write_error_report(self.out, ({"path": p.path, "reason": p.reason,
+                                                 "kind": skip_kind(p)} for p in problems))
+        self.work.remove()
+        drop_stale_add_jobs(self.out)
         kinds: dict[str, int] = {}
         for problem in problems:
             kinds[skip_kind(problem)] = kinds.get(skip_kind(problem), 0) + 1
-        manifest = json.loads((self.out / "generations" / name / "manifest.json").read_text())
-        tuning = {m: s["tuning"] for m, s in manifest["modalities"].items()}
-        return Summary(generation=name, images=sum(r.modality == "image" for r in records),
+        return Summary(generation=written.name,
+                       images=sum(r.modality == "image" for r in records),
                        texts=sum(r.modality == "text" for r in records), skipped=kinds,
                        shards_resumed=self.resumed, shards_encoded=self.encoded,
                        seconds=round(time.perf_counter() - started, 2),
-                       errors_file=str(report), tuning=tuning)
+                       errors_file=str(report), tuning=written.tuning())
 
     def _records(self, image_pos: np.ndarray, text_pos: np.ndarray,
-                 start_id: int) -> list[ItemRecord]:
-        """Ids in input order: kept images first, then texts; a caption links to its image."""
-        images, records = self.collection.images, []
-        image_ids: dict[int, int] = {}
-        for offset, position in enumerate(image_pos.tolist()):
-            entry: ImageEntry = images[position]
-            image_ids[position] = start_id + offset
-            records.append(ItemRecord(start_id + offset, "image", path=str(entry.path),
-                                      captions=list(entry.captions), metadata=entry.metadata))
-        next_id = start_id + len(records)
-        for offset, position in enumerate(text_pos.tolist()):
+                 start_id: int | None) -> list[ItemRecord]:
+        """Ids in input order: kept images first, then texts; a caption links to its image
+        (the caption of an image that was skipped stays, as a text of its own)."""
+        kept = {position: n for n, position in enumerate(image_pos.tolist())}
+        images = [NewImage(str(entry.path), entry.metadata) for entry in
+                  (self.collection.images[position] for position in kept)]
+        texts = []
+        for position in text_pos.tolist():
             text, metadata, owner = self.texts[position]
-            if owner is not None:
-                metadata = {"image_path": str(images[owner].path)}
-            records.append(ItemRecord(next_id + offset, "text", text=text, metadata=metadata,
-                                      image_id=image_ids.get(owner) if owner is not None else None))
-        return records
+            texts.append(NewText(text, metadata, kept.get(owner) if owner is not None else None))
+        return linked_records(images, texts, start_id)
 
     def _image_steps(self, clip: ClipModel, paths: list[Path], todo: list[int]) -> Iterator[Step]:
         """Decode in DataLoader workers while this process encodes the previous batch."""
@@ -254,7 +249,7 @@ class _Job:
         embeddings (m, d), problems), reusing shards already on disk."""
         size = self.config.shard_size
         shards = list(range((count + size - 1) // size))
-        done = {s: self._load_shard(prefix, s) for s in shards}
+        done = {s: self.work.load(prefix, s) for s in shards}
         done = {s: v for s, v in done.items() if v is not None}
         self.resumed += len(done)
         bar.update(sum(min(size, count - s * size) for s in done))
@@ -265,14 +260,14 @@ class _Job:
         return _concatenate([done[s] for s in shards], dim)
 
     def _encode_pending(self, prefix: str, todo: list[int],
-                        steps: Callable[[list[int]], Iterator[Step]], bar: Bar) -> dict[int, tuple]:
+                        steps: Callable[[list[int]], Iterator[Step]], bar: Bar) -> dict[int, Shard]:
         """Run `steps` over the sorted positions `todo`, writing each shard once all of its
         inputs are through (steps may straddle shard boundaries)."""
         size = self.config.shard_size
         pending = sorted({p // size for p in todo})
         kept: list[tuple[int, np.ndarray]] = []
         problems: list[tuple[int, Problem]] = []
-        written: dict[int, tuple] = {}
+        written: dict[int, Shard] = {}
         cursor = 0
         for step_kept, step_vectors, step_problems, consumed in steps(todo):
             kept += zip(step_kept, step_vectors)
@@ -289,62 +284,26 @@ class _Job:
         return written
 
     def _flush(self, prefix: str, shard: int, kept: list[tuple[int, np.ndarray]],
-               problems: list[tuple[int, Problem]]) -> tuple:
-        """Write one shard atomically, the JSON (the commit mark) after the .npy."""
-        # a shard of only skipped files is (0, 0): its width is unknown here and irrelevant
-        vectors = (np.stack([v for _, v in kept]).astype(np.float32) if kept
-                   else np.zeros((0, 0), np.float32))
-        base = self.work / f"{prefix}-{shard:05d}"
-        with open(f"{base}.npy.tmp", "wb") as handle:
-            np.save(handle, vectors)
-        os.replace(f"{base}.npy.tmp", f"{base}.npy")
-        meta = {"positions": [p for p, _ in kept],
-                "problems": [{"position": p, "path": x.path, "reason": x.reason}
-                             for p, x in problems]}
-        Path(f"{base}.json.tmp").write_text(json.dumps(meta))
-        os.replace(f"{base}.json.tmp", f"{base}.json")
+               problems: list[tuple[int, Problem]]) -> Shard:
+        shard_data = self.work.save(prefix, shard, kept, problems)
         self.encoded += 1
-        maybe_fault("after_shard", shard)
-        return [p for p, _ in kept], vectors, [x for _, x in problems]
-
-    def _load_shard(self, prefix: str, shard: int) -> tuple | None:
-        base = self.work / f"{prefix}-{shard:05d}"
-        if not Path(f"{base}.json").is_file():
-            return None
-        meta = json.loads(Path(f"{base}.json").read_text())
-        vectors = np.load(f"{base}.npy")
-        if len(vectors) != len(meta["positions"]):
-            raise IndexStoreError(f"{base}.npy does not match its JSON; delete {self.work}")
-        problems = [Problem(p["path"], p["reason"]) for p in meta["problems"]]
-        return meta["positions"], vectors, problems
+        return shard_data
 
 
-def _drop_stale_add_jobs(work: Path) -> None:
-    """Shards of a killed `add` are keyed to the generation it started from; once another
-    generation is committed that job can never resume, so its shards are only disk waste.
-    (A killed `build` starts from nothing and stays resumable: its shards are kept.)"""
-    for folder in work.iterdir() if work.is_dir() else ():
-        try:
-            parent = json.loads((folder / "job.json").read_text())["parent"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # not ours to judge
-        if parent is not None:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _concatenate(parts: list[tuple], dim: int) -> tuple[np.ndarray, np.ndarray, list[Problem]]:
-    positions = np.array([p for part in parts for p in part[0]], dtype=np.int64)
-    filled = [part[1] for part in parts if len(part[1])]
+def _concatenate(parts: list[Shard], dim: int) -> tuple[np.ndarray, np.ndarray, list[Problem]]:
+    positions = np.array([p for part in parts for p in part.positions], dtype=np.int64)
+    filled = [part.vectors for part in parts if len(part.vectors)]
     vectors = (np.concatenate(filled).astype(np.float32)
                if filled else np.zeros((0, dim), np.float32)).reshape(-1, dim)
-    return positions, vectors, [x for part in parts for x in part[2]]
+    return positions, vectors, [x for part in parts for x in part.problems]
 
 
 def _job_hash(identity: ModelIdentity, collection: Collection, config: BuildConfig,
               parent: str | None) -> str:
-    """Same model, same files (by size and mtime), same texts and shard size: same job."""
+    """Same model, same files (by size and mtime), same texts and shard size, same decoder:
+    same job (DECODER names the decoding, so shards of an older decoder are not mixed in)."""
     digest = hashlib.sha256(json.dumps([identity.sha256, config.max_pixels, config.shard_size,
-                                        parent]).encode())
+                                        parent, DECODER]).encode())
     for entry in collection.images:
         stat = entry.path.stat() if entry.path.exists() else None
         digest.update(f"{entry.path}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}\0"
@@ -360,7 +319,7 @@ def skip_kind(problem: Problem) -> str:
     reason = problem.reason
     if os.path.isfile(problem.path) and os.path.getsize(problem.path) == 0:
         return "empty_file"
-    for needle, kind in (("pixel cap", "too_large"), ("bomb", "too_large"),
+    for needle, kind in (("pixel cap", "too_large"), ("MiB cap", "too_large"), ("bomb", "too_large"),
                          ("truncated", "truncated"), ("not found", "missing"),
                          ("cannot identify", "not_an_image"), ("cannot decode", "corrupt")):
         if needle in reason:

@@ -62,7 +62,7 @@ def collect(sources: Sequence[Path]) -> Collection:
     problems: list[Problem] = []
     for source in map(Path, sources):
         if source.resolve() == DEMO_DIR.resolve():
-            ensure_demo_corpus()  # a fresh clone holds only the captions; images come from a wheel
+            ensure_demo_corpus()  # a fresh clone has no data/demo: captions ship in the package
         if source.is_dir():
             _merge(images, _scan_folder(source, problems))
             for manifest in sorted(p for p in source.iterdir()
@@ -170,11 +170,12 @@ def _manifest_texts(path: Path, text_key: str) -> list[TextEntry]:
     for number, row in enumerate(read_rows(path), start=1):
         for text in _as_texts(row.get(text_key)):
             metadata = {k: v for k, v in row.items() if k != text_key}
-            texts.append(TextEntry(text, {"source": str(path), "row": number, **metadata}))
+            texts.append(TextEntry(text, {"source": path.name, "row": number, **metadata}))
     return texts
 
 
 def _text_lines(path: Path) -> list[TextEntry]:
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    return [TextEntry(line.strip(), {"source": str(path.resolve()), "line": number})
+    # `source` is the file's name: item metadata reaches clients, the server's layout must not
+    return [TextEntry(line.strip(), {"source": path.name, "line": number})
             for number, line in enumerate(lines, start=1) if line.strip()]

@@ -1,0 +1,56 @@
+"""clipdex's core: load a dual encoder, encode texts and images, search index generations.
+
+    from retrieval import Query, Searcher, ModelEncoder, load_model, open_generation
+
+    clip = load_model("default")
+    with open_generation("pictures.idx") as generation:
+        searcher = Searcher(generation, ModelEncoder(clip))
+        for hit in searcher.search(Query.text("a dog on the beach", k=5)).hits:
+            print(hit.score, hit.item.path)
+
+The names below are the public surface; everything else is an implementation module. They
+are loaded on first use, so `import retrieval` stays cheap (torch loads with the model).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    # models and encoding
+    "ClipModel": "retrieval.model", "load_model": "retrieval.model",
+    "encode_texts": "retrieval.encode", "encode_images": "retrieval.encode",
+    "encode_image_batch": "retrieval.encode", "encode_token_batch": "retrieval.encode",
+    "Encoder": "retrieval.encoders", "ModelEncoder": "retrieval.encoders",
+    "BatchedEncoder": "retrieval.encoders", "MicroBatcher": "retrieval.batcher",
+    "BatcherConfig": "retrieval.batcher",
+    "load_image": "retrieval.images", "DecodeLimits": "retrieval.images",
+    # queries
+    "Query": "retrieval.query", "Term": "retrieval.query", "Searcher": "retrieval.search",
+    "Hit": "retrieval.search", "Result": "retrieval.search",
+    # the index store
+    "open_generation": "retrieval.store", "write_generation": "retrieval.store",
+    "update_generation": "retrieval.store", "append_items": "retrieval.store",
+    "ItemRecord": "retrieval.store", "Generation": "retrieval.store",
+    "model_identity": "retrieval.store",
+    # errors
+    "ClipdexError": "retrieval.errors",
+}
+__all__ = ["BatchedEncoder", "BatcherConfig", "ClipModel", "ClipdexError", "DecodeLimits",
+    "Encoder", "Generation", "Hit", "ItemRecord", "MicroBatcher", "ModelEncoder", "Query",
+    "Result", "Searcher", "Term", "append_items", "encode_image_batch", "encode_images",
+    "encode_texts", "encode_token_batch", "load_image", "load_model", "model_identity",
+    "open_generation", "update_generation", "write_generation"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'retrieval' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,8 +1,10 @@
 """The demo corpus: scikit-image's bundled sample photographs with captions clipdex wrote.
 
-The images install with scikit-image (a dependency), so a fresh clone needs no download and
-ships no third-party images; `ensure_demo_corpus` copies them next to data/demo/captions.csv
-so the folder is an ordinary manifest that every clipdex command can read.
+The images install with scikit-image (a dependency) and the captions ship with clipdex
+(retrieval/bundled/demo-captions.csv), so neither a clone nor a wheel downloads anything or
+carries third-party images. `demo_corpus()` reads the photographs where scikit-image keeps
+them; `ensure_demo_corpus(folder)` lays captions and photographs out in a folder (the
+checkout's data/demo, which `make run` indexes) as an ordinary manifest.
 """
 
 from __future__ import annotations
@@ -14,25 +16,35 @@ import numpy as np
 
 from retrieval.encode import encode_images, encode_texts
 from retrieval.manifest import Item, Manifest, read_manifest, read_rows
-from retrieval.model import DATA_DIR, ClipModel
+from retrieval.model import BUNDLED_DIR, DATA_DIR, ClipModel
 
 DEMO_DIR = DATA_DIR / "demo"
+DEMO_CAPTIONS = BUNDLED_DIR / "demo-captions.csv"
+
+
+def _photographs() -> Path:
+    import skimage
+
+    return Path(skimage.__file__).parent / "data"
 
 
 def ensure_demo_corpus(folder: Path | None = None) -> Path:
-    """Copy any missing demo images from scikit-image into `folder`; return the manifest path."""
-    import skimage
-
+    """Copy the captions and any missing demo images into `folder`; return its manifest."""
     folder = Path(folder or DEMO_DIR)
+    folder.mkdir(parents=True, exist_ok=True)
     manifest = folder / "captions.csv"
-    source = Path(skimage.__file__).parent / "data"
+    if not manifest.exists():
+        shutil.copyfile(DEMO_CAPTIONS, manifest)
     for name in sorted({row["image"] for row in read_rows(manifest)}):
         if not (folder / name).exists():
-            shutil.copyfile(source / name, folder / name)
+            shutil.copyfile(_photographs() / name, folder / name)
     return manifest
 
 
 def demo_corpus(folder: Path | None = None) -> Manifest:
+    """The demo corpus in `folder` (laid out first), or read in place when none is given."""
+    if folder is None:
+        return read_manifest(DEMO_CAPTIONS, image_root=_photographs())
     return read_manifest(ensure_demo_corpus(folder))
 
 

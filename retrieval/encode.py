@@ -15,7 +15,9 @@ import torch
 
 from retrieval.images import (
     DEFAULT_MAX_PIXELS,
+    DecodeLimits,
     ImageInput,
+    draft_side_of,
     load_image,
     normalise_uint8,
     split_tensor_tail,
@@ -145,7 +147,9 @@ def encode_images(clip: ClipModel, images: Sequence[ImageInput], batch_size: int
     if len(images) == 0:
         return np.zeros((0, clip.embed_dim), dtype=np.float32)
     out = np.empty((len(images), clip.embed_dim), dtype=np.float32)
+    limits = DecodeLimits(max_pixels=max_pixels, draft_side=draft_side_of(clip.preprocess))
     for part in _batches(len(images), batch_size):
-        pixels = torch.stack([clip.preprocess(load_image(item, max_pixels)) for item in images[part]])
+        pixels = torch.stack([clip.preprocess(load_image(item, limits=limits))
+                              for item in images[part]])
         out[part] = encode_image_batch(clip, pixels, precision)
     return out

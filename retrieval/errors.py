@@ -4,6 +4,8 @@ ClipdexError
  ├── ModelLoadError      a model spec, checkpoint or model card cannot be loaded
  ├── ManifestError       a manifest file or one of its columns is unusable
  ├── BadImageError       one image cannot be decoded (callers skip and report it)
+ │    ├── ImageTooLargeError    over the pixel or decoded-bytes cap (a service answers 413)
+ │    └── UnsupportedImageError a format the caller does not accept (a service answers 415)
  ├── CheckpointError     a training checkpoint cannot be written or resumed
  ├── IndexStoreError     an index directory cannot be read or written
  │    ├── IndexNotFoundError   no index (no CURRENT generation) at the path
@@ -11,6 +13,9 @@ ClipdexError
  │    ├── IndexMismatchError   the index was built with another model or dimension
  │    └── UnknownItemError     an item id that the index does not hold (or was deleted)
  └── InvalidQueryError   a query array or modality the index cannot answer
+      ├── BadCursorError      a paging cursor that was not issued for this query (or tampered)
+      ├── StaleCursorError    a cursor issued by another generation of the index
+      └── TooDeepError        paging past the deepest hit a searcher serves
 """
 
 from __future__ import annotations
@@ -29,6 +34,14 @@ class ManifestError(ClipdexError):
 
 
 class BadImageError(ClipdexError):
+    pass
+
+
+class ImageTooLargeError(BadImageError):
+    pass
+
+
+class UnsupportedImageError(BadImageError):
     pass
 
 
@@ -58,4 +71,16 @@ class UnknownItemError(IndexStoreError, KeyError):
 
 
 class InvalidQueryError(ClipdexError, ValueError):
+    pass
+
+
+class BadCursorError(InvalidQueryError):
+    pass
+
+
+class StaleCursorError(InvalidQueryError):
+    pass
+
+
+class TooDeepError(InvalidQueryError):
     pass

@@ -31,10 +31,13 @@ from retrieval import card as model_card
 from retrieval.errors import ModelLoadError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# What a wheel ships (package data): the default model and its card, the demo captions.
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+DEFAULT_CHECKPOINT = BUNDLED_DIR / "clipdex-default.safetensors"
+# The checkout's data/ folder: training figures, and the demo folder `make run` indexes.
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-DEFAULT_CHECKPOINT = DATA_DIR / "clipdex-default.safetensors"
-# the models shipped in data/, by the name --model takes
-BUNDLED = {"default": DEFAULT_CHECKPOINT, "fast": DATA_DIR / "clipdex-fast.safetensors"}
+# the models shipped as package data, by the name --model takes
+BUNDLED = {"default": DEFAULT_CHECKPOINT, "fast": BUNDLED_DIR / "clipdex-fast.safetensors"}
 HF_HUB, LOCAL_DIR = "hf-hub:", "local-dir:"  # open_clip's model-name schemas
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # what marks an open_clip model folder
 

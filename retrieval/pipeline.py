@@ -17,7 +17,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from retrieval.encode import encode_image_batch
 from retrieval.errors import BadImageError
-from retrieval.images import DEFAULT_MAX_PIXELS, load_image, split_tensor_tail
+from retrieval.images import (
+    DEFAULT_MAX_PIXELS,
+    DecodeLimits,
+    draft_side_of,
+    load_image,
+    split_tensor_tail,
+)
 from retrieval.manifest import Problem
 from retrieval.model import ClipModel
 
@@ -30,15 +36,15 @@ class ImageBatch:
 
 
 class _ImageFiles(Dataset):
-    def __init__(self, paths: Sequence[Path], preprocess: Callable, max_pixels: int):
-        self.paths, self.preprocess, self.max_pixels = list(paths), preprocess, max_pixels
+    def __init__(self, paths: Sequence[Path], preprocess: Callable, limits: DecodeLimits):
+        self.paths, self.preprocess, self.limits = list(paths), preprocess, limits
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return index, self.preprocess(load_image(self.paths[index], self.max_pixels)), None
+            return index, self.preprocess(load_image(self.paths[index], limits=self.limits)), None
         except BadImageError as error:
             return index, None, str(error)
         except Exception as error:  # noqa: BLE001 - any preprocess failure must not kill the worker
@@ -67,8 +73,9 @@ def iter_image_batches(paths: Sequence[Path], preprocess: Callable, batch_size: 
     uint8 pixels for `encode_image_batch` to normalise (see `split_tensor_tail`)."""
     workers = default_workers() if workers is None else workers
     split = split_tensor_tail(preprocess) if uint8 else None
+    limits = DecodeLimits(max_pixels=max_pixels, draft_side=draft_side_of(preprocess))
     loader = DataLoader(
-        _ImageFiles(paths, split[0] if split else preprocess, max_pixels),
+        _ImageFiles(paths, split[0] if split else preprocess, limits),
         batch_size=batch_size, shuffle=False,
         num_workers=workers, collate_fn=_collate, pin_memory=pin_memory,
         prefetch_factor=4 if workers else None, persistent_workers=False,

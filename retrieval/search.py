@@ -1,39 +1,51 @@
-"""Query an index generation with a model: text, image, vector and weighted multi-queries,
-zero-shot classification and paging. No web framework here: usable from a notebook.
+"""Answer whole queries against one index generation: a `Query` (weighted text, image, vector
+and item terms, paging, a threshold) in, a page of hits with its cursor out; zero-shot
+classification and captioning by retrieval. No web framework here: a notebook, the CLI and the
+service all call the same `Searcher`, each with the encoder that suits it (see encoders.py).
 
-The generation is anything with the interface of `retrieval.store.Generation`
-(`count`, `search`, `items`, `vectors`, `embed_dim`, `name`); encoding is left to the caller
-when it batches requests itself (the API), or done here with `retrieval.encode`.
+The generation is anything with the interface of `GenerationLike` (`retrieval.store.Generation`
+or the exact in-memory one the tests use).
 """
 
 from __future__ import annotations
 
-import hashlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import torch
-from PIL import Image
 
-from retrieval.encode import encode_image_batch, encode_texts
-from retrieval.errors import IndexMismatchError, InvalidQueryError, UnknownItemError
-from retrieval.model import ClipModel
+from retrieval.cursor import Cursor, decode_cursor, encode_cursor
+from retrieval.encoders import Encoder, ImageLike
+from retrieval.errors import (
+    IndexMismatchError,
+    InvalidQueryError,
+    TooDeepError,
+    UnknownItemError,
+)
+from retrieval.query import TARGETS, ZERO_SHOT_TEMPLATE, Query, Term
+from retrieval.store.layout import resolve_stored
 
-MODALITIES = ("image", "text")
-ZERO_SHOT_TEMPLATE = "a photo of a {}."
+MODALITIES = TARGETS
+MAX_DEPTH = 10_000  # deepest hit reachable by paging
 Vector = np.ndarray  # (d,) float32, L2-normalised
 
 
 class GenerationLike(Protocol):
+    """What a Searcher uses of an index generation, all of it."""
+
     name: str
     embed_dim: int
+    root: Path | None  # the index directory (stored relative paths resolve against it)
 
     def count(self, modality: str) -> int: ...
     def search(self, modality: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
     def items(self, ids: Sequence[int]) -> list[Any]: ...
     def vectors(self, modality: str, ids: Sequence[int]) -> np.ndarray: ...
+    def ids_for_paths(self, paths: Sequence[str]) -> dict[str, int]: ...  # live images by path
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,16 @@ class Page:
     served: int  # hits served so far, this page included
 
 
+@dataclass(frozen=True)
+class Result:
+    """One page of answers to a Query."""
+
+    hits: list[Hit]
+    generation: str
+    next_cursor: str | None  # None: the last page
+    took_ms: float
+
+
 def _float32(vector: Sequence[float] | np.ndarray) -> np.ndarray:
     """(d,) float32; a value past float32's range becomes inf (quietly: normalise refuses it)."""
     with np.errstate(over="ignore"):
@@ -58,12 +80,12 @@ def _float32(vector: Sequence[float] | np.ndarray) -> np.ndarray:
 
 def normalise(vector: np.ndarray) -> Vector:
     """A finite (d,) vector scaled to unit length; raise InvalidQueryError for a zero one."""
-    vector = _float32(vector)
-    norm = float(np.linalg.norm(vector.astype(np.float64)))  # float32 squares could overflow
+    wide = _float32(vector).astype(np.float64)  # float32 squares and norms could overflow
+    norm = float(np.linalg.norm(wide))
     if not np.isfinite(norm) or norm < 1e-6:
         raise InvalidQueryError("the query vector has zero length (or is not finite); "
-                         "give non-zero weights to terms that do not cancel out")
-    return vector / norm
+                                "give non-zero weights to terms that do not cancel out")
+    return (wide / norm).astype(np.float32)
 
 
 def combine(weighted: Sequence[tuple[float, np.ndarray]]) -> Vector:
@@ -74,46 +96,103 @@ def combine(weighted: Sequence[tuple[float, np.ndarray]]) -> Vector:
     return normalise(total)
 
 
-def query_fingerprint(*parts: Any) -> str:
-    """A short stable hash of what defines a query, so a cursor cannot be reused for another."""
-    digest = hashlib.sha256(repr(parts).encode()).hexdigest()
-    return digest[:16]
+def zero_shot_probabilities(image_emb: Vector, label_emb: np.ndarray, scale: float) -> np.ndarray:
+    """(d,) image, (n_labels, d) prompts -> (n_labels,) softmax(scale * cosine)."""
+    logits = scale * (label_emb @ image_emb)  # (n_labels,)
+    logits = logits - logits.max()
+    weights = np.exp(logits)
+    return (weights / weights.sum()).astype(np.float32)
 
 
 class Searcher:
-    """Answers queries against one generation with one model (their embed_dim must match)."""
+    """Answers queries against one generation; `encoder` turns texts and images into
+    embeddings (None: vector and item queries only)."""
 
-    def __init__(self, clip: ClipModel | None, generation: GenerationLike):
-        if clip is not None and clip.embed_dim != generation.embed_dim:
+    def __init__(self, generation: GenerationLike, encoder: Encoder | None = None,
+                 max_depth: int = MAX_DEPTH):
+        if encoder is not None and encoder.embed_dim != generation.embed_dim:
             raise IndexMismatchError(
-                f"model embed_dim {clip.embed_dim} does not match the index's "
+                f"model embed_dim {encoder.embed_dim} does not match the index's "
                 f"{generation.embed_dim}; serve the index with the model that built it")
-        self.clip, self.generation = clip, generation
+        self.generation, self.encoder, self.max_depth = generation, encoder, max_depth
 
     @property
     def embed_dim(self) -> int:
         return int(self.generation.embed_dim)
 
-    # --- encoding (the service batches these itself) ---
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """(n,) texts -> (n, d)."""
-        return encode_texts(self._model(), list(texts))
+    # --- whole queries ---
+    def search(self, query: Query) -> Result:
+        """One page of `query`'s hits, continuing from `query.cursor` when given."""
+        started = time.perf_counter()
+        vector = self.query_vector(query.terms)
+        fingerprint, name = query.fingerprint(), self.generation.name
+        after, served = None, 0
+        if query.cursor:
+            cursor = decode_cursor(query.cursor, name, fingerprint, self.max_depth)
+            after, served = cursor.after, cursor.served
+        if served + query.k > self.max_depth:
+            raise TooDeepError(f"paging stops at {self.max_depth} hits; narrow the query or "
+                               "raise the threshold")
+        page = self.page(query.target, vector, query.k, query.threshold, after, served)
+        token = (encode_cursor(Cursor(name, fingerprint, page.after, page.served))
+                 if page.after is not None else None)
+        return Result(page.hits, name, token, round((time.perf_counter() - started) * 1000, 3))
 
-    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """(n,) RGB images -> (n, d)."""
-        clip = self._model()
-        if not images:
-            return np.zeros((0, clip.embed_dim), dtype=np.float32)
-        pixels = torch.stack([clip.preprocess(image) for image in images])  # (n, 3, H, W)
-        return encode_image_batch(clip, pixels)
+    def caption(self, image: ImageLike, k: int = 5) -> list[Hit]:
+        """The indexed texts that best match an image: captioning by retrieval."""
+        return self.nearest("text", self._encoder().images([image]), k)[0]
 
-    def _model(self) -> ClipModel:
-        if self.clip is None:
-            raise InvalidQueryError("this searcher has no model: pass vectors, not texts "
-                                    "or images")
-        return self.clip
+    def classify(self, image: ImageLike, labels: Sequence[str],
+                 template: str = ZERO_SHOT_TEMPLATE) -> list[tuple[str, float]]:
+        """Zero-shot: (label, probability) pairs, most probable first."""
+        encoder = self._encoder()
+        image_emb = encoder.images([image])[0]
+        label_emb = encoder.texts([template.format(label) for label in labels])
+        probabilities = zero_shot_probabilities(image_emb, label_emb, encoder.logit_scale)
+        return sorted(zip(labels, probabilities.tolist()), key=lambda pair: -pair[1])
 
-    # --- searching ---
+    def item(self, item_id: int) -> Any:
+        """An indexed item's record; UnknownItemError when it is not live."""
+        record = self.generation.items([item_id])[0]
+        if record is None:
+            raise UnknownItemError(f"no item {item_id} in generation {self.generation.name}; "
+                                   "ids come from search hits")
+        return record
+
+    def image_file(self, item_id: int) -> Path:
+        """The image file of an image item, or of the image a caption belongs to."""
+        record = self.item(item_id)
+        if record.modality != "image":
+            if record.image_id is None:
+                raise UnknownItemError(f"item {item_id} is a text with no image")
+            record = self.item(record.image_id)
+        path = resolve_stored(self.generation.root, record.path)
+        if path is None:
+            raise UnknownItemError(f"the image file of item {item_id} is no longer on disk")
+        return path
+
+    # --- the parts ---
+    def query_vector(self, terms: Sequence[Term]) -> Vector:
+        """The unit query of weighted terms; texts and images are encoded in one call each."""
+        texts = [term.text for term in terms if term.text is not None]
+        images = [term.image for term in terms if term.image is not None]
+        text_vectors = iter(self._encoder().texts(texts) if texts else ())
+        image_vectors = iter(self._encoder().images(images) if images else ())
+        weighted = []
+        for term in terms:
+            if term.text is not None:
+                vector = next(text_vectors)
+            elif term.image is not None:
+                vector = next(image_vectors)
+            elif term.item_id is not None:
+                vector = self.item_vector(term.item_id)
+            else:
+                vector = self.check_vector(term.vector or ())
+            weighted.append((term.weight, vector))
+        if len(weighted) == 1 and weighted[0][0] == 1.0:
+            return normalise(weighted[0][1])
+        return combine(weighted)
+
     def check_vector(self, vector: Sequence[float] | np.ndarray) -> Vector:
         vector = _float32(vector)
         if vector.shape[0] != self.embed_dim:
@@ -121,8 +200,13 @@ class Searcher:
                                     f"has {self.embed_dim}")
         return normalise(vector)
 
-    def search(self, target: str, queries: np.ndarray, k: int,
-               threshold: float | None = None) -> list[list[Hit]]:
+    def item_vector(self, item_id: int) -> Vector:
+        """The stored embedding of an indexed item (to search "more like this")."""
+        record = self.item(item_id)
+        return normalise(self.generation.vectors(record.modality, [item_id])[0])
+
+    def nearest(self, target: str, queries: np.ndarray, k: int,
+                threshold: float | None = None) -> list[list[Hit]]:
         """(nq, d) unit queries -> per query up to k hits in `target` modality, best first."""
         if target not in MODALITIES:
             raise InvalidQueryError(f"target must be one of {MODALITIES}, got {target!r}")
@@ -149,7 +233,7 @@ class Searcher:
         which offsets would turn into duplicated or skipped hits.
         """
         depth = served + k + (slack if after is not None else 0)
-        hits = self.search(target, query[None, :], depth, threshold)[0]
+        hits = self.nearest(target, query[None, :], depth, threshold)[0]
         if after is not None:
             last_score, last_id = after
             hits = [hit for hit in hits if (-hit.score, hit.id) > (-last_score, last_id)]
@@ -157,41 +241,15 @@ class Searcher:
         last = (hits[-1].score, hits[-1].id) if hits else after
         return Page(hits, last if len(hits) == k else None, served + len(hits))
 
-    def item_vector(self, item_id: int) -> Vector:
-        """The stored embedding of an indexed item (to search "more like this")."""
-        record = self.generation.items([item_id])[0]
-        if record is None:
-            raise UnknownItemError(f"no item with id {item_id} in generation "
-                                   f"{self.generation.name}")
-        return normalise(self.generation.vectors(record.modality, [item_id])[0])
+    def _encoder(self) -> Encoder:
+        if self.encoder is None:
+            raise InvalidQueryError("this searcher has no model: pass vectors, not texts "
+                                    "or images")
+        return self.encoder
 
     # --- convenience for notebooks ---
     def text_to_images(self, text: str, k: int = 10) -> list[Hit]:
-        return self.search("image", self.encode_texts([text]), k)[0]
+        return self.search(Query.text(text, k=k)).hits
 
-    def image_to_texts(self, image: Image.Image, k: int = 10) -> list[Hit]:
-        return self.search("text", self.encode_images([image]), k)[0]
-
-    def classify(self, image: Image.Image, labels: Sequence[str]) -> dict[str, float]:
-        image_emb = self.encode_images([image])[0]
-        label_emb = self.encode_texts([ZERO_SHOT_TEMPLATE.format(label) for label in labels])
-        return dict(zip(labels, zero_shot_probabilities(image_emb, label_emb,
-                                                        self.logit_scale()).tolist()))
-
-    def logit_scale(self) -> float:
-        return logit_scale(self._model())
-
-
-def logit_scale(clip: ClipModel) -> float:
-    """exp of the model's learnt log-scale (100 for OpenAI CLIP), capped like training does."""
-    raw = getattr(clip.model, "logit_scale", None)
-    value = float(raw.detach().float().exp().item()) if raw is not None else 100.0
-    return min(value, 100.0)
-
-
-def zero_shot_probabilities(image_emb: Vector, label_emb: np.ndarray, scale: float) -> np.ndarray:
-    """(d,) image, (n_labels, d) prompts -> (n_labels,) softmax(scale * cosine)."""
-    logits = scale * (label_emb @ image_emb)  # (n_labels,)
-    logits = logits - logits.max()
-    weights = np.exp(logits)
-    return (weights / weights.sum()).astype(np.float32)
+    def image_to_texts(self, image: ImageLike, k: int = 10) -> list[Hit]:
+        return self.search(Query.image(image, target="text", k=k)).hits

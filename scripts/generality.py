@@ -82,7 +82,7 @@ def demo_retrieval(clip) -> dict[str, float]:
 
 def imagenet_agreement(clip, flickr8k: Path, limit: int) -> dict[str, float]:
     """Zero-shot over the 1,000 ImageNet names vs the supervised Lite2 classifier's top-1."""
-    from retrieval.imagenet import class_names, classifier_of
+    from retrieval.training.imagenet import class_names, classifier_of
 
     teacher = load_model("clipdex-effnet2-minilm", device="cpu")
     names = read_split(flickr8k / "splits" / "test.txt")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from retrieval.card import card_path, read_weights, write_checkpoint, write_json_atomic
-from retrieval.model import BUNDLED
+from retrieval.model import BUNDLED, DATA_DIR
 
 
 def publish_weights(run: Path, name: str) -> None:
@@ -35,8 +35,8 @@ def publish_weights(run: Path, name: str) -> None:
     card["storage_dtype"] = "float16"
     card["bundled_as"] = name
     write_checkpoint(target, state, card)
-    shutil.copyfile(run / "training.png", target.parent / f"clipdex-{name}-training.png")
-    shutil.copyfile(run / "log.csv", target.parent / f"clipdex-{name}-training.csv")
+    shutil.copyfile(run / "training.png", DATA_DIR / f"clipdex-{name}-training.png")
+    shutil.copyfile(run / "log.csv", DATA_DIR / f"clipdex-{name}-training.csv")
 
 
 def add_to_card(name: str, section: str, key: str, payload: dict) -> None:

@@ -1,23 +1,72 @@
-"""The on-disk index store: one package owns the format (see `read`); `write` makes new
-generations. Import everything from `retrieval.store`."""
+"""The on-disk index store, the one owner of an index directory. Import from `retrieval.store`.
 
-from retrieval.store.read import (
+    layout    every path under an index root, the SQLite schema, the format tag
+    manifest  a generation's manifest.json: model identity, a cheap read (no FAISS)
+    records   item records and the builder of images linked with their captions
+    read      `open_generation` and the read-only `Generation`
+    write     writer transactions under the file lock (`append_items` allocates ids)
+    commit    the atomic commit of one generation (temp folder, fsync, rename, CURRENT)
+    work      an indexing job's resumable shards and its errors.jsonl
+    faults    CLIPDEX_FAULT kill points for the crash tests (a no-op when unset)
+"""
+
+from retrieval.store.commit import StoreOptions
+from retrieval.store.layout import (
     FORMAT,
     MODALITIES,
-    Generation,
-    ItemRecord,
-    ModelIdentity,
-    StoreOptions,
     current_name,
-    maybe_fault,
+    keep_upload,
+    read_current,
+    resolve_stored,
+    upload_path,
+)
+from retrieval.store.manifest import (
+    GenerationManifest,
+    ModelIdentity,
     model_fingerprint,
     model_identity,
-    open_generation,
+    read_generation_manifest,
 )
-from retrieval.store.write import update_generation, write_generation
+from retrieval.store.read import Generation, open_generation
+from retrieval.store.records import (
+    ItemRecord,
+    NewImage,
+    NewText,
+    image_with_captions,
+    linked_records,
+    text_records,
+)
+from retrieval.store.work import JobFolder, Shard, drop_stale_add_jobs, write_error_report
+from retrieval.store.write import Appended, append_items, update_generation, write_generation
 
 __all__ = [
-    "FORMAT", "MODALITIES", "Generation", "ItemRecord", "ModelIdentity", "StoreOptions",
-    "current_name", "maybe_fault", "model_fingerprint", "model_identity", "open_generation",
-    "update_generation", "write_generation",
+    "FORMAT",
+    "MODALITIES",
+    "Appended",
+    "Generation",
+    "GenerationManifest",
+    "ItemRecord",
+    "JobFolder",
+    "ModelIdentity",
+    "NewImage",
+    "NewText",
+    "Shard",
+    "StoreOptions",
+    "append_items",
+    "current_name",
+    "drop_stale_add_jobs",
+    "image_with_captions",
+    "keep_upload",
+    "linked_records",
+    "model_fingerprint",
+    "model_identity",
+    "open_generation",
+    "read_current",
+    "read_generation_manifest",
+    "resolve_stored",
+    "text_records",
+    "update_generation",
+    "upload_path",
+    "write_error_report",
+    "write_generation",
 ]

@@ -1,21 +1,14 @@
-"""Writing index generations: whole new ones, and updates derived from the current one.
-
-The format itself is described in `retrieval.store.read`; everything here writes into a
-temp folder, fsyncs, renames it into place and only then replaces CURRENT.
-"""
+"""Writer transactions: a whole new generation, or one derived from CURRENT (items added,
+allocated ids, tombstones, compaction), each under the index directory's file lock and
+committed atomically by `retrieval.store.commit`."""
 
 from __future__ import annotations
 
-import errno
 import fcntl
-import json
-import os
-import shutil
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,38 +16,34 @@ import faiss
 import numpy as np
 
 from retrieval import ann
-from retrieval.card import sha256_file
-from retrieval.errors import (
-    IndexStoreError,
-    UnknownItemError,
-)
-from retrieval.store.read import (
-    _SCHEMA,
-    FORMAT,
-    MAX_TUNING_QUERIES,
-    MODALITIES,
-    PLURAL,
-    Generation,
-    ItemRecord,
-    ModelIdentity,
-    StoreOptions,
-    current_name,
-    maybe_fault,
-    open_generation,
-)
+from retrieval.errors import IndexStoreError, UnknownItemError
+from retrieval.store import layout
+from retrieval.store.commit import Plan, StoreOptions, Table, commit
+from retrieval.store.layout import MODALITIES, SCHEMA
+from retrieval.store.manifest import GenerationManifest, ModelIdentity
+from retrieval.store.read import Generation, open_generation
+from retrieval.store.records import ItemRecord, insert
 
 DEFAULT_OPTIONS = StoreOptions()
 
 
-@dataclass
-class _Table:
-    """One modality being written: row-aligned ids (n,), vectors (n, d), tombstones (n,)."""
+@dataclass(frozen=True)
+class Appended:
+    generation: str  # the new generation's name
+    ids: list[int]  # the ids the added records got, in the order given
+    manifest: GenerationManifest  # what the new generation's manifest says
 
-    ids: np.ndarray
-    vectors: np.ndarray
-    deleted: np.ndarray
-    index: faiss.Index | None = None  # reused from the parent generation when still right
-    spec: ann.IndexSpec | None = None
+
+@dataclass(frozen=True)
+class Changes:
+    """What a derived generation changes: items added, items deleted (an image takes its
+    captions along), and whether to compact (None: when tombstones pass the ratio)."""
+
+    add: Sequence[ItemRecord] = ()
+    vectors: dict[str, np.ndarray] | None = None  # modality -> (n, d), rows in record order
+    delete_ids: Iterable[int] = ()
+    delete_paths: Sequence[str] = ()  # live images by stored path
+    compact: bool | None = None
 
 
 def write_generation(root: Path, model: ModelIdentity, records: Sequence[ItemRecord],
@@ -67,89 +56,124 @@ def write_generation(root: Path, model: ModelIdentity, records: Sequence[ItemRec
         ids = np.array([r.id for r in records if r.modality == modality], dtype=np.int64)
         matrix = _as_matrix(vectors.get(modality), len(ids), model.embed_dim, modality)
         order = np.argsort(ids, kind="stable")
-        tables[modality] = _Table(ids[order], matrix[order], np.zeros(len(ids), bool))
+        tables[modality] = Table(ids[order], matrix[order], np.zeros(len(ids), bool))
     if len({r.id for r in records}) != len(records):
         raise IndexStoreError("item ids must be unique")
     next_id = max((r.id for r in records), default=0) + 1
 
     def fill(db: sqlite3.Connection) -> None:
-        db.executescript(_SCHEMA)
-        _insert(db, records)
+        db.executescript(SCHEMA)
+        insert(db, records)
 
+    plan = Plan(model, next_id, None, build_info or {}, options)
     with _writer_lock(root):
-        return _commit(root, model, tables, fill, options, next_id, None, build_info or {})
+        return commit(root, plan, tables, fill).name
 
 
 def update_generation(root: Path, model: ModelIdentity, add: Sequence[ItemRecord] = (),
                       add_vectors: dict[str, np.ndarray] | None = None,
                       delete_ids: Iterable[int] = (), options: StoreOptions = DEFAULT_OPTIONS,
-                      compact: bool | None = None,
-                      build_info: dict[str, Any] | None = None) -> str:
+                      compact: bool | None = None, build_info: dict[str, Any] | None = None,
+                      delete_paths: Sequence[str] = ()) -> str:
     """Derive a new generation from CURRENT: append items (ids >= next_id, embeddings given),
-    tombstone `delete_ids` (an image takes its captions along), and compact when asked or
-    when tombstones pass `options.compact_ratio`. Nothing already stored is re-encoded."""
+    tombstone `delete_ids` and the live images stored under `delete_paths` (an image takes
+    its captions along), and compact when asked or when tombstones pass
+    `options.compact_ratio`. Nothing already stored is re-encoded. Returns its name."""
+    changes = Changes(list(add), add_vectors, delete_ids, delete_paths, compact)
     with _writer_lock(root):
         parent = open_generation(root, model.sha256, model.embed_dim)
         try:
-            return _update(root, parent, model, list(add), add_vectors or {}, delete_ids,
-                           options, compact, build_info or {})
+            return _derive(root, parent, model, changes, options, build_info or {}).name
         finally:
             parent.close()
 
 
-def _update(root: Path, parent: Generation, model: ModelIdentity, add: list[ItemRecord],
-            add_vectors: dict[str, np.ndarray], delete_ids: Iterable[int],
-            options: StoreOptions, compact: bool | None, build_info: dict[str, Any]) -> str:
+def append_items(root: Path, model: ModelIdentity, records: Sequence[ItemRecord],
+                 vectors: dict[str, np.ndarray], options: StoreOptions = DEFAULT_OPTIONS,
+                 build_info: dict[str, Any] | None = None) -> Appended:
+    """Add `records` with ids allocated under the writer lock, so concurrent writers (an
+    `index add` and the service's admin API) never collide or fail on stale ids.
+
+    The records' ids are provisional: a contiguous block (any base; the builders in
+    `retrieval.store.records` use one below every stored id) that is shifted to start at
+    the current generation's next id; `image_id` links that point into the block shift with
+    it, links to items already stored are kept."""
+    block = [r.id for r in records]
+    base = min(block, default=0)
+    if sorted(block) != list(range(base, base + len(block))):
+        raise IndexStoreError("provisional item ids must be one contiguous block")
+    with _writer_lock(root):
+        parent = open_generation(root, model.sha256, model.embed_dim)
+        try:
+            shift, end = parent.next_id - base, base + len(block)
+            placed = [replace(r, id=r.id + shift, image_id=(
+                r.image_id + shift if r.image_id is not None and base <= r.image_id < end
+                else r.image_id)) for r in records]
+            written = _derive(root, parent, model, Changes(placed, vectors), options,
+                              build_info or {})
+        finally:
+            parent.close()
+    return Appended(written.name, [r.id for r in placed], written)
+
+
+def _derive(root: Path, parent: Generation, model: ModelIdentity, changes: Changes,
+            options: StoreOptions, build_info: dict[str, Any]) -> GenerationManifest:
+    add = list(changes.add)
     if any(r.id < parent.next_id for r in add):
         raise IndexStoreError(f"new item ids must be >= {parent.next_id} (the index's next id)")
-    doomed = {int(i) for i in delete_ids}
-    unknown = [i for i, item in zip(sorted(doomed), parent.items(sorted(doomed))) if item is None]
-    if unknown:
-        raise UnknownItemError(f"cannot delete ids {unknown[:10]}: not live in {parent.name}")
-    doomed |= set(parent.caption_ids(doomed))
+    doomed = _doomed(root, parent, changes)
+    vectors = changes.vectors or {}
     tables = {m: _grown_table(parent, m, [r for r in add if r.modality == m],
-                              add_vectors.get(m), doomed) for m in MODALITIES}
+                              vectors.get(m), doomed) for m in MODALITIES}
     rows = sum(len(t.ids) for t in tables.values())
     dead = sum(int(t.deleted.sum()) for t in tables.values())
+    compact = changes.compact
     if compact is None:
         compact = rows > 0 and dead / rows > options.compact_ratio
     if compact:
-        tables = {m: _compacted(t) for m, t in tables.items()}
+        tables = {m: t.compacted() for m, t in tables.items()}
     next_id = max([parent.next_id] + [r.id + 1 for r in add])
 
     def fill(db: sqlite3.Connection) -> None:
-        _copy_database(parent.path / "items.sqlite", db)
-        _insert(db, add)
-        _mark_deleted(db, doomed)
+        _copy_database(parent.items_path, db)
+        insert(db, add)
+        db.executemany("UPDATE items SET deleted = 1 WHERE id = ?", ((i,) for i in sorted(doomed)))
         if compact:
             db.execute("DELETE FROM items WHERE deleted = 1")
 
     info = {**build_info, "compacted": bool(compact), "deleted_now": len(doomed)}
-    return _commit(root, model, tables, fill, options, next_id, parent.name, info)
+    return commit(root, Plan(model, next_id, parent.name, info, options), tables, fill)
+
+
+def _doomed(root: Path, parent: Generation, changes: Changes) -> set[int]:
+    """The ids to tombstone: those asked for, the images at the given paths, their captions."""
+    found = parent.ids_for_paths(changes.delete_paths)
+    missing = [p for p in changes.delete_paths if p not in found]
+    if missing:
+        raise UnknownItemError(f"no live image with path {missing[0]} in {root}")
+    doomed = {int(i) for i in changes.delete_ids} | set(found.values())
+    unknown = [i for i, item in zip(sorted(doomed), parent.items(sorted(doomed))) if item is None]
+    if unknown:
+        raise UnknownItemError(f"cannot delete ids {unknown[:10]}: not live in {parent.name}")
+    return doomed | set(parent.caption_ids(doomed))
 
 
 def _grown_table(parent: Generation, modality: str, new: list[ItemRecord],
-                 new_vectors: np.ndarray | None, doomed: set[int]) -> _Table:
+                 new_vectors: np.ndarray | None, doomed: set[int]) -> Table:
     ids, vectors = parent.all_vectors(modality, live_only=False)
     new_ids = np.array([r.id for r in new], dtype=np.int64)
     new_matrix = _as_matrix(new_vectors, len(new), parent.embed_dim, modality)
     order = np.argsort(new_ids, kind="stable")  # ids stay ascending for searchsorted
     new_ids, new_matrix = new_ids[order], new_matrix[order]
-    was_deleted = np.isin(ids, parent._deleted[modality])
-    table = _Table(np.concatenate([ids, new_ids]),
-                   np.concatenate([np.asarray(vectors), new_matrix]),
-                   np.concatenate([was_deleted, np.zeros(len(new), bool)]))
+    was_deleted = np.isin(ids, parent.tombstones(modality))
+    table = Table(np.concatenate([ids, new_ids]),
+                  np.concatenate([np.asarray(vectors), new_matrix]),
+                  np.concatenate([was_deleted, np.zeros(len(new), bool)]))
     table.deleted |= np.isin(table.ids, np.fromiter(doomed, np.int64, len(doomed)))
-    section = parent.manifest["modalities"][modality]
-    table.spec = ann.IndexSpec(**section["index"])
-    table.index = faiss.clone_index(parent._indexes[modality])
+    table.spec = parent.index_spec(modality)
+    table.index = faiss.clone_index(parent.index(modality))
     ann.add(table.index, new_matrix, new_ids)
     return table
-
-
-def _compacted(table: _Table) -> _Table:
-    keep = ~table.deleted
-    return _Table(table.ids[keep], table.vectors[keep], table.deleted[keep])
 
 
 def _as_matrix(vectors: np.ndarray | None, count: int, dim: int, modality: str) -> np.ndarray:
@@ -162,181 +186,20 @@ def _as_matrix(vectors: np.ndarray | None, count: int, dim: int, modality: str) 
     return vectors
 
 
-def _commit(root: Path, model: ModelIdentity, tables: dict[str, _Table], fill: Any,
-            options: StoreOptions, next_id: int, parent: str | None,
-            build_info: dict[str, Any]) -> str:
-    """Write files into a temp folder, fsync, rename into place, then switch CURRENT."""
-    root = Path(root)
-    generations = root / "generations"
-    generations.mkdir(parents=True, exist_ok=True)
-    name = f"{_last_number(generations) + 1:06d}"
-    temp = generations / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
-    try:
-        return _write_and_switch(root, model, tables, fill, options, next_id, parent,
-                                 build_info, name, temp)
-    # FAISS reports a failed write as RuntimeError and SQLite as sqlite3.Error, not OSError
-    except (OSError, RuntimeError, sqlite3.Error) as error:
-        # CURRENT still names the previous generation: drop ours
-        full = _is_disk_full(error, generations)
-        shutil.rmtree(temp, ignore_errors=True)
-        (root / "CURRENT.tmp").unlink(missing_ok=True)
-        if (root / "CURRENT").is_file() and current_name(root) != name:
-            shutil.rmtree(generations / name, ignore_errors=True)
-        if full:
-            raise IndexStoreError(f"disk full while writing generation {generations / name} "
-                                  f"({error}); CURRENT is unchanged, free space and retry"
-                                  ) from error
-        raise
-
-
-def _is_disk_full(error: BaseException, folder: Path) -> bool:
-    """Each writer words it differently (errno, FAISS's message, SQLite's, numpy's short
-    write without an errno), so also ask the file system whether it is out of space."""
-    if isinstance(error, OSError) and error.errno is not None:
-        return error.errno in (errno.ENOSPC, errno.EDQUOT)
-    text = str(error)
-    if "No space left on device" in text or "disk is full" in text:
-        return True
-    try:
-        stats = os.statvfs(folder)
-    except OSError:
-        return False
-    return stats.f_bavail * stats.f_frsize < 1 << 20
-
-
-def _write_and_switch(root: Path, model: ModelIdentity, tables: dict[str, _Table], fill: Any,
-                      options: StoreOptions, next_id: int, parent: str | None,
-                      build_info: dict[str, Any], name: str, temp: Path) -> str:
-    generations = root / "generations"
-    temp.mkdir()
-    sections = _write_tables(temp, tables, options)
-    db = sqlite3.connect(temp / "items.sqlite")
-    with db:
-        fill(db)
-    db.close()
-    maybe_fault("mid_generation")
-    files = sorted(p for p in temp.iterdir() if p.is_file())
-    manifest = _manifest(model, sections, next_id, name, parent, build_info,
-                         {p.name: sha256_file(p) for p in files})
-    (temp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    for path in temp.iterdir():
-        _fsync(path)
-    _fsync(temp)
-    os.rename(temp, generations / name)
-    _fsync(generations)
-    maybe_fault("before_current")
-    previous = current_name(root) if (root / "CURRENT").is_file() else None
-    pointer = root / "CURRENT.tmp"
-    pointer.write_text(name + "\n")
-    _fsync(pointer)
-    os.replace(pointer, root / "CURRENT")
-    _fsync(root)
-    _prune(generations, keep={name, previous})
-    return name
-
-
-def _write_tables(folder: Path, tables: dict[str, _Table],
-                  options: StoreOptions) -> dict[str, dict[str, Any]]:
-    sections = {}
-    for modality, table in tables.items():
-        other_modality = MODALITIES[1 - MODALITIES.index(modality)]
-        other = tables[other_modality]
-        queries = other.vectors[~other.deleted]
-        if len(queries) > MAX_TUNING_QUERIES:
-            rows = np.random.default_rng(0).choice(len(queries), MAX_TUNING_QUERIES, False)
-            queries = queries[np.sort(rows)]
-        index, spec = _index_for(table, options)
-        spec, report = ann.tune(index, spec, table.vectors, table.ids, queries,
-                                query_source=PLURAL[other_modality])
-        plural = PLURAL[modality]
-        faiss.write_index(index, str(folder / f"{plural}.faiss"))
-        np.save(folder / f"{plural}.npy", table.vectors)
-        np.save(folder / f"{plural}.ids.npy", table.ids)
-        sections[modality] = {"rows": len(table.ids), "live": int((~table.deleted).sum()),
-                              "deleted": int(table.deleted.sum()), "index": spec.as_dict(),
-                              "tuning": report}
-    return sections
-
-
-def _index_for(table: _Table, options: StoreOptions) -> tuple[faiss.Index, ann.IndexSpec]:
-    """Reuse the parent's index when the size rule still picks its kind; else build anew."""
-    dim = table.vectors.shape[1]
-    wanted = ann.choose_index(len(table.ids), dim, options.max_memory, options.index_kind)
-    if table.index is not None and table.spec is not None and table.spec.kind == wanted.kind:
-        return table.index, table.spec
-    return ann.build_index(wanted, table.vectors, table.ids), wanted
-
-
-def _manifest(model: ModelIdentity, sections: dict[str, Any], next_id: int, name: str,
-              parent: str | None, build_info: dict[str, Any],
-              files: dict[str, str]) -> dict[str, Any]:
-    return {
-        "format": FORMAT, "generation": name, "parent": parent,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "clipdex_version": _version(),
-        "model": {"sha256": model.sha256, "arch": model.arch, "embed_dim": model.embed_dim},
-        "embed_dim": model.embed_dim, "metric": "inner_product", "normalization": "l2",
-        "next_id": next_id, "modalities": sections, "files": files, "build": build_info,
-    }
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("clipdex")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def _insert(db: sqlite3.Connection, records: Iterable[ItemRecord]) -> None:
-    db.executemany(
-        "INSERT INTO items (id, modality, path, text, captions, metadata, image_id, deleted) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
-        ((r.id, r.modality, r.path, r.text, json.dumps(r.captions),
-          json.dumps(r.metadata, default=str), r.image_id) for r in records))
-
-
-def _mark_deleted(db: sqlite3.Connection, ids: set[int]) -> None:
-    db.executemany("UPDATE items SET deleted = 1 WHERE id = ?", ((i,) for i in sorted(ids)))
-
-
 def _copy_database(source: Path, target: sqlite3.Connection) -> None:
     """Copy the parent's rows with SQLite's backup API (no pickling, no re-insert in Python)."""
-    parent = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+    parent = sqlite3.connect(layout.read_only_uri(source), uri=True)
     try:
         parent.backup(target)
     finally:
         parent.close()
 
 
-def _last_number(generations: Path) -> int:
-    numbers = [int(p.name) for p in generations.iterdir() if p.name.isdigit()]
-    return max(numbers, default=0)
-
-
-def _prune(generations: Path, keep: set[str | None]) -> None:
-    """Keep the new generation and the one it replaced (KEEP_GENERATIONS = 2); drop older
-    ones and whatever writers killed mid-way left behind (temp folders, never-current ones)."""
-    for path in generations.iterdir():
-        if path.name.startswith(".tmp-") or (path.name.isdigit() and path.name not in keep):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def _writer_lock(root: Path) -> Iterator[None]:
     """One writer at a time per index directory (readers never lock)."""
     Path(root).mkdir(parents=True, exist_ok=True)
-    with open(Path(root) / ".lock", "w") as handle:
+    with open(layout.lock_file(root), "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

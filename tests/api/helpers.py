@@ -6,23 +6,17 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
 import uvicorn
 
+from api.server import HeadLimits, server_config
+from retrieval.store import ItemRecord, NewImage, NewText, linked_records
 
-@dataclass
-class ItemRecord:
-    id: int
-    modality: str
-    path: str | None = None
-    text: str | None = None
-    captions: list[str] = field(default_factory=list)
-    metadata: dict[str, Any] = field(default_factory=dict)
-    image_id: int | None = None
+__all__ = ["InMemoryGeneration", "ItemRecord", "ServerThread", "build_index",
+           "colour_generation", "colour_records"]
 
 
 class InMemoryGeneration:
@@ -57,33 +51,43 @@ class InMemoryGeneration:
         rows = [int(np.flatnonzero(self._ids[modality] == item_id)[0]) for item_id in ids]
         return self._vectors[modality][rows]
 
+    def ids_for_paths(self, paths: Sequence[str]) -> dict[str, int]:
+        wanted = set(paths)
+        return {r.path: r.id for r in self._records.values() if r.path in wanted}
+
     def close(self) -> None:
         self.closed = True
 
 
-def colour_generation(clip, image_paths: dict[str, Path], name: str = "g1") -> InMemoryGeneration:
-    """Images 0..n-1 (one per colour) and two captions each as texts n.. (image_id set)."""
+def colour_records(image_paths: dict[str, Path]) -> list[ItemRecord]:
+    """Images 0..n-1 (one per colour, labelled) and two captions each as texts n.. (linked
+    by image_id), built by the store's builder as the indexer builds them."""
+    images = [NewImage(str(path), {"label": colour}) for colour, path in image_paths.items()]
+    texts = [NewText(caption, image=index) for index, colour in enumerate(image_paths)
+             for caption in (f"a {colour} square", f"something coloured {colour}")]
+    return linked_records(images, texts, start_id=0)
+
+
+def _encode(clip, records: list[ItemRecord], image_paths: dict[str, Path]) -> dict[str, Any]:
     from retrieval.encode import encode_images, encode_texts
 
-    records, texts = [], []
-    for index, (colour, path) in enumerate(image_paths.items()):
-        captions = [f"a {colour} square", f"something coloured {colour}"]
-        records.append(ItemRecord(index, "image", str(path), None, captions, {"label": colour}))
-        texts.extend((caption, index) for caption in captions)
-    start = len(records)
-    for offset, (caption, image_id) in enumerate(texts):
-        records.append(ItemRecord(start + offset, "text", None, caption, [], {}, image_id))
-    vectors = {"image": encode_images(clip, list(image_paths.values())),
-               "text": encode_texts(clip, [caption for caption, _ in texts])}
-    return InMemoryGeneration(name, clip.embed_dim, records, vectors)
+    return {"image": encode_images(clip, list(image_paths.values())),
+            "text": encode_texts(clip, [r.text for r in records if r.modality == "text"])}
+
+
+def colour_generation(clip, image_paths: dict[str, Path], name: str = "g1") -> InMemoryGeneration:
+    """Images 0..n-1 (one per colour) and two captions each as texts n.. (image_id set)."""
+    records = colour_records(image_paths)
+    return InMemoryGeneration(name, clip.embed_dim, records, _encode(clip, records, image_paths))
 
 
 class ServerThread:
     """uvicorn serving `app` on 127.0.0.1:<free port> until `stop()`."""
 
-    def __init__(self, app: Any):
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+    def __init__(self, app: Any, limits: HeadLimits | None = None):
+        # The service's own server config (its request-head limits included).
+        config = server_config(app, "127.0.0.1", 0, limits or HeadLimits(), log_level="warning",
+                               access_log=False, lifespan="on", timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -109,20 +113,9 @@ class ServerThread:
 def build_index(root: Path, clip, image_paths: dict[str, Path]) -> Path:
     """A real index generation written through retrieval.store (what `clipdex index build`
     writes): one image per colour with two captions, the captions also as text items."""
-    from retrieval.encode import encode_images, encode_texts
-    from retrieval.store import ItemRecord as StoreRecord
     from retrieval.store import model_identity, write_generation
 
-    records, captions = [], []
-    for index, (colour, path) in enumerate(image_paths.items()):
-        pair = [f"a {colour} square", f"something coloured {colour}"]
-        records.append(StoreRecord(index, "image", path=str(path.resolve()), captions=pair,
-                                   metadata={"label": colour}))
-        captions.extend((caption, index) for caption in pair)
-    start = len(records)
-    for offset, (caption, image_id) in enumerate(captions):
-        records.append(StoreRecord(start + offset, "text", text=caption, image_id=image_id))
-    vectors = {"image": encode_images(clip, list(image_paths.values())),
-               "text": encode_texts(clip, [caption for caption, _ in captions])}
-    write_generation(root, model_identity(clip), records, vectors)
+    resolved = {colour: path.resolve() for colour, path in image_paths.items()}
+    records = colour_records(resolved)
+    write_generation(root, model_identity(clip), records, _encode(clip, records, resolved))
     return root

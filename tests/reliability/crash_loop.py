@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from retrieval.store import current_name, open_generation
-from retrieval.store.read import PLURAL
+from retrieval.store.layout import PLURAL
 
 ROOT = Path(__file__).resolve().parents[2]
 FAULT_POINTS = ("mid_generation", "before_current", "after_shard:0", "after_shard:3")
@@ -175,7 +175,7 @@ def _command(operation: str, targets: list[Path] | list[str], index: Path,
              config: CrashLoopConfig, workers: int) -> list[str]:
     job = ["--model", config.model, "--device", "cpu", "--workers", str(workers),
            "--shard-size", str(config.shard_size)]
-    base = [sys.executable, "-m", "retrieval.cli", "index"]
+    base = [sys.executable, "-m", "clipdex", "index"]
     if operation == "build":
         return [*base, "build", *map(str, targets), "--out", str(index), *job]
     if operation == "delete":

@@ -4,11 +4,9 @@ what happened: fast 503s for the excess, a kept p99 for the admitted, bounded me
     .venv/bin/python -m tests.reliability.overload --seconds 30
 
 The service runs as a separate process (its RSS comes from /proc, a crash is an exit code) over
-a small index the indexer builds with the tiny model. The load generator is open loop: requests
-leave on a fixed schedule whatever the answers, over a pool of keep-alive connections written
-with bare asyncio streams (an HTTP client library costs more CPU per request than the service
-spends admitting or refusing one, and it shares the service's two cores). Latency is counted
-from the scheduled send time, so a late generator shows up as latency, never as missing load.
+a small index the indexer builds with the tiny model. The load generator (bench/load.py) is
+open loop: requests leave on a fixed schedule whatever the answers, and latency is counted from
+the scheduled send time, so a late generator shows up as latency, never as missing load.
 """
 
 from __future__ import annotations
@@ -23,16 +21,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from bench.load import (
+    OK,
+    SHED,
+    Phase,
+    batch_counters,
+    closed_loop,
+    latency_summary,
+    open_loop,
+    percentile_ms,
+)
+
 ROOT = Path(__file__).resolve().parents[2]
-WORDS = ["dog", "cat", "beach", "mountain", "city", "street", "child", "red", "blue", "green",
-         "car", "bicycle", "river", "tree", "snow", "people", "running", "table", "moon"]
-OK = range(200, 300)
-SHED = (503, 429)  # the statuses that mean "refused, come back later"
 
 
 @dataclass(frozen=True)
@@ -52,28 +57,6 @@ class ServeOptions:
         return ["--max-batch", str(self.max_batch), "--max-wait-ms", str(self.max_wait_ms),
                 "--queue-size", str(self.queue_size),
                 "--max-queue-wait-ms", str(self.max_queue_wait_ms), *self.extra]
-
-
-@dataclass
-class Outcome:
-    """One request: its status (0: connection error) and seconds from its scheduled start."""
-
-    status: int
-    seconds: float
-
-
-@dataclass
-class Phase:
-    outcomes: list[Outcome] = field(default_factory=list)
-    elapsed: float = 0.0
-    late: list[float] = field(default_factory=list)  # how far behind schedule sends left
-    errors: Counter[str] = field(default_factory=Counter)  # connection failures by kind
-
-    def latencies(self, statuses: Sequence[int]) -> list[float]:
-        return sorted(o.seconds for o in self.outcomes if o.status in statuses)
-
-    def count(self, statuses: Sequence[int]) -> int:
-        return sum(o.status in statuses for o in self.outcomes)
 
 
 # --------------------------------------------------------------------------- the service
@@ -114,7 +97,7 @@ def slowed(call, seconds):
 delay = float(sys.argv[1]) / 1000
 encode.encode_texts = slowed(encode.encode_texts, delay)
 encode.encode_image_batch = slowed(encode.encode_image_batch, delay)
-from retrieval.cli import main
+from clipdex.main import main
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -123,7 +106,7 @@ def start_service(index: Path, port: int, options: ServeOptions, log: Path) -> s
     serve = ["serve", "--index", str(index), "--model", options.model, "--device", "cpu",
              "--port", str(port), *options.flags()]
     command = ([sys.executable, "-c", SLOWED_SERVE, str(options.model_delay_ms), *serve]
-               if options.model_delay_ms > 0 else [sys.executable, "-m", "retrieval.cli", *serve])
+               if options.model_delay_ms > 0 else [sys.executable, "-m", "clipdex", *serve])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with log.open("wb") as sink:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
@@ -153,24 +136,6 @@ def get_status(port: int, path: str, timeout: float = 5.0) -> int:
         connection.close()
 
 
-def model_counters(port: int) -> dict[str, float]:
-    """The text batcher's totals from /metrics: batches, inputs and model seconds."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        connection.request("GET", "/metrics")
-        text = connection.getresponse().read().decode()
-    finally:
-        connection.close()
-    names = {"clipdex_batch_size_count": "batches", "clipdex_batch_size_sum": "inputs",
-             "clipdex_batch_seconds_sum": "seconds"}
-    totals = dict.fromkeys(names.values(), 0.0)
-    for line in text.splitlines():
-        name, _, rest = line.partition('{kind="text"} ')
-        if name in names:
-            totals[names[name]] = float(rest)
-    return totals
-
-
 def model_summary(before: dict[str, float], after: dict[str, float], elapsed: float) -> dict:
     """What the model did in a phase: batches/s, mean batch size and time."""
     batches = after["batches"] - before["batches"]
@@ -188,135 +153,6 @@ def memory_kib(pid: int) -> dict[str, int]:
         if name in ("VmRSS", "VmHWM"):
             fields[name] = int(value.split()[0])
     return fields
-
-
-# --------------------------------------------------------------------------- the load
-
-
-def post_json(port: int, path: str, body: dict) -> bytes:
-    """The bytes of one HTTP/1.1 POST of `body` as JSON, for `Pool.send`."""
-    payload = json.dumps(body).encode()
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
-            ).encode() + payload
-
-
-def request_bytes(port: int, n: int) -> bytes:
-    """A text search whose query is distinct per n, so nothing can be cached."""
-    words = " ".join(WORDS[(n * 7 + step * 3) % len(WORDS)] for step in range(3 + n % 5))
-    return post_json(port, "/search/text", {"text": f"{words} {n}", "k": 5})
-
-
-class Pool:
-    """Keep-alive connections to the service; a request takes an idle one or opens another.
-    Failures are counted by kind in `errors`; "pool exhausted" means the generator, not the
-    service, ran out (max_connections requests were already waiting)."""
-
-    def __init__(self, port: int, max_connections: int):
-        self.port, self.max_connections = port, max_connections
-        self.idle: deque[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = deque()
-        self.open = 0
-        self.errors: Counter[str] = Counter()
-
-    async def send(self, payload: bytes, timeout: float) -> int:
-        """The response status; 0 when there was none (see `errors`)."""
-        connection = await self._connection(timeout)
-        if connection is None:
-            return 0
-        reader, writer = connection
-        try:
-            writer.write(payload)
-            status, keep = await asyncio.wait_for(read_response(reader), timeout)
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as error:
-            self.errors[type(error).__name__] += 1
-            status, keep = 0, False
-        if keep:
-            self.idle.append((reader, writer))
-        else:
-            self._drop(writer)
-        return status
-
-    async def _connection(self, timeout: float
-                          ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-        while self.idle:  # the newest first; skip any the server closed while it was idle
-            reader, writer = self.idle.pop()
-            if not reader.at_eof() and not writer.is_closing():
-                return reader, writer
-            self._drop(writer)
-        if self.open >= self.max_connections:
-            self.errors["pool exhausted"] += 1
-            return None
-        self.open += 1
-        try:
-            return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port),
-                                          timeout)
-        except (OSError, asyncio.TimeoutError) as error:
-            self.open -= 1
-            self.errors[f"connect: {type(error).__name__}"] += 1
-            return None
-
-    def _drop(self, writer: asyncio.StreamWriter) -> None:
-        self.open -= 1
-        writer.close()
-
-    def close(self) -> None:
-        while self.idle:
-            self._drop(self.idle.pop()[1])
-
-
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """(status, connection reusable) of one HTTP/1.1 response with a Content-Length body."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
-    await reader.readexactly(int(headers.get("content-length", "0")))
-    return status, headers.get("connection", "keep-alive") != "close"
-
-
-async def open_loop(port: int, rate: float, seconds: float, first: int = 0,
-                    max_connections: int = 2048, timeout: float = 30.0) -> Phase:
-    """Send `rate` requests/s for `seconds` on schedule, whatever the answers."""
-    pool, phase, tasks = Pool(port, max_connections), Phase(), set()
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-
-    async def one(n: int, due: float) -> None:
-        status = await pool.send(request_bytes(port, n), timeout)
-        phase.outcomes.append(Outcome(status, loop.time() - due))
-
-    for n in range(int(rate * seconds)):
-        due = started + n / rate
-        delay = due - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        phase.late.append(max(0.0, -delay))
-        task = loop.create_task(one(first + n, due))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    await asyncio.gather(*tasks)
-    phase.elapsed, phase.errors = loop.time() - started, pool.errors
-    pool.close()
-    return phase
-
-
-async def closed_loop(port: int, concurrency: int, seconds: float, first: int = 0) -> Phase:
-    """`concurrency` clients, each sending its next request when the last one is answered."""
-    pool, phase = Pool(port, concurrency), Phase()
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    counter = iter(range(first, first + 10**9))
-
-    async def client() -> None:
-        while loop.time() - started < seconds:
-            sent = loop.time()
-            status = await pool.send(request_bytes(port, next(counter)), 30.0)
-            phase.outcomes.append(Outcome(status, loop.time() - sent))
-
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    phase.elapsed, phase.errors = loop.time() - started, pool.errors
-    pool.close()
-    return phase
 
 
 def cpu_seconds(pid: int) -> float:
@@ -338,17 +174,6 @@ async def sample_memory(pid: int, peak: dict[str, int], every: float = 0.1) -> N
 # --------------------------------------------------------------------------- the summary
 
 
-def percentile(ordered: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile of sorted seconds, in ms."""
-    if not ordered:
-        return None
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
-
-
-def latency_summary(ordered: Sequence[float]) -> dict[str, float | None]:
-    return {f"p{int(q * 100)}_ms": percentile(ordered, q) for q in (0.5, 0.95, 0.99)}
-
-
 def summarise(baseline: Phase, overload: Phase, rate: float) -> dict:
     """Admitted, refused and failed requests of the overload, against the baseline."""
     statuses = Counter(o.status for o in overload.outcomes)
@@ -366,7 +191,7 @@ def summarise(baseline: Phase, overload: Phase, rate: float) -> dict:
         "other_statuses": {str(s): n for s, n in sorted(statuses.items())
                            if s != 0 and s not in SHED and s not in OK},
         "connection_errors": statuses[0], "connection_error_kinds": dict(overload.errors),
-        "generator_late_p99_ms": percentile(sorted(overload.late), 0.99),
+        "generator_late_p99_ms": percentile_ms(overload.late, 99),
     }
 
 
@@ -421,9 +246,9 @@ def memory_figures(ready_kib: int, peak_kib: int, allowance_mib: float) -> dict[
 async def _drive(port: int, pid: int, seconds: float, factor: float, concurrency: int,
                  baseline_seconds: float) -> dict:
     await closed_loop(port, concurrency, 1.0)  # warm-up: first batches, lazy imports
-    before = model_counters(port)
+    before = batch_counters(port)
     baseline = await closed_loop(port, concurrency, baseline_seconds, first=10**6)
-    during = model_counters(port)
+    during = batch_counters(port)
     rate = factor * baseline.count(OK) / baseline.elapsed
     peak, cpu = {"rss": memory_kib(pid)["VmRSS"]}, cpu_seconds(pid)
     sampler = asyncio.create_task(sample_memory(pid, peak))
@@ -432,7 +257,7 @@ async def _drive(port: int, pid: int, seconds: float, factor: float, concurrency
     summary = summarise(baseline, overload, rate)
     summary["service_cpu_percent"] = round(100 * (cpu_seconds(pid) - cpu) / overload.elapsed)
     summary["model"] = {"baseline": model_summary(before, during, baseline.elapsed),
-                        "overload": model_summary(during, model_counters(port),
+                        "overload": model_summary(during, batch_counters(port),
                                                   overload.elapsed)}
     summary["rss_peak_kib"] = peak["rss"]
     return summary

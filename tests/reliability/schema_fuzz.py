@@ -52,8 +52,8 @@ def fuzz_target(tmp: Path, clip: Any = None, admin_key: str = ADMIN_KEY) -> Iter
     encoded by `clip` (default: the tiny random CLIP), writable with the admin key: fuzzed
     writes stay in `tmp`."""
     from api.app import create_app
-    from api.batcher import BatcherConfig
     from api.settings import Settings
+    from retrieval.batcher import BatcherConfig
     from retrieval.model import load_model
     from tests.api.helpers import ServerThread, build_index
     from tests.conftest import COLOURS, make_image

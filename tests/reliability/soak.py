@@ -5,7 +5,8 @@
 
 Parts: the crash loop (100+ random SIGKILLs), the fast suites again with many more Hypothesis
 examples (corruption, disk full, bad input, stateful store), Schemathesis against a running
-service, and 30 s at four times the service's capacity. Results accumulate in
+service, 30 s at four times the service's capacity, and hostile clients (stalled and slow
+bodies, decode bombs, header floods, uploads refused while busy, malformed requests). Results accumulate in
 docs/reliability_results.json (running some --parts updates only those), and the report is
 rebuilt from the whole file, so every figure keeps the command that made it.
 """
@@ -27,7 +28,7 @@ from xml.etree import ElementTree
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 RESULTS = DOCS / "reliability_results.json"
-PARTS = ("crash_loop", "suites", "schemathesis", "overload")
+PARTS = ("crash_loop", "suites", "schemathesis", "overload", "hostile")
 SUITES = {
     "corruption": "tests/reliability/test_corruption.py",
     "disk full": "tests/reliability/test_disk_full.py",
@@ -96,8 +97,17 @@ def run_overload_part(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
                                         f"--overload-seconds {args.overload_seconds}"}
 
 
+def run_hostile_part(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The outside attacker's tests at full size against real `clipdex serve` processes."""
+    from tests.reliability.hostile import HostileConfig, run_hostile
+
+    return {**run_hostile(HostileConfig()),
+            "command": f"{PYTHON} -m tests.reliability.soak --parts hostile"}
+
+
 RUNNERS = {"crash_loop": run_crash_loop, "suites": run_suites,
-           "schemathesis": run_schemathesis_part, "overload": run_overload_part}
+           "schemathesis": run_schemathesis_part, "overload": run_overload_part,
+           "hostile": run_hostile_part}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +153,9 @@ def verdicts(part: str, result: dict[str, Any]) -> dict[str, bool]:
     if part == "suites":
         return {name: s["failures"] == 0 and s["errors"] == 0
                 for name, s in result["suites"].items()}
+    if part == "hostile":
+        return {f"{name}: {check}": ok for name, scenario in result["scenarios"].items()
+                for check, ok in scenario["checks"].items()}
     if part == "schemathesis":
         return {"cases ran": result["cases"] > 0, "no server errors": result["server_errors"] == 0,
                 "no schema violations": result["schema_violations"] == 0}

@@ -25,15 +25,16 @@ def write_report(results: dict[str, Any], docs: Path) -> None:
              "| suite | verdict | checks |", "|---|---|---|"]
     for part, title in (("crash_loop", "Crash loop"), ("suites", "Corruption, disk full, bad "
                         "input, stateful store"), ("schemathesis", "Schemathesis"),
-                        ("overload", "Overload")):
+                        ("overload", "Overload"), ("hostile", "Hostile clients")):
         if part in results:
             checks = verdicts(part, results[part])
             failed = [name for name, ok in checks.items() if not ok]
             verdict = "pass" if not failed else "FAIL: " + ", ".join(failed)
             lines.append(f"| {title} | {verdict} | {', '.join(checks)} |")
     lines.append("")
+    lines += promises() + [""]
     sections = {"crash_loop": _crash_loop, "suites": _suites, "schemathesis": _schemathesis,
-                "overload": _overload}
+                "overload": _overload, "hostile": _hostile}
     for part, render in sections.items():
         if part in results:
             lines += render(results[part], docs) + [""]
@@ -171,3 +172,76 @@ def _flags(service: dict[str, Any]) -> list[str]:
 
 def _ms(value: float | None) -> str:
     return "–" if value is None else f"{value:.0f}"
+
+
+def promises() -> list[str]:
+    """What `clipdex serve` promises, from the defaults in the code (so it cannot go stale);
+    the hostile part of `make soak` checks each against a running service."""
+    from api.server import HeadLimits
+    from api.settings import (
+        EMPTY_BODY_BYTES,
+        TEXT_QUERY_BODY_BYTES,
+        VECTOR_QUERY_BODY_BYTES,
+        Settings,
+    )
+
+    s, h = Settings(), HeadLimits()
+    mib = 2**20
+    return [
+        "## What the service promises", "",
+        "Defaults of `clipdex serve` (each is a field of `api.settings.Settings` or "
+        "`api.server.HeadLimits`):", "",
+        "| limit | default | past it |", "|---|---|---|",
+        f"| request line + headers | {h.max_head_bytes // 1024} KiB | 431, counted as the bytes "
+        "arrive (never buffered) |",
+        f"| request target (path + query) | {h.max_url_bytes // 1024} KiB | 414 |",
+        f"| time to send the request head | {h.head_timeout_s:g} s | 408, connection closed |",
+        f"| body of `/search/text` | {TEXT_QUERY_BODY_BYTES // 1024} KiB | 413 before parsing |",
+        f"| body of `/search/vector` | {VECTOR_QUERY_BODY_BYTES // 1024} KiB | 413 before parsing |",
+        f"| body of `/admin/reload` and of routes without a body | {EMPTY_BODY_BYTES // 1024} "
+        "KiB | 413 |",
+        f"| body of upload routes, `/search/multi`, `/knn-service`, admin writes | "
+        f"{s.max_body_bytes // mib} MiB (`--max-body-mb`) | 413 |",
+        f"| silence while a body arrives | {s.body_idle_s:g} s | 408 |",
+        f"| whole body | {s.body_deadline_s:g} s | 408 |",
+        f"| bodies being received, all together | {s.max_buffered_bytes // mib} MiB | 503 + "
+        "Retry-After |",
+        "| complete requests inside the service | 4 x `--max-batch` (32 on CPU) | 503 + "
+        "Retry-After, before routing |",
+        f"| pixels of one image | {s.max_image_pixels:,} | 413 |",
+        f"| bytes one decode may allocate (raster and conversions) | "
+        f"{s.max_decode_bytes // mib} MiB | 413 |",
+        f"| images decoded at once | {s.max_concurrent_decodes} | the rest wait their turn |",
+        "| encode queue | 256 inputs or 500 ms of expected wait | 503 + Retry-After |", "",
+        "What a client without a key can and cannot do to a service started with read keys:",
+        "- it is answered 401 from its headers alone, before one byte of its body is read; it "
+        "never holds a place among the requests in flight, and its stalled body is dropped;",
+        "- it can open connections, but each must finish its request head within "
+        f"{h.head_timeout_s:g} s and {h.max_head_bytes // 1024} KiB, and its refused body is "
+        "read and dropped, not kept: what it spends is its own bandwidth;",
+        "- it can read `/healthz`, `/readyz`, `/metrics`, the page, `/docs` and the OpenAPI "
+        "schema (no item, no path, no key);",
+        "- it cannot search, fetch an item or an image, or write.", "",
+        "For every client: no response names a server path or a memory address (items are named "
+        "by id and by file name; errors say what is wrong, not where), links are built from "
+        "`--public-url` (or are relative), never from the request's Host header, and a refusal "
+        "is an RFC 9457 problem read by the client, not a connection reset. A stalled or "
+        "trickling body holds only its own connection and bytes: requests that have arrived are "
+        "served around it.", "",
+        "Left to the deployment: a client with many addresses can still open many connections "
+        "(put a reverse proxy with per-address limits in front of a public service), and the "
+        "process's file-descriptor limit (`ulimit -n`) bounds how many it holds at once.",
+    ]
+
+
+def _hostile(result: dict[str, Any], docs: Path) -> list[str]:
+    lines = _header("Hostile clients", result) + [
+        "An outside attacker's tests against real `clipdex serve` processes started with key "
+        "files (`tests/reliability/hostile.py`): each scenario's figures and checks.", "",
+        "| scenario | figures | checks |", "|---|---|---|"]
+    for name, scenario in result["scenarios"].items():
+        figures = json.dumps(scenario["figures"], separators=(", ", ": "))
+        checks = ", ".join(f"{check}: {'pass' if ok else 'FAIL'}"
+                           for check, ok in scenario["checks"].items())
+        lines.append(f"| {name} | `{figures}` | {checks} |")
+    return lines

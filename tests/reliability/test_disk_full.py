@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import retrieval.store.write as store_write
+import retrieval.store.commit as store_commit
 from retrieval.errors import IndexStoreError
 from retrieval.store import ItemRecord, open_generation, update_generation, write_generation
 from tests.reliability.helpers import FLAT, MODEL, small_generation, unit_vectors
@@ -45,7 +45,7 @@ def _fail_current(monkeypatch):
 
 
 def _fail_second_faiss(monkeypatch):
-    real, calls = store_write.faiss.write_index, []
+    real, calls = store_commit.faiss.write_index, []
 
     def write_index(index, path):
         calls.append(path)
@@ -53,15 +53,15 @@ def _fail_second_faiss(monkeypatch):
             disk_full()
         return real(index, path)
 
-    monkeypatch.setattr(store_write.faiss, "write_index", write_index)
+    monkeypatch.setattr(store_commit.faiss, "write_index", write_index)
 
 
 FAULTS = {
-    "faiss.write_index": lambda mp: mp.setattr(store_write.faiss, "write_index", disk_full),
+    "faiss.write_index": lambda mp: mp.setattr(store_commit.faiss, "write_index", disk_full),
     "second faiss file": _fail_second_faiss,
-    "np.save": lambda mp: mp.setattr(store_write.np, "save", disk_full),
+    "np.save": lambda mp: mp.setattr(store_commit.np, "save", disk_full),
     "manifest.json": _fail_manifest,
-    "fsync": lambda mp: mp.setattr(store_write.os, "fsync", disk_full),
+    "fsync": lambda mp: mp.setattr(store_commit.os, "fsync", disk_full),
     "CURRENT pointer": _fail_current,
 }
 
@@ -128,7 +128,7 @@ def test_other_os_errors_are_not_dressed_up_as_disk_full(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(store_write.np, "save", denied)
+    monkeypatch.setattr(store_commit.np, "save", denied)
     records, vectors = new_items()
     with pytest.raises(PermissionError):
         update_generation(root, MODEL, add=records, add_vectors=vectors, options=FLAT)

@@ -1,0 +1,144 @@
+"""`clipdex index build|add|delete|compact|info`: the indexing jobs (indexer.build) with
+progress bars and summaries; the jobs and the store never print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from clipdex.options import Flag, config_flags, config_from, log, model_options
+from retrieval.ann import KINDS
+
+BUILD_FLAGS = {
+    "batch_size": Flag("images per model call"),
+    "workers": Flag("image decoding processes"),
+    "max_pixels": Flag("skip images larger than this many pixels"),
+    "shard_size": Flag("items per resumable shard (smaller: less lost to a kill)"),
+    "max_memory": Flag("index memory budget, e.g. 4GB"),
+    "index_kind": Flag("force an index type instead of choosing by size and memory",
+                       name="--index-type", choices=KINDS),
+    "precision": Flag("autocast precision", choices=("auto", "fp32", "fp16", "bf16")),
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `index` and its actions to the `clipdex` parser."""
+    from indexer.build import BuildConfig
+
+    index = subparsers.add_parser("index", help="build and update image/text search indexes")
+    actions = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+
+    build_parser = actions.add_parser("build", help="encode sources into a new index generation")
+    build_parser.add_argument("sources", nargs="+", type=Path,
+                              help="image folders, CSV/JSONL/parquet manifests, .txt corpora")
+    build_parser.add_argument("--out", type=Path, required=True, help="index directory")
+    model_options(build_parser)
+    config_flags(build_parser, BuildConfig, BUILD_FLAGS)
+    build_parser.set_defaults(func=cmd_build)
+
+    add_parser = actions.add_parser("add", help="add new sources into a new generation")
+    add_parser.add_argument("sources", nargs="+", type=Path)
+    add_parser.add_argument("--index", type=Path, required=True, help="index directory")
+    model_options(add_parser)
+    config_flags(add_parser, BuildConfig, BUILD_FLAGS)
+    add_parser.set_defaults(func=cmd_add)
+
+    delete_parser = actions.add_parser("delete", help="delete items by id or image path")
+    delete_parser.add_argument("--index", type=Path, required=True)
+    group = delete_parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--id", type=int, nargs="+", dest="ids")
+    group.add_argument("--path", type=Path, nargs="+", dest="paths")
+    delete_parser.add_argument("--max-memory", default="4GB")
+    delete_parser.set_defaults(func=cmd_delete)
+
+    compact_parser = actions.add_parser("compact", help="rewrite the index without deleted items")
+    compact_parser.add_argument("--index", type=Path, required=True)
+    compact_parser.add_argument("--max-memory", default="4GB")
+    compact_parser.set_defaults(func=cmd_compact)
+
+    info_parser = actions.add_parser("info", help="print the current generation's manifest")
+    info_parser.add_argument("index", type=Path)
+    info_parser.set_defaults(func=cmd_info)
+
+
+def _config(args: argparse.Namespace):
+    from indexer.build import BuildConfig
+    from retrieval.ann import parse_memory
+
+    parse_memory(args.max_memory)  # fail early on "4 gallons"
+    return config_from(args, BuildConfig)
+
+
+def _load(args: argparse.Namespace):
+    """Load the model (random-weight architectures load identically every time, so a
+    rerun, resume or `add` matches the index's model fingerprint)."""
+    from retrieval.model import load_model
+
+    return load_model(args.model, args.device)
+
+
+def _bar(label: str, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=label, unit="item", dynamic_ncols=True, file=sys.stderr,
+                disable=total == 0)
+
+
+def _report(summary) -> None:
+    log(f"generation {summary.generation}: {summary.images} images, {summary.texts} texts "
+         f"in {summary.seconds:.1f} s (shards: {summary.shards_encoded} encoded, "
+         f"{summary.shards_resumed} resumed)")
+    skipped = sum(summary.skipped.values())
+    if skipped:
+        reasons = ", ".join(f"{kind} {n}" for kind, n in sorted(summary.skipped.items()))
+        log(f"skipped {skipped}: {reasons} (see {summary.errors_file})")
+    for modality, report in summary.tuning.items():
+        if "skipped" in report:
+            log(f"{modality} index tuning skipped: {report['skipped']}")
+        else:
+            log(f"{modality} index: recall@{report['k']} {report['recall_at_' + str(report['k'])]}"
+                 f" vs exact with {report['queries']} {report['query_source']} queries, "
+                 f"{report['qps']:.0f} queries/s ({report['param']}={report['value']})")
+    print(json.dumps(summary.as_dict(), indent=2))
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from indexer.build import build
+
+    clip = _load(args)
+    _report(build(args.sources, args.out, clip, _config(args), progress=_bar))
+    return 0
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from indexer.build import add
+
+    clip = _load(args)
+    _report(add(args.sources, args.index, clip, _config(args), progress=_bar))
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from indexer.build import BuildConfig, delete
+
+    name = delete(args.index, ids=args.ids or (), paths=args.paths or (),
+                  config=BuildConfig(max_memory=args.max_memory))
+    log(f"generation {name}: deleted {len(args.ids or args.paths)} item(s)")
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from indexer.build import BuildConfig, compact
+
+    name = compact(args.index, BuildConfig(max_memory=args.max_memory))
+    log(f"generation {name}: compacted")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from retrieval.store import read_generation_manifest
+
+    print(json.dumps(read_generation_manifest(args.index).data, indent=2))
+    return 0

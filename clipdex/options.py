@@ -1,0 +1,102 @@
+"""Flags shared by several subcommands, and flags generated from configuration dataclasses.
+
+`--model`, `--device` and `--precision` are defined once here. A frozen config dataclass
+(TrainConfig, BuildConfig) gives its flags' names, types and defaults; `config_flags` adds
+them to a parser and `config_from` builds the config back from the parsed arguments, so no
+field is copied by hand and a new field cannot be forgotten (tests check every field has a
+flag or is named as set elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+MODEL_HELP = ("'default' (bundled), a .safetensors checkpoint, a clipdex architecture, an "
+              "open_clip ARCH[:TAG], an hf-hub:ORG/NAME spec, or a local open_clip model folder "
+              "(default: %(default)s)")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def model_options(parser: argparse.ArgumentParser, precision: bool = False) -> None:
+    parser.add_argument("--model", default="default", help=MODEL_HELP)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
+    if precision:
+        parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                            help="autocast precision (auto: fp16 on CUDA, fp32 on CPU)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """How one config field appears on the command line (all optional)."""
+
+    help: str = ""
+    name: str | None = None  # the flag, when not --field-name
+    choices: tuple[str, ...] | None = None
+    invert: str | None = None  # a bool field set False by this store_true flag
+
+
+def config_flags(parser: argparse.ArgumentParser, config: type, flags: Mapping[str, Flag],
+                 skip: frozenset[str] = frozenset()) -> None:
+    """Add one flag per field of the dataclass `config` (except `skip`), typed and defaulted
+    from the field itself."""
+    hints = typing.get_type_hints(config)
+    for field in dataclasses.fields(config):
+        if field.name in skip:
+            continue
+        flag = flags.get(field.name, Flag())
+        default = _default(field)
+        kind = _plain_type(hints[field.name])
+        if flag.invert:
+            parser.add_argument(flag.invert, dest=field.name, action="store_false",
+                                default=default, help=flag.help)
+        elif kind is bool:
+            parser.add_argument(_flag_name(field.name, flag), dest=field.name,
+                                action="store_true", default=default, help=flag.help)
+        else:
+            required = default is dataclasses.MISSING
+            parser.add_argument(_flag_name(field.name, flag), dest=field.name, type=kind,
+                                default=None if required else default, required=required,
+                                choices=flag.choices, help=_help(flag.help, required))
+
+
+def config_from(args: argparse.Namespace, config: type, **given: Any) -> Any:
+    """The config dataclass from parsed arguments; `given` fills the fields with no flag."""
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(config)
+              if field.name not in given and hasattr(args, field.name)}
+    return config(**values, **given)
+
+
+def _flag_name(name: str, flag: Flag) -> str:
+    return flag.name or "--" + name.replace("_", "-")
+
+
+def _help(text: str, required: bool) -> str:
+    return text if required else (f"{text} (default: %(default)s)" if text
+                                  else "(default: %(default)s)")
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return dataclasses.MISSING
+
+
+def _plain_type(hint: Any) -> Any:
+    """int | None -> int; Path -> Path; the parser's `type` for a field."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        hint = options[0] if len(options) == 1 else str
+    return hint if hint in (int, float, str, bool, Path) else str

@@ -1,0 +1,109 @@
+"""The one interface a `Searcher` needs from a model: texts or images in, `(n, d)` float32
+L2-normalised embeddings out.
+
+`ModelEncoder` calls the model directly (a notebook, a script, the CLI). `BatchedEncoder`
+sends every input through the micro-batchers running on an event loop, so that concurrent
+callers (the service's request threads) share model calls; it blocks its caller's thread, and
+must not be called from the loop's own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from retrieval.batcher import MicroBatcher
+from retrieval.encode import encode_image_batch, encode_texts
+from retrieval.images import DecodeLimits, draft_side_of, model_pixels
+from retrieval.model import ClipModel
+
+ImageLike = bytes | Image.Image  # an encoded file, or a decoded image
+
+
+class Encoder(Protocol):
+    embed_dim: int
+    logit_scale: float  # the model's softmax scale for zero-shot classification
+
+    def texts(self, texts: Sequence[str]) -> np.ndarray: ...  # (n, d)
+    def images(self, images: Sequence[ImageLike]) -> np.ndarray: ...  # (n, d)
+
+
+def model_logit_scale(clip: ClipModel) -> float:
+    """exp of the model's learnt log-scale (100 for OpenAI CLIP), capped like training does."""
+    raw = getattr(clip.model, "logit_scale", None)  # open_clip models without one: CLIP's 100
+    value = float(raw.detach().float().exp().item()) if raw is not None else 100.0
+    return min(value, 100.0)
+
+
+class ModelEncoder:
+    """Encodes on the calling thread, one model call per method call."""
+
+    def __init__(self, clip: ClipModel, limits: DecodeLimits | None = None):
+        self.clip = clip
+        self.limits = limits or DecodeLimits(draft_side=draft_side_of(clip.preprocess))
+        self.embed_dim = int(clip.embed_dim)
+        self.logit_scale = model_logit_scale(clip)
+
+    def texts(self, texts: Sequence[str]) -> np.ndarray:
+        return encode_texts(self.clip, list(texts))
+
+    def images(self, images: Sequence[ImageLike]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        pixels = [model_pixels(image, self.clip.preprocess, self.limits) for image in images]
+        return encode_image_batch(self.clip, torch.stack(pixels))  # (n, 3, H, W) -> (n, d)
+
+
+class BatchedEncoder:
+    """Submits inputs to the text and image MicroBatchers on `loop`.
+
+    Images are decoded on the calling thread, at most `decode_slots` at once: with the
+    decoder's byte cap that bounds the memory hostile uploads can take. Long lists go to the
+    batcher `wave` inputs at a time, so one request cannot fill the queue by itself."""
+
+    def __init__(self, clip: ClipModel, text_batcher: MicroBatcher, image_batcher: MicroBatcher,
+                 loop: asyncio.AbstractEventLoop, limits: DecodeLimits, decode_slots: int,
+                 wave: int):
+        self.clip, self.loop, self.limits, self.wave = clip, loop, limits, wave
+        self.text_batcher, self.image_batcher = text_batcher, image_batcher
+        self.decodes = threading.BoundedSemaphore(decode_slots)
+        self.embed_dim = int(clip.embed_dim)
+        self.logit_scale = model_logit_scale(clip)
+
+    def texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self._through(self.text_batcher, list(texts))
+
+    def images(self, images: Sequence[ImageLike]) -> np.ndarray:
+        pixels = []
+        for image in images:
+            with self.decodes:
+                pixels.append(model_pixels(image, self.clip.preprocess, self.limits))
+        return self._through(self.image_batcher, pixels)
+
+    def _through(self, batcher: MicroBatcher, inputs: list) -> np.ndarray:
+        if _running_loop() is self.loop:
+            raise RuntimeError("BatchedEncoder blocks; call it from a worker thread")
+        vectors: list[np.ndarray] = []
+        for start in range(0, len(inputs), self.wave):
+            wave = inputs[start:start + self.wave]
+            vectors += asyncio.run_coroutine_threadsafe(_gather(batcher, wave), self.loop).result()
+        if not vectors:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        return np.stack(vectors).astype(np.float32, copy=False)
+
+
+async def _gather(batcher: MicroBatcher, inputs: list) -> list[np.ndarray]:
+    return list(await asyncio.gather(*(batcher.submit(item) for item in inputs)))
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -1,0 +1,91 @@
+"""What a search asks, as plain data: weighted terms (a text, an image, a vector, an indexed
+item), the side of the index to search, paging and a score threshold. The HTTP API, the CLI
+and notebooks build the same `Query`; `Searcher.search` answers it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from retrieval.cursor import query_fingerprint
+from retrieval.errors import InvalidQueryError
+
+TARGETS = ("image", "text")
+ZERO_SHOT_TEMPLATE = "a photo of a {}."
+
+
+@dataclass(frozen=True)
+class Term:
+    """One weighted part of a query: exactly one of text, image, vector or item_id."""
+
+    weight: float = 1.0
+    text: str | None = None
+    image: bytes | Image.Image | None = None  # an encoded file (bytes) or a decoded image
+    vector: Sequence[float] | None = None
+    item_id: int | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("text", "image", "vector", "item_id")
+                 if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise InvalidQueryError("each term needs exactly one of text, image, vector, "
+                                    f"item_id (got {given or 'none'})")
+
+    def key(self) -> str:
+        """What identifies the term for a cursor (a hash for images and vectors)."""
+        if self.text is not None:
+            return f"text:{self.text}"
+        if self.item_id is not None:
+            return f"item:{self.item_id}"
+        if isinstance(self.image, bytes):
+            return "image:" + hashlib.sha256(self.image).hexdigest()
+        if self.image is not None:
+            return "image:" + hashlib.sha256(self.image.tobytes()).hexdigest()
+        return "vector:" + hashlib.sha256(json.dumps(list(map(float, self.vector or ()))
+                                                     ).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Query:
+    """Top-k of `target` for the weighted sum of the terms' unit embeddings."""
+
+    terms: tuple[Term, ...]
+    target: str = "image"
+    k: int = 10
+    threshold: float | None = None
+    cursor: str | None = None  # next_cursor of the previous page
+    extra: tuple[str, ...] = field(default=())  # more that defines the query (for cursors)
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise InvalidQueryError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if not self.terms:
+            raise InvalidQueryError("a query needs at least one term")
+        if self.k < 1:
+            raise InvalidQueryError(f"k must be at least 1, got {self.k}")
+
+    @classmethod
+    def text(cls, text: str, **options) -> Query:
+        return cls((Term(text=text),), **options)
+
+    @classmethod
+    def image(cls, image: bytes | Image.Image, **options) -> Query:
+        return cls((Term(image=image),), **options)
+
+    @classmethod
+    def vector(cls, vector: Sequence[float], **options) -> Query:
+        return cls((Term(vector=vector),), **options)
+
+    @classmethod
+    def item(cls, item_id: int, **options) -> Query:
+        return cls((Term(item_id=item_id),), **options)
+
+    def fingerprint(self) -> str:
+        """Everything that defines the ranking (not k, not the cursor): a cursor issued for one
+        query is refused for another."""
+        terms = [(term.weight, term.key()) for term in self.terms]
+        return query_fingerprint(terms, self.target, self.threshold, self.extra)

@@ -1,0 +1,194 @@
+"""Committing one generation: build every file in a temp folder, fsync, rename the folder into
+place, and only then replace CURRENT, so a reader (or a writer killed at any point) sees a
+whole generation. The caller holds the writer lock (`retrieval.store.write`)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from retrieval import ann
+from retrieval.card import sha256_file
+from retrieval.errors import IndexStoreError
+from retrieval.store import layout, manifest
+from retrieval.store.faults import fault_point
+from retrieval.store.layout import MODALITIES, PLURAL
+from retrieval.store.manifest import GenerationManifest, ModelIdentity
+
+KEEP_GENERATIONS = 2
+COMPACT_RATIO = 0.2  # compact automatically when more than this fraction is tombstones
+MAX_TUNING_QUERIES = 1000
+Fill = Callable[[sqlite3.Connection], None]  # writes the new items table's rows
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    max_memory: int | str = "4GB"
+    index_kind: str | None = None  # force "flat", "hnsw" or "ivfpq"
+    compact_ratio: float = COMPACT_RATIO
+
+
+@dataclass
+class Table:
+    """One modality being written: row-aligned ids (n,), vectors (n, d), tombstones (n,)."""
+
+    ids: np.ndarray
+    vectors: np.ndarray
+    deleted: np.ndarray
+    index: faiss.Index | None = None  # reused from the parent generation when still right
+    spec: ann.IndexSpec | None = None
+
+    def compacted(self) -> Table:
+        keep = ~self.deleted
+        return Table(self.ids[keep], self.vectors[keep], self.deleted[keep])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the next generation holds, beyond its tables and rows."""
+
+    model: ModelIdentity
+    next_id: int
+    parent: str | None
+    build_info: dict[str, Any]
+    options: StoreOptions
+
+
+def commit(root: Path, plan: Plan, tables: dict[str, Table], fill: Fill) -> GenerationManifest:
+    """Write and switch to a new generation; returns the manifest it wrote. On a failure
+    CURRENT still names the previous generation and nothing of the new one is left."""
+    root = Path(root)
+    generations = layout.generations_dir(root)
+    generations.mkdir(parents=True, exist_ok=True)
+    name = f"{_last_number(generations) + 1:06d}"
+    temp = generations / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(temp, ignore_errors=True)
+    try:
+        data = _write_files(temp, name, plan, tables, fill)
+        _switch(root, temp, name)
+        return GenerationManifest(name, data)
+    # FAISS reports a failed write as RuntimeError and SQLite as sqlite3.Error, not OSError
+    except (OSError, RuntimeError, sqlite3.Error) as error:
+        full = _is_disk_full(error, generations)
+        shutil.rmtree(temp, ignore_errors=True)
+        layout.current_temp_file(root).unlink(missing_ok=True)
+        if layout.current_file(root).is_file() and layout.current_name(root) != name:
+            shutil.rmtree(layout.generation_dir(root, name), ignore_errors=True)
+        if full:
+            raise IndexStoreError(f"disk full while writing generation {generations / name} "
+                                  f"({error}); CURRENT is unchanged, free space and retry"
+                                  ) from error
+        raise
+
+
+def _is_disk_full(error: BaseException, folder: Path) -> bool:
+    """Each writer words it differently (errno, FAISS's message, SQLite's, numpy's short
+    write without an errno), so also ask the file system whether it is out of space."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(error)
+    if "No space left on device" in text or "disk is full" in text:
+        return True
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < 1 << 20
+
+
+def _write_files(temp: Path, name: str, plan: Plan, tables: dict[str, Table],
+                 fill: Fill) -> dict[str, Any]:
+    """Every file of the generation into `temp`, the manifest last, all fsynced."""
+    temp.mkdir()
+    sections = _write_tables(temp, tables, plan.options)
+    db = sqlite3.connect(layout.items_file(temp))
+    with db:
+        fill(db)
+    db.close()
+    fault_point("mid_generation")
+    files = sorted(p for p in temp.iterdir() if p.is_file())
+    data = manifest.new(plan.model, sections, plan.next_id, name, plan.parent, plan.build_info,
+                        {p.name: sha256_file(p) for p in files})
+    layout.manifest_file(temp).write_text(json.dumps(data, indent=2) + "\n")
+    for path in temp.iterdir():
+        _fsync(path)
+    _fsync(temp)
+    return data
+
+
+def _switch(root: Path, temp: Path, name: str) -> None:
+    """Rename the finished folder into place, then point CURRENT at it (atomically)."""
+    generations = layout.generations_dir(root)
+    os.rename(temp, layout.generation_dir(root, name))
+    _fsync(generations)
+    fault_point("before_current")
+    previous = layout.current_name(root) if layout.current_file(root).is_file() else None
+    pointer = layout.current_temp_file(root)
+    pointer.write_text(name + "\n")
+    _fsync(pointer)
+    os.replace(pointer, layout.current_file(root))
+    _fsync(root)
+    _prune(generations, keep={name, previous})
+
+
+def _write_tables(folder: Path, tables: dict[str, Table],
+                  options: StoreOptions) -> dict[str, dict[str, Any]]:
+    sections = {}
+    for modality, table in tables.items():
+        other_modality = MODALITIES[1 - MODALITIES.index(modality)]
+        other = tables[other_modality]
+        queries = other.vectors[~other.deleted]
+        if len(queries) > MAX_TUNING_QUERIES:
+            rows = np.random.default_rng(0).choice(len(queries), MAX_TUNING_QUERIES, False)
+            queries = queries[np.sort(rows)]
+        index, spec = _index_for(table, options)
+        spec, report = ann.tune(index, spec, table.vectors, table.ids, queries,
+                                query_source=PLURAL[other_modality])
+        files = layout.modality_files(folder, modality)
+        faiss.write_index(index, str(files.index))
+        np.save(files.vectors, table.vectors)
+        np.save(files.ids, table.ids)
+        sections[modality] = {"rows": len(table.ids), "live": int((~table.deleted).sum()),
+                              "deleted": int(table.deleted.sum()), "index": spec.as_dict(),
+                              "tuning": report}
+    return sections
+
+
+def _index_for(table: Table, options: StoreOptions) -> tuple[faiss.Index, ann.IndexSpec]:
+    """Reuse the parent's index when the size rule still picks its kind; else build anew."""
+    dim = table.vectors.shape[1]
+    wanted = ann.choose_index(len(table.ids), dim, options.max_memory, options.index_kind)
+    if table.index is not None and table.spec is not None and table.spec.kind == wanted.kind:
+        return table.index, table.spec
+    return ann.build_index(wanted, table.vectors, table.ids), wanted
+
+
+def _last_number(generations: Path) -> int:
+    numbers = [int(p.name) for p in generations.iterdir() if p.name.isdigit()]
+    return max(numbers, default=0)
+
+
+def _prune(generations: Path, keep: set[str | None]) -> None:
+    """Keep the new generation and the one it replaced (KEEP_GENERATIONS = 2); drop older
+    ones and whatever writers killed mid-way left behind (temp folders, never-current ones)."""
+    for path in generations.iterdir():
+        if path.name.startswith(".tmp-") or (path.name.isdigit() and path.name not in keep):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

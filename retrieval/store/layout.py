@@ -1,0 +1,179 @@
+"""Every path inside an index directory, the SQLite schema and the format tag: the one place
+that knows where things live. Nothing outside `retrieval.store` joins paths under an index root.
+
+    DIR/CURRENT                       name of the live generation ("000007")
+    DIR/.lock                         the writers' file lock (readers never lock)
+    DIR/generations/000007/
+        images.faiss  texts.faiss     IndexIDMap2 over stable item ids (tombstones included)
+        images.npy    texts.npy       (rows, d) float32 embeddings, so rebuilds never re-encode
+        images.ids.npy texts.ids.npy  (rows,) int64 ascending ids, row-aligned with the .npy
+        items.sqlite                  one row per item: id, modality, path/text, captions, ...
+        manifest.json                 model identity, counts, index specs, tuning, SHA-256s
+    DIR/work/<job>/                   an indexing job's resumable shards (`store.work`)
+    DIR/errors.jsonl                  the inputs the last indexing job skipped, with reasons
+    DIR/uploads/<sha256>.<ext>        images added through the service's admin API
+
+Stored item paths are relative to the index root for uploads (so the directory can move, and
+no response shows the server's file system), absolute for files the indexer read from their
+own folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+from retrieval.errors import IndexNotFoundError
+
+FORMAT = "clipdex-index/1"
+MODALITIES = ("image", "text")
+PLURAL = {"image": "images", "text": "texts"}  # file-name stem of each modality
+MANIFEST = "manifest.json"
+ITEMS = "items.sqlite"
+UPLOADS = "uploads"
+SCHEMA = """
+CREATE TABLE items (id INTEGER PRIMARY KEY, modality TEXT NOT NULL, path TEXT, text TEXT,
+                    captions TEXT NOT NULL, metadata TEXT NOT NULL, image_id INTEGER,
+                    deleted INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX items_path ON items(path);
+CREATE INDEX items_image ON items(image_id);
+"""
+
+
+# ----------------------------------------------------------------------------- the root
+
+
+def current_file(root: Path) -> Path:
+    return Path(root) / "CURRENT"
+
+
+def current_temp_file(root: Path) -> Path:
+    """Written first, then renamed over CURRENT (the atomic switch)."""
+    return Path(root) / "CURRENT.tmp"
+
+
+def lock_file(root: Path) -> Path:
+    return Path(root) / ".lock"
+
+
+def generations_dir(root: Path) -> Path:
+    return Path(root) / "generations"
+
+
+def generation_dir(root: Path, name: str) -> Path:
+    return generations_dir(root) / name
+
+
+def work_dir(root: Path) -> Path:
+    return Path(root) / "work"
+
+
+def job_dir(root: Path, job: str) -> Path:
+    return work_dir(root) / job
+
+
+def errors_file(root: Path) -> Path:
+    return Path(root) / "errors.jsonl"
+
+
+def current_name(root: Path) -> str:
+    """The live generation's name; IndexNotFoundError when `root` holds no index."""
+    pointer = current_file(root)
+    if not pointer.is_file():
+        raise IndexNotFoundError(f"{root} is not a clipdex index (no CURRENT file); "
+                                 "build one with `clipdex index build`")
+    return pointer.read_text().strip()
+
+
+def read_current(root: Path) -> str | None:
+    """What CURRENT names now, or None when it is absent, empty or unreadable (a poller's
+    question: it opens nothing)."""
+    try:
+        return current_file(root).read_text().strip() or None
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------- a generation
+
+
+class ModalityFiles(NamedTuple):
+    index: Path  # <plural>.faiss
+    vectors: Path  # <plural>.npy
+    ids: Path  # <plural>.ids.npy
+
+
+def modality_files(folder: Path, modality: str) -> ModalityFiles:
+    folder, plural = Path(folder), PLURAL[modality]
+    return ModalityFiles(folder / f"{plural}.faiss", folder / f"{plural}.npy",
+                         folder / f"{plural}.ids.npy")
+
+
+def manifest_file(folder: Path) -> Path:
+    return Path(folder) / MANIFEST
+
+
+def items_file(folder: Path) -> Path:
+    return Path(folder) / ITEMS
+
+
+def read_only_uri(path: Path) -> str:
+    """SQLite URI opening a committed (immutable) items table read-only; absolute, since
+    SQLite URIs cannot be relative."""
+    return f"{Path(path).resolve().as_uri()}?mode=ro&immutable=1"
+
+
+# ----------------------------------------------------------------------------- work/
+
+
+class ShardFiles(NamedTuple):
+    vectors: Path  # <prefix>-00012.npy: the kept embeddings
+    meta: Path  # <prefix>-00012.json: positions and problems, written last (the commit mark)
+
+
+def job_record(job: Path) -> Path:
+    """job.json: what the job was started from (its parent generation)."""
+    return Path(job) / "job.json"
+
+
+def shard_files(job: Path, prefix: str, shard: int) -> ShardFiles:
+    name = f"{prefix}-{shard:05d}"
+    return ShardFiles(Path(job) / f"{name}.npy", Path(job) / f"{name}.json")
+
+
+# ----------------------------------------------------------------------------- uploads/
+
+
+def upload_path(data: bytes, suffix: str) -> str:
+    """Where an uploaded image is kept, relative to the index root: named by its content, so
+    the same bytes are the same file (and the same item)."""
+    return f"{UPLOADS}/{hashlib.sha256(data).hexdigest()[:32]}{suffix}"
+
+
+def keep_upload(root: Path, stored: str, data: bytes) -> None:
+    """Write an upload atomically (temp file, fsync, rename): a crash leaves it whole or absent."""
+    path = Path(root) / stored
+    if path.is_file():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+
+
+def resolve_stored(root: Path | None, stored: str | None) -> Path | None:
+    """The file an item's stored path names (relative ones are under the index root), or
+    None when it is gone."""
+    if not stored:
+        return None
+    path = Path(stored)
+    if not path.is_absolute():
+        if root is None:
+            return None
+        path = Path(root) / path
+    return path if path.is_file() else None

@@ -1,0 +1,154 @@
+"""A generation's manifest.json: its format, the model identity it was built with, and a cheap
+read that opens neither FAISS nor SQLite (for callers that only need the model, the next id
+or the tuning report).
+
+    {"format": "clipdex-index/1", "generation": "000007", "parent": "000006",
+     "created": ISO-8601, "clipdex_version": "...",
+     "model": {"sha256", "arch", "embed_dim"}, "embed_dim": d,
+     "metric": "inner_product", "normalization": "l2", "next_id": n,
+     "modalities": {"image"|"text": {"rows", "live", "deleted", "index": IndexSpec, "tuning"}},
+     "files": {file name: SHA-256}, "build": {what wrote it}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from retrieval.card import sha256_file
+from retrieval.errors import IndexCorruptError, IndexMismatchError
+from retrieval.store import layout
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    sha256: str
+    arch: str
+    embed_dim: int
+
+
+def model_fingerprint(clip: Any) -> str:
+    """The checkpoint's SHA-256 when it has a card; else a hash of arch, init and weights,
+    so two random-weight models never pass for one another."""
+    if clip.card.get("sha256"):
+        return str(clip.card["sha256"])
+    import torch
+
+    digest = hashlib.sha256(json.dumps({"arch": clip.arch, "init": clip.init}).encode())
+    for name, tensor in sorted(clip.model.state_dict().items()):
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # any dtype
+        digest.update(raw.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_identity(clip: Any) -> ModelIdentity:
+    return ModelIdentity(model_fingerprint(clip), clip.arch, int(clip.embed_dim))
+
+
+@dataclass(frozen=True)
+class GenerationManifest:
+    """One generation's manifest as written (`data` is the JSON object itself)."""
+
+    name: str  # the generation folder's name
+    data: dict[str, Any]
+
+    @property
+    def parent(self) -> str | None:
+        return self.data.get("parent")
+
+    @property
+    def model(self) -> ModelIdentity:
+        built = self.data["model"]
+        return ModelIdentity(str(built["sha256"]), str(built["arch"]), int(built["embed_dim"]))
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.data["embed_dim"])
+
+    @property
+    def next_id(self) -> int:
+        return int(self.data["next_id"])
+
+    def section(self, modality: str) -> dict[str, Any]:
+        """rows, live, deleted, index (kind and params) and tuning of one modality."""
+        return self.data["modalities"][modality]
+
+    def tuning(self) -> dict[str, dict[str, Any]]:
+        """The search-parameter tuning report of each modality."""
+        return {modality: section["tuning"] for modality, section in
+                self.data["modalities"].items()}
+
+
+def read_generation_manifest(root: Path, name: str | None = None) -> GenerationManifest:
+    """The CURRENT (or the named) generation's manifest, format checked; loads no index."""
+    name = name or layout.current_name(root)
+    return GenerationManifest(name, load(layout.generation_dir(root, name)))
+
+
+def load(folder: Path) -> dict[str, Any]:
+    """The manifest.json of a generation folder, refused when missing, damaged or of
+    another format."""
+    path = layout.manifest_file(folder)
+    if not path.is_file():
+        raise IndexCorruptError(f"{path} is missing; the generation is incomplete")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as error:  # JSONDecodeError, or UnicodeDecodeError from a damaged byte
+        raise IndexCorruptError(f"{path}: not valid JSON ({error})") from None
+    if manifest.get("format") != layout.FORMAT:
+        raise IndexCorruptError(f"{path}: format {manifest.get('format')!r}, "
+                                f"expected {layout.FORMAT}")
+    return manifest
+
+
+def check_model(manifest: dict[str, Any], model_sha256: str | None,
+                embed_dim: int | None) -> None:
+    """IndexMismatchError unless the generation was built with this model and dimension."""
+    built = manifest["model"]
+    if model_sha256 is not None and model_sha256 != built["sha256"]:
+        raise IndexMismatchError(
+            f"index was built with model sha256 {built['sha256'][:16]}… ({built['arch']}), "
+            f"you loaded {model_sha256[:16]}…; rebuild the index or load the same model")
+    if embed_dim is not None and int(embed_dim) != int(manifest["embed_dim"]):
+        raise IndexMismatchError(f"index has embed_dim {manifest['embed_dim']}, "
+                                 f"the model gives {embed_dim}")
+
+
+def check_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """IndexCorruptError naming the first file that is missing or fails its SHA-256."""
+    for filename, expected in manifest["files"].items():
+        path = Path(folder) / filename
+        if not path.is_file():
+            raise IndexCorruptError(f"{path} is missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise IndexCorruptError(f"{path}: SHA-256 {actual[:12]}… differs from the "
+                                    f"manifest's {expected[:12]}…; the file was changed")
+
+
+def new(model: ModelIdentity, sections: dict[str, Any], next_id: int, name: str,
+        parent: str | None, build_info: dict[str, Any],
+        files: dict[str, str]) -> dict[str, Any]:
+    """The manifest of a generation being committed (`files`: name -> SHA-256)."""
+    return {
+        "format": layout.FORMAT, "generation": name, "parent": parent,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "clipdex_version": _version(),
+        "model": {"sha256": model.sha256, "arch": model.arch, "embed_dim": model.embed_dim},
+        "embed_dim": model.embed_dim, "metric": "inner_product", "normalization": "l2",
+        "next_id": next_id, "modalities": sections, "files": files, "build": build_info,
+    }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("clipdex")
+    except PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,51 @@
+"""`clipdex search` answers from the command line, ranked exactly like brute force over the
+stored embeddings, as a table or as JSON."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from clipdex.main import main
+from indexer.build import BuildConfig, build
+from retrieval.encode import encode_texts
+from retrieval.store import open_generation
+from tests.conftest import COLOURS, make_image
+
+
+@pytest.fixture(scope="module")
+def index(tiny, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    for name, colour in COLOURS.items():
+        make_image(folder / f"{name}.png", colour)
+        (folder / f"{name}.txt").write_text(f"a {name} square\n")
+    root = tmp_path_factory.mktemp("search-index")
+    build([folder], root, tiny, BuildConfig(workers=0))
+    return root, folder
+
+
+def test_json_hits_are_the_exact_ranking(index, tiny, capsys):
+    root, _ = index
+    assert main(["search", "--index", str(root), "a red square", "--model", "clipdex-tiny",
+                 "-k", "4", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    with open_generation(root) as generation:
+        ids, vectors = generation.all_vectors("image")
+    scores = vectors @ encode_texts(tiny, ["a red square"])[0]
+    assert [hit["id"] for hit in hits] == [int(ids[i]) for i in np.argsort(-scores)[:4]]
+    assert all(hit["modality"] == "image" for hit in hits)
+
+
+def test_an_image_query_searches_texts_and_prints_a_table(index, capsys):
+    root, folder = index
+    assert main(["search", "--index", str(root), "--image", str(folder / "blue.png"), "--model",
+                 "clipdex-tiny", "-k", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].split()[0] == "1" and "square" in lines[0]
+
+
+def test_no_query_is_a_one_line_error(index, capsys):
+    assert main(["search", "--index", str(index[0]), "--model", "clipdex-tiny"]) == 2
+    assert "give a text query" in capsys.readouterr().err

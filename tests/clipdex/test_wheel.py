@@ -1,0 +1,48 @@
+"""`pip install clipdex` works without the checkout: the wheel carries the default model, its
+card, the demo captions and the page, and `clipdex demo` runs from the installed copy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ("retrieval/bundled/clipdex-default.safetensors",
+           "retrieval/bundled/clipdex-default.card.json", "retrieval/bundled/demo-captions.csv",
+           "retrieval/configs/clipdex-effnet-minilm.json", "api/static/index.html",
+           "clipdex/main.py")
+
+
+def _run(*argv: str, **options) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False,
+                          **options)
+
+
+def test_the_wheel_carries_the_default_model_and_runs_the_demo(tmp_path):
+    # setuptools stages files in the checkout's build/ and never removes a file that moved
+    # away: a stale copy there would ship in the wheel.
+    shutil.rmtree(ROOT / "build", ignore_errors=True)
+    built = _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                 "-q", "-w", str(tmp_path / "dist"), str(ROOT))
+    assert built.returncode == 0, built.stderr[-3000:]
+    [wheel] = (tmp_path / "dist").glob("clipdex-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert set(SHIPPED) <= names
+    assert not any(name.split("/")[0] in ("tests", "bench", "data", "scripts") for name in names)
+
+    site = tmp_path / "site"  # installed apart from the checkout; the venv gives the deps
+    installed = _run(sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                     str(site), str(wheel))
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
+    where = _run(sys.executable, "-c", "import retrieval.model as m; print(m.DEFAULT_CHECKPOINT)",
+                 cwd=tmp_path, env=env)
+    assert where.stdout.strip().startswith(str(site)), where.stdout + where.stderr
+    demo = _run(sys.executable, "-m", "clipdex", "demo", "-k", "3", "a cat", cwd=tmp_path,
+                env=env)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert "query: 'a cat'" in demo.stdout and "  1. " in demo.stdout and "  3. " in demo.stdout

@@ -1,0 +1,88 @@
+"""Index choice at the boundary sizes, and approximate indexes checked against exact search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval import ann
+from tests.retrieval.helpers import modality_gap_data
+
+
+@pytest.mark.parametrize("count,budget,kind", [
+    (0, "4GB", "flat"),
+    (19_999, "4GB", "flat"),
+    (20_000, "4GB", "hnsw"),
+    (1_000_000, "4GB", "hnsw"),  # 1M x 512-d HNSW32 is about 2.6 GB
+    (2_000_000, "4GB", "ivfpq"),
+    (19_999, "1MB", "ivfpq"),  # even a small corpus goes compressed when flat will not fit
+    (1_000, "1KB", "flat"),  # too few vectors to train PQ: exact it is
+])
+def test_choice_at_the_boundaries(count, budget, kind):
+    assert ann.choose_index(count, 512, budget).kind == kind
+
+
+def test_ivfpq_spec_fits_the_budget_and_rotates_long_subvectors():
+    spec = ann.choose_index(10_000_000, 512, "500MB")
+    assert spec.kind == "ivfpq" and spec.memory_bytes <= ann.parse_memory("500MB")
+    assert spec.factory.startswith("IDMap2,OPQ") and spec.params["nlist"] >= 4096
+    assert ann.choose_index(10_000_000, 512, "4GB").params["pq_m"] > spec.params["pq_m"]
+
+
+def test_forcing_ivfpq_on_too_few_vectors_stays_flat():
+    assert ann.choose_index(500, 64, kind="ivfpq").kind == "flat"
+    assert ann.choose_index(5000, 64, kind="ivfpq").kind == "ivfpq"
+
+
+def test_parse_memory():
+    assert ann.parse_memory("4GB") == 4 * 10**9
+    assert ann.parse_memory("512MiB") == 512 * 2**20
+    with pytest.raises(ValueError, match="4 gallons"):
+        ann.parse_memory("4 gallons")
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_tuning_with_cross_modal_queries_reaches_recall_of_exact_search(kind):
+    images, captions = modality_gap_data(4000, 100, dim=16)
+    ids = np.arange(1000, 1000 + len(images), dtype=np.int64)
+    spec = ann.choose_index(len(images), images.shape[1], kind=kind)
+    index = ann.build_index(spec, images, ids)
+    tuned, report = ann.tune(index, spec, images, ids, captions, query_source="texts")
+    assert report["queries"] == 100 and report["query_source"] == "texts"
+    assert report["qps"] > 0 and report["curve"]
+    knob = "nprobe" if kind == "ivfpq" else "efSearch"
+    assert report["param"] == knob and tuned.params[knob] == report["value"]
+    # the reported recall is what an independent check against IndexFlatIP finds
+    truth = ids[ann.exact_neighbours(images, captions, 10)]
+    stored = lambda wanted: images[wanted - 1000]
+    found = ann.search(index, captions, 10, tuned.params, stored)[1]
+    assert ann.recall_at(found, truth) == pytest.approx(report["recall_at_10"], abs=1e-4)
+    # IVF-PQ re-ranks its candidates exactly, so PQ's lossy codes no longer cap its recall
+    assert report["recall_at_10"] >= 0.9
+    assert set(found.ravel()) <= set(ids.tolist())
+
+
+def test_reranking_lifts_ivfpq_recall_above_raw_pq_codes():
+    images, captions = modality_gap_data(4000, 100, dim=16)
+    ids = np.arange(len(images), dtype=np.int64)
+    spec = ann.choose_index(len(images), images.shape[1], kind="ivfpq")
+    index = ann.build_index(spec, images, ids)
+    params = {**spec.params, "nprobe": spec.params["nlist"]}  # every list: only PQ loses
+    ann.apply_params(index, params)
+    truth = ids[ann.exact_neighbours(images, captions, 10)]
+    raw = ann.recall_at(index.search(captions, 10)[1], truth)
+    lookup = ann.sorted_lookup(ids, images)
+    reranked_scores, reranked = ann.search(index, captions, 10, params, lookup)
+    assert ann.recall_at(reranked, truth) > raw
+    np.testing.assert_allclose(reranked_scores[:, 0],
+                               np.sum(captions * images[reranked[:, 0]], axis=1), rtol=1e-5)
+
+
+def test_tuning_is_skipped_with_few_queries():
+    images, captions = modality_gap_data(500, 20)
+    ids = np.arange(len(images), dtype=np.int64)
+    spec = ann.choose_index(len(images), images.shape[1])
+    index = ann.build_index(spec, images, ids)
+    assert spec.kind == "flat"
+    _, report = ann.tune(index, spec, images, ids, captions, query_source="texts")
+    assert "skipped" in report and "20 cross-modal queries" in report["skipped"]
