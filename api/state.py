@@ -104,8 +104,6 @@ def external_of(generation: GenerationLike) -> ModelIdentity | None:
     return external_model(getattr(generation, "manifest", None) or {})  # fakes may have none
 
 
-
-
 class ServiceState:
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings, self.metrics = settings, metrics

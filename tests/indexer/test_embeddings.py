@@ -60,6 +60,9 @@ def test_external_model_is_recorded_and_refused_by_every_loadable_model(tmp_path
         open_generation(tmp_path / "idx", model_identity(tiny).sha256)
     assert main(["search", "--index", str(tmp_path / "idx"), "a cat"]) == 2
     assert "'ViT-L-14:openai'" in capsys.readouterr().err
+    assert main(["index", "add", str(folder), "--index", str(tmp_path / "idx"),
+                 "--model", "clipdex-tiny", "--device", "cpu"]) == 2
+    assert "new texts and images, need that model" in capsys.readouterr().err
     # its own identity still opens it: delete and compact work on such an index
     update_generation(tmp_path / "idx", model, delete_ids=[1])
     with open_generation(tmp_path / "idx", model.sha256, model.embed_dim) as generation:
