@@ -21,6 +21,7 @@ from tests.indexer.helpers import sample_partitions, stacked, write_clip_retriev
 
 EXTERNAL = "ViT-B-32:laion2b_s34b_b79k"
 IMAGES = 8  # sample_partitions' default sizes: 5 + 3 rows, one caption each
+ADMIN = "admin-key"
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def corpus(tiny, tmp_path_factory) -> dict:
 
 
 def _serve(tiny, index: Path) -> ServerThread:
-    settings = Settings(index=index, batching=BatcherConfig(32, 10, 64))
+    settings = Settings(index=index, batching=BatcherConfig(32, 10, 64), admin_key=ADMIN)
     return ServerThread(create_app(settings, clip=tiny))
 
 
@@ -80,6 +81,8 @@ def test_hits_carry_clip_retrieval_metadata(client):
                                            "k": 1}).json()["hits"][0]
     assert hit["id"] == 1 and hit["captions"] == ["caption number 0"]
     assert hit["metadata"]["url"] == "https://example.com/000000000.jpg"
+    missing = http.get(hit["image_url"])  # keys, not files: clip-retrieval read a webdataset
+    assert missing.status_code == 404 and "has no file in this index" in missing.json()["detail"]
 
 
 def test_readyz_says_which_queries_an_external_model_allows(client, tiny):
@@ -105,6 +108,9 @@ def test_text_and_image_queries_need_the_external_model(client, tmp_path):
     if kind == "named":
         assert [a.status_code for a in answers] == [200] * 4
         return
+    # nor can the service add texts to it: its model would make vectors of another space
+    answers.append(http.post("/admin/items/texts", json={"texts": ["a new caption"]},
+                             headers={"Authorization": f"Bearer {ADMIN}"}))
     for answer in answers:
         assert answer.status_code == 409, answer.text
         assert answer.headers["content-type"].startswith("application/problem+json")
