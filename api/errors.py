@@ -43,6 +43,7 @@ CORE_ERRORS: dict[str, tuple[int, str]] = {
     "InvalidQueryError": (422, "Bad query"),
     "ManifestError": (422, "Bad manifest"),
     "UnknownItemError": (404, "Not found"),
+    "ExternalModelError": (409, "Model not available"),
     "IndexMismatchError": (409, "Index and model mismatch"),
     "IndexNotFoundError": (503, "Index not available"),
     "IndexCorruptError": (503, "Index not available"),
@@ -52,13 +53,19 @@ CORE_ERRORS: dict[str, tuple[int, str]] = {
 }
 
 
+# What the service can still do, said after the core's message (which names no routes).
+EXTERNAL_MODEL_HINT = "POST /search/vector, or /search/multi with item_id terms"
+CORE_HINTS = {"ExternalModelError": EXTERNAL_MODEL_HINT}
+
+
 def core_problem(error: core_errors.ClipdexError) -> Problem:
     """The one place a core error becomes an HTTP status."""
     detail = redact_paths(str(error))
     for cls in type(error).__mro__:
         if cls.__name__ in CORE_ERRORS:
             status, title = CORE_ERRORS[cls.__name__]
-            return Problem(status, title, detail)
+            hint = CORE_HINTS.get(cls.__name__)
+            return Problem(status, title, f"{detail}; {hint}" if hint else detail)
     return Problem(422, "Cannot process request", detail)
 
 
@@ -93,7 +100,9 @@ PROBLEM_STATUSES: dict[int, str] = {
     401: "A key is needed and was missing or not valid",
     403: "The key may not do this, or writes are disabled on this service",
     404: "No such item or index",
-    409: "The index changed since the cursor was issued, does not fit the model, or has no root",
+    409: "The index changed since the cursor was issued, does not fit the model (or holds "
+         "embeddings of a model the service cannot load: text and image queries), or has no "
+         "root",
     413: "The request body or the image is over the service's limit",
     415: "The image is in a format the service does not accept",
     422: "The request is well formed but its values are not valid; the detail says which",

@@ -51,7 +51,7 @@ async def indices_list(state: State) -> list[str]:
 # ClipClient sends its JSON without a content type; with strict_content_type off (on this
 # router) FastAPI parses such a body as JSON, so the route shares every route's parsing path.
 @router.post("/knn-service", summary="clip-retrieval: nearest neighbours of text/image/vector",
-             responses=problem_responses(404, 413, 415, 422))
+             responses=problem_responses(404, 409, 413, 415, 422))
 async def knn_service(body: KnnRequest, state: State, searcher: Leased) -> list[dict[str, Any]]:
     if body.indice_name not in (None, state.settings.index_name):
         raise Problem(404, "Not found", f"no index {body.indice_name!r}; this service serves "

@@ -31,8 +31,8 @@ from api.schemas import (
 from api.settings import MAX_K, MAX_LABELS, TEXT_QUERY_BODY_BYTES, VECTOR_QUERY_BODY_BYTES
 from retrieval.query import ZERO_SHOT_TEMPLATE, Query, Term
 
-# Every search can meet these; routes add what their inputs make possible (cursors: 409,
-# uploads: 415, item ids: 404).
+# Every search can meet these; routes add what their inputs make possible (cursors and
+# texts or images against an index of external embeddings: 409, uploads: 415, item ids: 404).
 router = APIRouter(tags=["search"], dependencies=[ReadAccess],
                    responses=problem_responses(400, 401, 413, 422, 503))
 
@@ -96,7 +96,8 @@ def _term(term: QueryTerm) -> Term:
                 item_id=term.item_id)
 
 
-@router.post("/classify", response_model=ClassifyResponse, responses=problem_responses(415),
+@router.post("/classify", response_model=ClassifyResponse,
+             responses=problem_responses(409, 415),
              openapi_extra=UPLOAD,
              summary="Zero-shot classification: label probabilities for an image")
 async def classify(state: State, searcher: Leased, image: ImageFile,
@@ -117,7 +118,8 @@ def _check_labels(labels: list[str]) -> list[str]:
     return cleaned
 
 
-@router.post("/caption", response_model=CaptionResponse, responses=problem_responses(415),
+@router.post("/caption", response_model=CaptionResponse,
+             responses=problem_responses(409, 415),
              openapi_extra=UPLOAD,
              summary="Caption by retrieval: the indexed texts that best match an image")
 async def caption(state: State, searcher: Leased, image: ImageFile,

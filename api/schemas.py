@@ -175,6 +175,13 @@ class ReadyResponse(BaseModel):
     generation: str
     images: int
     texts: int
+    external_model: bool = Field(
+        False, description="the index holds embeddings made by a model this service cannot "
+                           "load: only vector and item queries are answered")
+    queries: list[Literal["text", "image", "vector", "item"]] = Field(
+        default_factory=lambda: ["text", "image", "vector", "item"],
+        description="the kinds of query this service answers now")
+    note: str | None = Field(None, description="why some kinds of query are not answered")
 
 
 MAX_LABEL_CHARS = 100

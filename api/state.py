@@ -17,18 +17,26 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from api.errors import redact_paths
+from api.errors import EXTERNAL_MODEL_HINT, redact_paths
 from api.images import upload_limits
 from api.metrics import Metrics
 from api.settings import Settings
 from retrieval.batcher import MicroBatcher
 from retrieval.encode import encode_image_batch, encode_texts
-from retrieval.encoders import BatchedEncoder
+from retrieval.encoders import BatchedEncoder, Encoder, UnavailableEncoder
 from retrieval.errors import ClipdexError
 from retrieval.images import draft_side_of
 from retrieval.model import ClipModel
 from retrieval.search import GenerationLike, Searcher
-from retrieval.store import ModelIdentity, model_identity, open_generation, read_current
+from retrieval.store import (
+    ModelIdentity,
+    external_model,
+    external_note,
+    model_identity,
+    open_generation,
+    read_current,
+    read_generation_manifest,
+)
 
 log = logging.getLogger("api")
 Result = TypeVar("Result")
@@ -82,8 +90,19 @@ def _close(generation: GenerationLike) -> None:
 
 
 def open_index(root: Path, model: ModelIdentity) -> GenerationLike:
-    """The current generation under `root`, checked against the served model."""
-    return open_generation(Path(root), model_sha256=model.sha256, embed_dim=model.embed_dim)
+    """The current generation under `root`, checked against the served model. One made of
+    embeddings from an external model fits no model: it opens as it is, for vector and item
+    queries (its Searcher's encoder says why texts and images are refused)."""
+    info = read_generation_manifest(Path(root))
+    if info.model.external:
+        return open_generation(Path(root), name=info.name)
+    return open_generation(Path(root), model_sha256=model.sha256, embed_dim=model.embed_dim,
+                           name=info.name)
+
+
+def external_of(generation: GenerationLike) -> ModelIdentity | None:
+    """The external model of a generation's embeddings, None when clipdex made them."""
+    return external_model(getattr(generation, "manifest", None) or {})  # fakes may have none
 
 
 class ServiceState:
@@ -146,7 +165,11 @@ class ServiceState:
             wave=min(config.max_batch, config.queue_size))
 
     def _searcher(self, generation: GenerationLike) -> Searcher:
-        return Searcher(generation, self.encoder, max_depth=self.settings.max_depth)
+        external = external_of(generation)
+        encoder: Encoder | None = self.encoder
+        if external is not None:
+            encoder = UnavailableEncoder(generation.embed_dim, external_note(external))
+        return Searcher(generation, encoder, max_depth=self.settings.max_depth)
 
     async def run(self, call: Callable[..., Result], *args: Any) -> Result:
         """`call(*args)` on a request thread: Searcher calls block while the batchers work."""
@@ -168,7 +191,8 @@ class ServiceState:
         if self.slot is None:
             return redact_paths(self.load_error or "no index generation is loaded; start with "
                                 "--index DIR")
-        if self.clip.embed_dim != self.slot.current.embed_dim:
+        external = external_of(self.slot.current.generation)
+        if external is None and self.clip.embed_dim != self.slot.current.embed_dim:
             return (f"model embed_dim {self.clip.embed_dim} != index embed_dim "
                     f"{self.slot.current.embed_dim}")
         return None
@@ -212,8 +236,15 @@ class ServiceState:
             self.metrics.index_items.labels(modality).set(generation.count(modality))
 
     def describe(self) -> dict[str, Any]:
+        """What /readyz reports: the model and generation served, and the queries they answer
+        (an index of external embeddings answers vectors and item ids only, and says why)."""
         assert self.clip is not None and self.slot is not None
         generation = self.slot.current.generation
-        return {"model": self.clip.arch, "embed_dim": self.clip.embed_dim,
-                "generation": generation.name, "images": generation.count("image"),
-                "texts": generation.count("text")}
+        counts = {"generation": generation.name, "images": generation.count("image"),
+                  "texts": generation.count("text")}
+        external = external_of(generation)
+        if external is not None:
+            return {"model": external.arch, "embed_dim": external.embed_dim,
+                    "external_model": True, "queries": ["vector", "item"],
+                    "note": f"{external_note(external)}; {EXTERNAL_MODEL_HINT}", **counts}
+        return {"model": self.clip.arch, "embed_dim": self.clip.embed_dim, **counts}

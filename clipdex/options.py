@@ -28,8 +28,9 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def model_options(parser: argparse.ArgumentParser, precision: bool = False) -> None:
-    parser.add_argument("--model", default="default", help=MODEL_HELP)
+def model_options(parser: argparse.ArgumentParser, precision: bool = False,
+                  model_default: str | None = "default", model_help: str = MODEL_HELP) -> None:
+    parser.add_argument("--model", default=model_default, help=model_help)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
     if precision:
         parser.add_argument("--precision", default="auto", choices=PRECISIONS,

@@ -89,6 +89,7 @@ class Summary:
     skipped: dict[str, int] = field(default_factory=dict)  # by reason
     shards_resumed: int = 0
     shards_encoded: int = 0
+    shards_read: int = 0  # shards of precomputed embeddings (--from-embeddings)
     seconds: float = 0.0
     errors_file: str | None = None
     tuning: dict[str, Any] = field(default_factory=dict)

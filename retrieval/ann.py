@@ -18,6 +18,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from retrieval.errors import IndexStoreError
+
 FLAT_MAX_COUNT = 20_000  # below this an exact scan is fast enough and needs no training
 IVFPQ_MIN_COUNT = 1024  # PQ trains 256 centroids per sub-quantizer: fewer points cannot
 HNSW_M = 32
@@ -28,8 +30,12 @@ TARGET_RECALL = 0.95
 # the stored float32 vectors. PQ ranking caps recall otherwise (0.82 at 200k x 512).
 RERANK_FACTOR = 8
 KINDS = ("flat", "hnsw", "ivfpq")
+# KB/MB/GB are decimal, KiB/MiB/GiB binary; a bare K/M/G/T is binary, as autofaiss reads
+# its --max_index_memory_usage ("4G" = 4 * 2**30 bytes), so its budgets carry over unchanged.
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+          "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+MIN_PQ_BYTES = 8  # a shorter code keeps too little of a CLIP vector to rank by
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,7 @@ class IndexSpec:
 
 
 def parse_memory(text: str | int) -> int:
-    """'4GB', '512MiB', '1e9' or an int -> bytes (decimal units as autofaiss uses)."""
+    """'4GB', '512MiB', autofaiss's '4G', '1e9' or an int -> bytes (see _UNITS)."""
     if isinstance(text, int):
         return text
     match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(text))
@@ -106,9 +112,15 @@ def _auto_kind(count: int, dim: int, budget: int) -> str:
 def _ivfpq_spec(count: int, dim: int, budget: int) -> IndexSpec:
     """The largest PQ code (best recall) that fits; OPQ when each sub-vector is long."""
     nlist = ivf_nlist(count)
-    divisors = [m for m in (64, 48, 32, 24, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim]
-    pq_m = next((m for m in divisors if ivfpq_bytes(count, dim, m, nlist) <= budget),
-                divisors[-1])
+    divisors = [m for m in (64, 48, 32, 24, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim
+                and m >= min(MIN_PQ_BYTES, dim)]
+    pq_m = next((m for m in divisors if ivfpq_bytes(count, dim, m, nlist) <= budget), None)
+    if pq_m is None:
+        need = ivfpq_bytes(count, dim, divisors[-1], nlist)
+        raise IndexStoreError(
+            f"a memory budget of {budget:,} bytes is too small for {count:,} vectors of {dim} "
+            f"dimensions: the smallest useful index (IVF-PQ with {divisors[-1]}-byte codes) "
+            f"needs about {need / 2**20:,.0f} MiB; raise --max-memory")
     opq = dim // pq_m >= 8  # rotating helps when PQ must squeeze many dims into one byte
     prefix = f"OPQ{pq_m}," if opq else ""
     # "np": skip polysemous training, which only serves Hamming-filtered search

@@ -4,7 +4,8 @@ L2-normalised embeddings out.
 `ModelEncoder` calls the model directly (a notebook, a script, the CLI). `BatchedEncoder`
 sends every input through the micro-batchers running on an event loop, so that concurrent
 callers (the service's request threads) share model calls; it blocks its caller's thread, and
-must not be called from the loop's own thread.
+must not be called from the loop's own thread. `UnavailableEncoder` stands in for a model the
+index needs and nobody can load (embeddings made elsewhere): texts and images raise.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from PIL import Image
 
 from retrieval.batcher import MicroBatcher
 from retrieval.encode import encode_image_batch, encode_texts
+from retrieval.errors import ExternalModelError
 from retrieval.images import DecodeLimits, draft_side_of, model_pixels
 from retrieval.model import ClipModel
 
@@ -58,6 +60,22 @@ class ModelEncoder:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         pixels = [model_pixels(image, self.clip.preprocess, self.limits) for image in images]
         return encode_image_batch(self.clip, torch.stack(pixels))  # (n, 3, H, W) -> (n, d)
+
+
+class UnavailableEncoder:
+    """The encoder of an index whose model clipdex cannot load: a Searcher over it answers
+    vector and item queries, and every text or image raises ExternalModelError(`reason`)."""
+
+    logit_scale = 100.0  # never used: classification needs images encoded first
+
+    def __init__(self, embed_dim: int, reason: str):
+        self.embed_dim, self.reason = int(embed_dim), reason
+
+    def texts(self, texts: Sequence[str]) -> np.ndarray:
+        raise ExternalModelError(self.reason)
+
+    def images(self, images: Sequence[ImageLike]) -> np.ndarray:
+        raise ExternalModelError(self.reason)
 
 
 class BatchedEncoder:

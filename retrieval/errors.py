@@ -11,6 +11,8 @@ ClipdexError
  │    ├── IndexNotFoundError   no index (no CURRENT generation) at the path
  │    ├── IndexCorruptError    a generation file is missing or fails its checksum or counts
  │    ├── IndexMismatchError   the index was built with another model or dimension
+ │    │    └── ExternalModelError  its embeddings came from a model clipdex cannot load
+ │    │                            (vector and item queries only)
  │    └── UnknownItemError     an item id that the index does not hold (or was deleted)
  └── InvalidQueryError   a query array or modality the index cannot answer
       ├── BadCursorError      a paging cursor that was not issued for this query (or tampered)
@@ -62,6 +64,10 @@ class IndexCorruptError(IndexStoreError):
 
 
 class IndexMismatchError(IndexStoreError):
+    pass
+
+
+class ExternalModelError(IndexMismatchError):
     pass
 
 

@@ -166,6 +166,9 @@ class Searcher:
             if record.image_id is None:
                 raise UnknownItemError(f"item {item_id} is a text with no image")
             record = self.item(record.image_id)
+        if record.path is None:  # imported from embeddings made elsewhere, without the file
+            raise UnknownItemError(f"image item {record.id} has no file in this index; its "
+                                   "metadata may name where it came from (url)")
         path = resolve_stored(self.generation.root, record.path)
         if path is None:
             raise UnknownItemError(f"the image file of item {item_id} is no longer on disk")

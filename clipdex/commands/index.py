@@ -1,5 +1,6 @@
-"""`clipdex index build|add|delete|compact|info`: the indexing jobs (indexer.build) with
-progress bars and summaries; the jobs and the store never print."""
+"""`clipdex index build|add|delete|compact|info`: the indexing jobs (indexer.build, and
+indexer.embeddings for `build --from-embeddings`) with progress bars and summaries; the jobs
+and the store never print."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-from clipdex.options import Flag, config_flags, config_from, log, model_options
+from clipdex.options import MODEL_HELP, Flag, config_flags, config_from, log, model_options
 from retrieval.ann import KINDS
+from retrieval.errors import ManifestError, ModelLoadError
 
 BUILD_FLAGS = {
     "batch_size": Flag("images per model call"),
@@ -21,6 +23,11 @@ BUILD_FLAGS = {
                        name="--index-type", choices=KINDS),
     "precision": Flag("autocast precision", choices=("auto", "fp32", "fp16", "bf16")),
 }
+BUILD_MODEL_HELP = (MODEL_HELP.replace(" (default: %(default)s)", "") +
+                    "; with --from-embeddings, the model that made them (its dimension is "
+                    "checked) or external:NAME for one clipdex cannot load (then only vector and "
+                    "item queries work). Default: 'default' when encoding; required with "
+                    "--from-embeddings")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,10 +38,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
 
     build_parser = actions.add_parser("build", help="encode sources into a new index generation")
-    build_parser.add_argument("sources", nargs="+", type=Path,
+    build_parser.add_argument("sources", nargs="*", type=Path,
                               help="image folders, CSV/JSONL/parquet manifests, .txt corpora")
     build_parser.add_argument("--out", type=Path, required=True, help="index directory")
-    model_options(build_parser)
+    build_parser.add_argument("--from-embeddings", type=Path, default=None, metavar="DIR",
+                              help="build from precomputed embeddings instead of sources: "
+                                   "clip-retrieval's inference output (img_emb/, text_emb/, "
+                                   "metadata/); nothing is encoded")
+    model_options(build_parser, model_default=None, model_help=BUILD_MODEL_HELP)
     config_flags(build_parser, BuildConfig, BUILD_FLAGS)
     build_parser.set_defaults(func=cmd_build)
 
@@ -87,9 +98,11 @@ def _bar(label: str, total: int):
 
 
 def _report(summary) -> None:
+    shards = (f"{summary.shards_read} shards of precomputed embeddings, nothing encoded"
+              if summary.shards_read else f"shards: {summary.shards_encoded} encoded, "
+                                          f"{summary.shards_resumed} resumed")
     log(f"generation {summary.generation}: {summary.images} images, {summary.texts} texts "
-         f"in {summary.seconds:.1f} s (shards: {summary.shards_encoded} encoded, "
-         f"{summary.shards_resumed} resumed)")
+         f"in {summary.seconds:.1f} s ({shards})")
     skipped = sum(summary.skipped.values())
     if skipped:
         reasons = ", ".join(f"{kind} {n}" for kind, n in sorted(summary.skipped.items()))
@@ -107,8 +120,31 @@ def _report(summary) -> None:
 def cmd_build(args: argparse.Namespace) -> int:
     from indexer.build import build
 
+    if args.from_embeddings is not None:
+        return _build_from_embeddings(args)
+    if not args.sources:
+        raise ManifestError("give the sources to index, or --from-embeddings DIR")
+    args.model = args.model or "default"
     clip = _load(args)
     _report(build(args.sources, args.out, clip, _config(args), progress=_bar))
+    return 0
+
+
+def _build_from_embeddings(args: argparse.Namespace) -> int:
+    """`index build --from-embeddings DIR`: the model is named, never guessed: a default
+    model of the same dimension would pass the check and answer text queries with noise."""
+    from indexer.embeddings import build_from_embeddings, parse_model
+    from retrieval.store import model_identity
+
+    if args.sources:
+        raise ManifestError("give sources or --from-embeddings DIR, not both")
+    if args.model is None:
+        raise ModelLoadError("--from-embeddings needs --model: the model that made the "
+                             "embeddings (e.g. ViT-B-32:openai), or external:NAME to record one "
+                             "clipdex cannot load (vector and item queries only)")
+    model = parse_model(args.model) or model_identity(_load(args))
+    _report(build_from_embeddings(args.from_embeddings, args.out, model, _config(args),
+                                  progress=_bar))
     return 0
 
 

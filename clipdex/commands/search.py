@@ -29,13 +29,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from retrieval import ModelEncoder, Query, Searcher, Term, load_model, open_generation
-    from retrieval.errors import InvalidQueryError
+    from retrieval.errors import ExternalModelError, InvalidQueryError
+    from retrieval.store import external_note, read_generation_manifest
 
     terms = ([Term(text=args.text)] if args.text else []) + (
         [Term(image=args.image.read_bytes())] if args.image else [])
     if not terms:
         raise InvalidQueryError("give a text query, --image FILE, or both")
     target = args.target or ("image" if args.text else "text")
+    built = read_generation_manifest(args.index).model
+    if built.external:  # its vectors came from a model no --model can load: nothing to encode
+        raise ExternalModelError(external_note(built))
     clip = load_model(args.model, args.device)
     with open_generation(args.index) as generation:
         searcher = Searcher(generation, ModelEncoder(clip))

@@ -4,10 +4,15 @@ or the tuning report).
 
     {"format": "clipdex-index/1", "generation": "000007", "parent": "000006",
      "created": ISO-8601, "clipdex_version": "...",
-     "model": {"sha256", "arch", "embed_dim"}, "embed_dim": d,
+     "model": {"sha256", "arch", "embed_dim"[, "external": true]}, "embed_dim": d,
      "metric": "inner_product", "normalization": "l2", "next_id": n,
      "modalities": {"image"|"text": {"rows", "live", "deleted", "index": IndexSpec, "tuning"}},
      "files": {file name: SHA-256}, "build": {what wrote it}}
+
+A generation built from embeddings made elsewhere (`clipdex index build --from-embeddings
+--model external:NAME`) records its model as external: `arch` is NAME and `sha256` a hash of
+it that no loadable model has. It answers vector and item queries; text and image queries
+need that model, and `check_model` says so (ExternalModelError).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.card import sha256_file
-from retrieval.errors import IndexCorruptError, IndexMismatchError
+from retrieval.errors import ExternalModelError, IndexCorruptError, IndexMismatchError
 from retrieval.store import layout
 
 
@@ -29,6 +34,22 @@ class ModelIdentity:
     sha256: str
     arch: str
     embed_dim: int
+    external: bool = False  # embeddings made elsewhere by a model clipdex cannot load
+
+
+def external_identity(name: str, embed_dim: int) -> ModelIdentity:
+    """The identity of a model outside clipdex, known only by name: its fingerprint hashes
+    the name, so no loaded model matches it and two imports under one name do."""
+    digest = hashlib.sha256(f"external:{name}".encode()).hexdigest()
+    return ModelIdentity(digest, name, int(embed_dim), external=True)
+
+
+def external_note(model: ModelIdentity) -> str:
+    """What an index of external embeddings cannot answer, and what it can."""
+    return (f"this index holds embeddings made outside clipdex by the model {model.arch!r} "
+            f"(embed_dim {model.embed_dim}); text and image queries, and new texts and "
+            "images, need that model, which clipdex cannot load; queries by vector (made by "
+            "that model) or by item id work")
 
 
 def model_fingerprint(clip: Any) -> str:
@@ -63,8 +84,7 @@ class GenerationManifest:
 
     @property
     def model(self) -> ModelIdentity:
-        built = self.data["model"]
-        return ModelIdentity(str(built["sha256"]), str(built["arch"]), int(built["embed_dim"]))
+        return _identity(self.data["model"])
 
     @property
     def embed_dim(self) -> int:
@@ -82,6 +102,18 @@ class GenerationManifest:
         """The search-parameter tuning report of each modality."""
         return {modality: section["tuning"] for modality, section in
                 self.data["modalities"].items()}
+
+
+def _identity(built: dict[str, Any]) -> ModelIdentity:
+    return ModelIdentity(str(built["sha256"]), str(built["arch"]), int(built["embed_dim"]),
+                         bool(built.get("external", False)))
+
+
+def external_model(manifest: dict[str, Any]) -> ModelIdentity | None:
+    """The external model a generation's embeddings came from (a manifest.json object), or
+    None when clipdex encoded them."""
+    built = manifest.get("model")
+    return _identity(built) if isinstance(built, dict) and built.get("external") else None
 
 
 def read_generation_manifest(root: Path, name: str | None = None) -> GenerationManifest:
@@ -111,6 +143,8 @@ def check_model(manifest: dict[str, Any], model_sha256: str | None,
     """IndexMismatchError unless the generation was built with this model and dimension."""
     built = manifest["model"]
     if model_sha256 is not None and model_sha256 != built["sha256"]:
+        if built.get("external"):
+            raise ExternalModelError(external_note(_identity(built)))
         raise IndexMismatchError(
             f"index was built with model sha256 {built['sha256'][:16]}… ({built['arch']}), "
             f"you loaded {model_sha256[:16]}…; rebuild the index or load the same model")
@@ -139,7 +173,8 @@ def new(model: ModelIdentity, sections: dict[str, Any], next_id: int, name: str,
         "format": layout.FORMAT, "generation": name, "parent": parent,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "clipdex_version": _version(),
-        "model": {"sha256": model.sha256, "arch": model.arch, "embed_dim": model.embed_dim},
+        "model": {"sha256": model.sha256, "arch": model.arch, "embed_dim": model.embed_dim,
+                  **({"external": True} if model.external else {})},
         "embed_dim": model.embed_dim, "metric": "inner_product", "normalization": "l2",
         "next_id": next_id, "modalities": sections, "files": files, "build": build_info,
     }

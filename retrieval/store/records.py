@@ -31,7 +31,9 @@ class ItemRecord:
 
 @dataclass(frozen=True)
 class NewImage:
-    path: str  # absolute for indexed files, relative to the index root for uploads
+    # absolute for indexed files, relative to the index root for uploads; None for an image
+    # known only by its embedding and metadata (imported from elsewhere without its file)
+    path: str | None
     metadata: dict[str, Any] = field(default_factory=dict)
 
 

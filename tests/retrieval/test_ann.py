@@ -15,7 +15,7 @@ from tests.retrieval.helpers import modality_gap_data
     (20_000, "4GB", "hnsw"),
     (1_000_000, "4GB", "hnsw"),  # 1M x 512-d HNSW32 is about 2.6 GB
     (2_000_000, "4GB", "ivfpq"),
-    (19_999, "1MB", "ivfpq"),  # even a small corpus goes compressed when flat will not fit
+    (19_999, "3MB", "ivfpq"),  # even a small corpus goes compressed when flat will not fit
     (1_000, "1KB", "flat"),  # too few vectors to train PQ: exact it is
 ])
 def test_choice_at_the_boundaries(count, budget, kind):
@@ -32,6 +32,19 @@ def test_ivfpq_spec_fits_the_budget_and_rotates_long_subvectors():
 def test_forcing_ivfpq_on_too_few_vectors_stays_flat():
     assert ann.choose_index(500, 64, kind="ivfpq").kind == "flat"
     assert ann.choose_index(5000, 64, kind="ivfpq").kind == "ivfpq"
+
+
+def test_a_budget_too_small_for_any_useful_index_is_refused_with_the_need():
+    from retrieval.errors import IndexStoreError
+
+    with pytest.raises(IndexStoreError, match="too small.*raise --max-memory"):
+        ann.choose_index(1_000_000, 512, "25MB")
+    smallest = ann.choose_index(1_000_000, 512, "40MB")  # just enough: 8-byte codes
+    assert smallest.params["pq_m"] == 8 and smallest.memory_bytes <= 40 * 10**6
+
+
+def test_autofaiss_budgets_read_as_binary():
+    assert ann.parse_memory("4G") == 4 * 2**30 and ann.parse_memory("512M") == 512 * 2**20
 
 
 def test_parse_memory():
