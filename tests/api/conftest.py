@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.api.helpers import build_index
+from tests.api.helpers import AUTH, build_index
 from tests.conftest import COLOURS, make_image
 
 
@@ -20,3 +21,10 @@ def images(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def index_root(tiny, images, tmp_path_factory) -> Path:
     return build_index(tmp_path_factory.mktemp("index"), tiny, images)
+
+
+@pytest.fixture
+def client(server):
+    """An HTTP client with the read key, on the module's `server` fixture."""
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as http:
+        yield http

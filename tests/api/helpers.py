@@ -81,6 +81,19 @@ def colour_generation(clip, image_paths: dict[str, Path], name: str = "g1") -> I
     return InMemoryGeneration(name, clip.embed_dim, records, _encode(clip, records, image_paths))
 
 
+READ, ADMIN = "reader-key", "admin-key"  # the keys the keyed test services are started with
+AUTH = {"Authorization": f"Bearer {READ}"}
+
+
+def keyed_service(tiny: Any, root: Path, **settings: Any) -> ServerThread:
+    """A real server over `root` with the read and admin keys above and `settings`."""
+    from api.app import create_app
+    from api.settings import Settings
+
+    options = {"read_keys": (READ,), "admin_key": ADMIN, **settings}
+    return ServerThread(create_app(Settings(index=root, **options), clip=tiny))
+
+
 class ServerThread:
     """uvicorn serving `app` on 127.0.0.1:<free port> until `stop()`."""
 

@@ -22,18 +22,13 @@ from api.app import create_app
 from api.server import HeadLimits
 from api.settings import Settings
 from retrieval.batcher import BatcherConfig
-from tests.api.helpers import ServerThread, build_index
+from tests.api.helpers import ADMIN, AUTH, READ, ServerThread, build_index, keyed_service
 from tests.conftest import COLOURS, make_image
-
-READ, ADMIN = "reader-key", "admin-key"
-AUTH = {"Authorization": f"Bearer {READ}"}
 
 
 def serve(tiny, root: Path, **overrides) -> ServerThread:
-    options = {"read_keys": (READ,), "admin_key": ADMIN, "max_in_flight": 4,
-               "batching": BatcherConfig(8, 0, 64), "body_idle_s": 1.0,
-               "body_deadline_s": 3.0, **overrides}
-    return ServerThread(create_app(Settings(index=root, **options), clip=tiny))
+    return keyed_service(tiny, root, **{"max_in_flight": 4, "batching": BatcherConfig(8, 0, 64),
+                                        "body_idle_s": 1.0, "body_deadline_s": 3.0, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +36,6 @@ def server(tiny, index_root):
     with serve(tiny, index_root) as running:
         yield running
 
-
-@pytest.fixture
-def client(server):
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as http:
-        yield http
 
 
 def raw_socket(server: ServerThread) -> socket.socket:

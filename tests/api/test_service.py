@@ -15,20 +15,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from api.app import create_app
-from api.settings import Settings
 from retrieval.batcher import BatcherConfig
-from tests.api.helpers import ServerThread, build_index
+from tests.api.helpers import ADMIN, AUTH, READ, ServerThread, build_index, keyed_service
 from tests.conftest import COLOURS
-
-READ, ADMIN = "reader-key", "admin-key"
-AUTH = {"Authorization": f"Bearer {READ}"}
 
 
 def serve(tiny, index_root: Path, **overrides) -> ServerThread:
-    options = {"read_keys": (READ,), "admin_key": ADMIN, "max_image_pixels": 250_000,
-               "max_body_bytes": 2_000_000, "batching": BatcherConfig(32, 10, 64), **overrides}
-    return ServerThread(create_app(Settings(index=index_root, **options), clip=tiny))
+    return keyed_service(tiny, index_root, **{"max_image_pixels": 250_000,
+                                              "max_body_bytes": 2_000_000,
+                                              "batching": BatcherConfig(32, 10, 64), **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +31,6 @@ def server(tiny, index_root):
     with serve(tiny, index_root) as running:
         yield running
 
-
-@pytest.fixture
-def client(server):
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as http:
-        yield http
 
 
 def png_bytes(path: Path) -> bytes:
