@@ -28,6 +28,14 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def tqdm_progress(label: str, total: int) -> Any:
+    """The bars the command line draws for the core's long jobs (see retrieval.progress)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=label, unit="item", dynamic_ncols=True, file=sys.stderr,
+                disable=total == 0, leave=False)
+
+
 def model_options(parser: argparse.ArgumentParser, precision: bool = False,
                   model_default: str | None = "default", model_help: str = MODEL_HELP) -> None:
     parser.add_argument("--model", default=model_default, help=model_help)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from retrieval.images import DEFAULT_MAX_PIXELS
 from retrieval.manifest import Problem
 from retrieval.model import ClipModel
 from retrieval.pipeline import iter_image_batches
+from retrieval.progress import Bar, ProgressFactory, no_progress
 from retrieval.store import (
     Generation,
     GenerationManifest,
@@ -49,22 +50,6 @@ from retrieval.store import (
 DECODER = "jpeg-draft/1"  # reduced-size JPEG decoding (retrieval.images.DecodeLimits)
 # (kept positions, their (m, d) embeddings, problems, how many inputs the step consumed)
 Step = tuple[list[int], np.ndarray, list[tuple[int, Problem]], int]
-
-
-class Bar(Protocol):
-    def update(self, n: int = 1) -> Any: ...
-    def close(self) -> Any: ...
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-ProgressFactory = Callable[[str, int], Bar]  # (label, total) -> a tqdm-like bar
 
 
 @dataclass(frozen=True)
@@ -178,7 +163,7 @@ class _Job:
             ) -> tuple[list[ItemRecord], dict[str, np.ndarray], list[Problem]]:
         """Encode what is not in finished shards yet; records get ids from `start_id`
         (None: provisional ones for `append_items`)."""
-        progress = progress or (lambda label, total: _NoBar())
+        progress = progress or no_progress
         self.work.start(self.parent)
         paths = [entry.path for entry in self.collection.images]
         image_pos, image_vectors, problems = self._sharded(

@@ -6,10 +6,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from clipdex.options import MODEL_HELP, Flag, config_flags, config_from, log, model_options
+from clipdex.options import (
+    MODEL_HELP,
+    Flag,
+    config_flags,
+    config_from,
+    log,
+    model_options,
+    tqdm_progress,
+)
 from retrieval.ann import KINDS
 from retrieval.errors import ManifestError, ModelLoadError
 
@@ -90,13 +97,6 @@ def _load(args: argparse.Namespace):
     return load_model(args.model, args.device)
 
 
-def _bar(label: str, total: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=label, unit="item", dynamic_ncols=True, file=sys.stderr,
-                disable=total == 0)
-
-
 def _report(summary) -> None:
     shards = (f"{summary.shards_read} shards of precomputed embeddings, nothing encoded"
               if summary.shards_read else f"shards: {summary.shards_encoded} encoded, "
@@ -126,7 +126,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise ManifestError("give the sources to index, or --from-embeddings DIR")
     args.model = args.model or "default"
     clip = _load(args)
-    _report(build(args.sources, args.out, clip, _config(args), progress=_bar))
+    _report(build(args.sources, args.out, clip, _config(args), progress=tqdm_progress))
     return 0
 
 
@@ -144,7 +144,7 @@ def _build_from_embeddings(args: argparse.Namespace) -> int:
                              "clipdex cannot load (vector and item queries only)")
     model = parse_model(args.model) or model_identity(_load(args))
     _report(build_from_embeddings(args.from_embeddings, args.out, model, _config(args),
-                                  progress=_bar))
+                                  progress=tqdm_progress))
     return 0
 
 
@@ -152,7 +152,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     from indexer.build import add
 
     clip = _load(args)
-    _report(add(args.sources, args.index, clip, _config(args), progress=_bar))
+    _report(add(args.sources, args.index, clip, _config(args), progress=tqdm_progress))
     return 0
 
 

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
-from clipdex.options import PRECISIONS, Flag, config_flags, config_from, log, model_options
+from clipdex.options import (
+    PRECISIONS,
+    Flag,
+    config_flags,
+    config_from,
+    log,
+    model_options,
+    tqdm_progress,
+)
 
 TRAIN_FLAGS = {
     "out": Flag("run folder (checkpoints, log)"),
@@ -110,7 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_set, val_set = _read(args), _read(args, "val")
     log(f"train: {len(train_set.items)} images, {train_set.num_captions} captions; "
         f"validation: {len(val_set.items)} images, {val_set.num_captions} captions")
-    card = train(clip, train_set, val_set, config, log=log)
+    card = train(clip, train_set, val_set, config, log=log, progress=tqdm_progress)
     log(f"best checkpoint: {args.out / 'best.safetensors'} (epoch {card['training']['epoch']})")
     return 0
 

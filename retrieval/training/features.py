@@ -18,7 +18,6 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from retrieval.encode import autocast_for, encode_texts, text_forward, trim_padding
 from retrieval.errors import ManifestError
@@ -26,6 +25,7 @@ from retrieval.manifest import Manifest, Problem
 from retrieval.metrics import retrieval_metrics
 from retrieval.model import ClipModel
 from retrieval.pipeline import ImageBatch, encode_image_files, iter_image_batches
+from retrieval.progress import ProgressFactory, no_progress
 from retrieval.training.config import TrainConfig
 from retrieval.training.towers import Split, split_image_tower, split_text_tower
 
@@ -86,7 +86,8 @@ def view_transform(clip: ClipModel, view: int) -> Callable:
 
 
 def _cache_images(clip: ClipModel, split: Split, paths: list[Path], config: TrainConfig,
-                  label: str, view: int = 0) -> tuple[torch.Tensor, list[int], list[Problem]]:
+                  label: str, view: int = 0, progress: ProgressFactory = no_progress
+                  ) -> tuple[torch.Tensor, list[int], list[Problem]]:
     """Frozen features of every decodable image, from the disk cache when it has them."""
     folder = None
     if config.cache_dir:
@@ -97,7 +98,7 @@ def _cache_images(clip: ClipModel, split: Split, paths: list[Path], config: Trai
             return (torch.from_numpy(np.load(folder / "features.npy")),
                     np.load(folder / "kept.npy").tolist(), problems)
     chunks, kept, problems = [], [], []
-    bar = tqdm(total=len(paths), desc=f"image features {label} view {view}", unit="img")
+    bar = progress(f"image features {label} view {view}", len(paths))
     torch.manual_seed(config.seed * 100 + view)  # the random crops' seeds, via the workers'
     for batch in iter_image_batches(paths, view_transform(clip, view), 64, config.workers):
         if batch.indices:
@@ -121,19 +122,24 @@ def _cache_images(clip: ClipModel, split: Split, paths: list[Path], config: Trai
     return features, kept, problems
 
 
-def _cache_texts(clip: ClipModel, split: Split, texts: list[str]) -> list[torch.Tensor]:
+def _cache_texts(clip: ClipModel, split: Split, texts: list[str],
+                 progress: ProgressFactory = no_progress) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
-    for start in tqdm(range(0, len(texts), 256), desc="text features", unit="batch"):
+    bar = progress("text features", len(texts))
+    for start in range(0, len(texts), 256):
+        bar.update(len(texts[start:start + 256]))
         tokens = trim_padding(clip.tokenizer(texts[start:start + 256]), clip.pad_token_id)
         with torch.inference_mode():
             hidden, mask = split.frozen(tokens.to(clip.device))
         lengths = mask.sum(dim=1).tolist()
         out.extend(h[:n].to(torch.float16).cpu() for h, n in zip(hidden, lengths))
+    bar.close()
     return out
 
 
 def prepare_features(clip: ClipModel, manifest: Manifest, config: TrainConfig,
-                     views: int = 1) -> tuple[Features, list[Problem]]:
+                     views: int = 1, progress: ProgressFactory = no_progress
+                     ) -> tuple[Features, list[Problem]]:
     """Cache what the splits allow, with `views` - 1 augmented views of each image (see
     `view_transform`); keep paths and texts for what is streamed."""
     paths = [item.image for item in manifest.items]
@@ -142,10 +148,11 @@ def prepare_features(clip: ClipModel, manifest: Manifest, config: TrainConfig,
     image, image_views = None, []
     kept = list(range(len(paths)))
     if split is not None:
-        image, kept, problems = _cache_images(clip, split, paths, config, manifest.source.name)
+        image, kept, problems = _cache_images(clip, split, paths, config, manifest.source.name,
+                                              progress=progress)
         for view in range(1, views):
             extra, extra_kept, _ = _cache_images(clip, split, paths, config,
-                                                 manifest.source.name, view)
+                                                 manifest.source.name, view, progress)
             image_views.append(_align(extra, extra_kept, kept))
     items = [manifest.items[i] for i in kept]
     texts, text_to_image, captions_of = [], [], []
@@ -154,7 +161,7 @@ def prepare_features(clip: ClipModel, manifest: Manifest, config: TrainConfig,
         texts.extend(item.captions)
         text_to_image.extend([row] * len(item.captions))
     splitter = text_split(clip, config)
-    hidden = _cache_texts(clip, splitter, texts) if splitter is not None else None
+    hidden = _cache_texts(clip, splitter, texts, progress) if splitter is not None else None
     features = Features([item.image for item in items], image, texts, hidden,
                         np.asarray(text_to_image, dtype=np.int64), captions_of, image_views)
     return features, problems

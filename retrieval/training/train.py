@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from retrieval import card as model_card
 from retrieval.encode import autocast_for
 from retrieval.errors import CheckpointError, ManifestError, ModelLoadError
 from retrieval.manifest import Manifest, Problem
 from retrieval.model import ClipModel, describe
+from retrieval.progress import ProgressFactory, no_progress
 from retrieval.training.config import TrainConfig
 from retrieval.training.features import (
     Features,
@@ -183,7 +183,8 @@ def _score(metrics: dict[str, float]) -> float:
 
 
 def train(clip: ClipModel, train_set: Manifest, val_set: Manifest, config: TrainConfig,
-          log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+          log: Callable[[str], None] = lambda message: None,
+          progress: ProgressFactory = no_progress) -> dict[str, Any]:
     """Train with InfoNCE; returns the model card of the best epoch on the validation set."""
     torch.manual_seed(config.seed)
     out = Path(config.out)
@@ -193,8 +194,9 @@ def train(clip: ClipModel, train_set: Manifest, val_set: Manifest, config: Train
                               "or choose another --out")
     clip.model.logit_scale.data.fill_(config.init_logit_scale)
     params = prepare_model(clip, config)
-    train_feats, train_problems = prepare_features(clip, train_set, config, config.image_views)
-    val_feats, val_problems = prepare_features(clip, val_set, config)
+    train_feats, train_problems = prepare_features(clip, train_set, config, config.image_views,
+                                                   progress)
+    val_feats, val_problems = prepare_features(clip, val_set, config, progress=progress)
     targets = _imagenet_targets(clip, config, train_feats)
     report = _ErrorReport(out / "errors.jsonl", list(train_set.problems) + train_problems
                           + list(val_set.problems) + val_problems)
@@ -214,7 +216,7 @@ def train(clip: ClipModel, train_set: Manifest, val_set: Manifest, config: Train
         started = time.perf_counter()
         loss, imagenet_loss = _train_epoch(clip, config, train_feats, usable, optimizer,
                                            scheduler, params, epoch, steps_per_epoch, report,
-                                           targets)
+                                           targets, progress)
         metrics = evaluate_features(clip, config, val_feats)
         seconds += time.perf_counter() - started
         row = _log_row(clip, epoch, loss, imagenet_loss if targets else None, metrics)
@@ -279,8 +281,8 @@ def _train_precision(clip: ClipModel, config: TrainConfig) -> str:
 def _train_epoch(clip: ClipModel, config: TrainConfig, feats: Features, usable: list[int],
                  optimizer: torch.optim.Optimizer, scheduler: Any,
                  params: list[torch.nn.Parameter], epoch: int, steps: int,
-                 report: _ErrorReport, targets: ImageNetTargets | None = None
-                 ) -> tuple[float, float]:
+                 report: _ErrorReport, targets: ImageNetTargets | None = None,
+                 progress: ProgressFactory = no_progress) -> tuple[float, float]:
     """One pass over the images, each paired with one of its captions drawn at random.
 
     Returns the mean InfoNCE loss and ImageNet-term loss per optimizer step.
@@ -296,8 +298,8 @@ def _train_epoch(clip: ClipModel, config: TrainConfig, feats: Features, usable: 
     freeze_batch_norm(modules)
     batches = step_batches(clip, config, feats, order)
     total, extra, count = 0.0, 0.0, 0
-    bar = tqdm(range(steps), desc=f"epoch {epoch}/{config.epochs}", unit="step", leave=False)
-    for _ in bar:
+    bar = progress(f"epoch {epoch}/{config.epochs}", steps)
+    for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         for _micro in range(config.accum_steps):
             rows, pixels, problems = next(batches)
@@ -319,7 +321,8 @@ def _train_epoch(clip: ClipModel, config: TrainConfig, feats: Features, usable: 
         with torch.no_grad():
             clip.model.logit_scale.clamp_(0, math.log(100))
         count += 1
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.update(1)
+    bar.close()
     batches.close()
     clip.model.eval()
     return total / max(count, 1), extra / max(count, 1)

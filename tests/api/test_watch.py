@@ -3,7 +3,10 @@ a broken one on disk is refused while the last good one keeps answering."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -26,6 +29,16 @@ def wait_for_generation(http: httpx.Client, name: str, timeout: float = 20) -> d
     raise AssertionError(f"still serving {ready.get('generation')}, not {name}")
 
 
+def _damaged_generation(root: Path, staging: Path, tiny) -> str:
+    shutil.copytree(root, staging)
+    name = update_generation(staging, model_identity(tiny), delete_ids=[10])
+    (staging / "generations" / name / "images.npy").write_bytes(b"\x93NUMPY damaged")
+    shutil.copytree(staging / "generations" / name, root / "generations" / name)
+    (root / "CURRENT.tmp").write_text(name + "\n")
+    os.replace(root / "CURRENT.tmp", root / "CURRENT")
+    return name
+
+
 def test_watch_serves_new_generations_and_skips_a_broken_one(tiny, tmp_path, caplog):
     images = {name: make_image(tmp_path / f"{name}.png", COLOURS[name]) for name in ("red", "blue")}
     root = build_index(tmp_path / "index", tiny, images)
@@ -42,9 +55,10 @@ def test_watch_serves_new_generations_and_skips_a_broken_one(tiny, tmp_path, cap
                           data={"k": "1", "target": "image"}).json()
         assert found["generation"] == name and found["hits"][0]["id"] == 10
 
-        # A generation whose file was damaged after the switch: refused, the last one serves.
-        broken = update_generation(root, model_identity(tiny), delete_ids=[10])
-        (root / "generations" / broken / "images.npy").write_bytes(b"\x93NUMPY damaged")
+        # A generation whose file is damaged when it becomes current: refused, the last one
+        # serves. It is written in a copy of the index and damaged there, then switched in, so
+        # the watcher (polling every 0.1 s) cannot load it in the moment before the damage.
+        broken = _damaged_generation(root, tmp_path / "staging", tiny)
         time.sleep(1.0)  # ten polls
         assert http.get("/readyz").json()["generation"] == name
         assert "could not switch to generation" in caplog.text
