@@ -1,4 +1,4 @@
-"""The two models shipped in data/: `default` (EfficientNet-Lite2 + MiniLM) and `fast` (the
+"""The two models shipped in retrieval/bundled/: `default` (EfficientNet-Lite2 + MiniLM) and `fast` (the
 earlier EfficientNet-Lite0 default), on the demo corpus and against each other's indexes."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from retrieval.errors import IndexMismatchError
 from retrieval.model import BUNDLED, load_model
 from retrieval.store import model_fingerprint, open_generation
 
-pytestmark = pytest.mark.skipif(not all(path.exists() for path in BUNDLED.values()),
-                                reason="a bundled model is not published yet")
+
+def test_both_models_ship_with_the_package():
+    assert all(path.is_file() for path in BUNDLED.values()), BUNDLED
 
 
 @pytest.fixture(scope="module")
