@@ -17,7 +17,7 @@ import re
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +50,16 @@ class HostileConfig:
     header_floods: int = 4
     header_mib: int = 64
     busy_uploads: int = 100
-    # the service's defaults: 10 s idle body timeout, 2 decodes of at most 384 MiB at once
-    decode_allowance_mib: float = 2 * 384 + 192
+    # what the service's decode limits allow at once (concurrent decodes x bytes each), plus
+    # room for the preprocessed tensors and the allocator's slack
+    decode_allowance_mib: float = field(default_factory=lambda: _decode_budget_mib() + 192)
+
+
+def _decode_budget_mib() -> float:
+    from api.settings import Settings
+
+    defaults = Settings()
+    return defaults.max_concurrent_decodes * defaults.max_decode_bytes / 2**20
 
 
 # ----------------------------------------------------------------------- a raw HTTP client
