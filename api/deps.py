@@ -65,7 +65,8 @@ def check_key(settings: Settings, need: str, headers: Headers) -> None:
     if not settings.read_keys:
         return
     key = presented_key(headers)
-    allowed = list(settings.read_keys) + ([settings.admin_key] if settings.admin_key else [])
+    admin = settings.admin_secret()
+    allowed = settings.read_secrets() + ([admin] if admin else [])
     if key is None:
         raise Problem(401, "Unauthorized", "this service needs a read key: send "
                       "'Authorization: Bearer KEY' or 'X-API-Key: KEY'", headers=AUTH_HEADERS)
@@ -81,9 +82,9 @@ def _check_admin(settings: Settings, key: str | None) -> None:
     if key is None:
         raise Problem(401, "Unauthorized", "this endpoint needs the admin key: send "
                       "'Authorization: Bearer KEY'", headers=AUTH_HEADERS)
-    if _matches(key, [settings.admin_key]):
+    if _matches(key, [settings.admin_secret() or ""]):
         return
-    if _matches(key, list(settings.read_keys)):
+    if _matches(key, settings.read_secrets()):
         raise Problem(403, "Forbidden", "a read key cannot change the index; use the admin key")
     raise Problem(401, "Unauthorized", "the key is not valid for this service; check it",
                   headers=AUTH_HEADERS)

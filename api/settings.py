@@ -1,9 +1,18 @@
-"""Service configuration: one frozen dataclass, filled from CLI arguments at the edge."""
+"""Service configuration: one frozen pydantic-settings object, read at the edge.
+
+Every field can come from the environment with the `CLIPDEX_` prefix (`CLIPDEX_PORT=9000`,
+`CLIPDEX_ADMIN_KEY`, `CLIPDEX_READ_KEYS=k1,k2`); values passed explicitly (the CLI's flags, a
+test's arguments) win over the environment. Keys are `SecretStr`: they never reach a repr, a
+log line or a traceback.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from retrieval.batcher import BatcherConfig
 
@@ -19,17 +28,19 @@ VECTOR_QUERY_BODY_BYTES = 256 * 1024
 EMPTY_BODY_BYTES = 4 * 1024
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CLIPDEX_", frozen=True)
+
     index: Path | None = None  # the index root the indexer wrote (None: generation injected)
     model: str = "default"
     device: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
-    batching: BatcherConfig = field(default_factory=BatcherConfig)
+    batching: BatcherConfig = Field(default_factory=BatcherConfig)
     max_in_flight: int | None = 256  # requests inside the app at once, then 503; None: no cap
-    admin_key: str | None = None  # None: write endpoints are disabled
-    read_keys: tuple[str, ...] = ()  # empty: searching needs no key
+    admin_key: SecretStr | None = None  # None: write endpoints are disabled
+    # empty: searching needs no key; from the environment, comma-separated
+    read_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
     max_body_bytes: int = 10 * 1024 * 1024  # uploads; JSON routes declare smaller caps
     body_idle_s: float = 10.0  # a body that sends nothing this long gets 408
     body_deadline_s: float = 60.0  # a body not complete in this long gets 408
@@ -44,9 +55,22 @@ class Settings:
     public_url: str = ""  # base of links in responses ("https://search.example"); "": relative
     index_name: str = "clipdex"  # the name clip-retrieval clients pass as indice_name
 
-    def __repr__(self) -> str:  # keys never reach logs
-        return (f"Settings(index={self.index}, model={self.model!r}, host={self.host}, "
-                f"port={self.port}, batching={self.batching}, "
-                f"max_in_flight={self.max_in_flight}, "
-                f"admin_key={'set' if self.admin_key else 'unset'}, "
-                f"read_keys={len(self.read_keys)})")
+    @field_validator("read_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        """`CLIPDEX_READ_KEYS=a, b,` is two keys: blanks and empty entries are dropped."""
+        if isinstance(value, str):
+            return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
+    @field_validator("admin_key", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    def admin_secret(self) -> str | None:
+        """The admin key's text, for the one comparison that needs it (api/deps.py)."""
+        return self.admin_key.get_secret_value() if self.admin_key else None
+
+    def read_secrets(self) -> list[str]:
+        return [key.get_secret_value() for key in self.read_keys]

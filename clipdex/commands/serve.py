@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
-import os
 from pathlib import Path
 
 from api.settings import Settings
@@ -79,28 +78,33 @@ def default_max_batch(device: str) -> int:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    """The service's Settings from the flags; keys not given by a flag or a key file come
+    from the environment (CLIPDEX_ADMIN_KEY, CLIPDEX_READ_KEYS), which Settings reads."""
     max_batch = args.max_batch or default_max_batch(args.device)
-    admin_key, read_keys = _keys(args)
     return Settings(
         index=args.index, model=args.model, device=args.device, host=args.host, port=args.port,
         batching=BatcherConfig(max_batch, args.max_wait_ms, args.queue_size,
                                args.max_queue_wait_ms or None),
         max_in_flight=(IN_FLIGHT_PER_BATCH * max_batch if args.max_in_flight is None
                        else args.max_in_flight or None),
-        admin_key=admin_key, read_keys=read_keys, public_url=args.public_url,
-        max_body_bytes=int(args.max_body_mb * 1024 * 1024), watch_seconds=args.watch)
+        public_url=args.public_url, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        watch_seconds=args.watch, **_keys(args))
 
 
-def _keys(args: argparse.Namespace) -> tuple[str | None, tuple[str, ...]]:
-    """Keys from files or the environment (where `ps` does not show them), else the flags."""
-    admin = args.admin_key or os.environ.get("CLIPDEX_ADMIN_KEY") or None
+def _keys(args: argparse.Namespace) -> dict[str, object]:
+    """Keys given on the command line or in key files (where `ps` does not show them); the
+    ones not given here are left to the environment."""
+    keys: dict[str, object] = {}
     if args.admin_key_file is not None:
-        admin = _read_keys(args.admin_key_file)[0]
+        keys["admin_key"] = _read_keys(args.admin_key_file)[0]
+    elif args.admin_key:
+        keys["admin_key"] = args.admin_key
     read = list(args.read_key or [])
-    read += [k.strip() for k in os.environ.get("CLIPDEX_READ_KEYS", "").split(",") if k.strip()]
     if args.read_keys_file is not None:
         read += _read_keys(args.read_keys_file)
-    return admin, tuple(read)
+    if read:
+        keys["read_keys"] = tuple(read)
+    return keys
 
 
 def _read_keys(path: Path) -> list[str]:

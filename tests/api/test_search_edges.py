@@ -71,7 +71,7 @@ def test_serve_is_a_clipdex_subcommand_bound_to_loopback():
                                       "--read-key", "r1", "--read-key", "r2"])
     settings = settings_from(args)
     assert settings.host == "127.0.0.1" and settings.port == 8000
-    assert settings.batching.max_batch == 1 and settings.read_keys == ("r1", "r2")
+    assert settings.batching.max_batch == 1 and settings.read_secrets() == ["r1", "r2"]
     assert "r1" not in repr(settings)
 
 

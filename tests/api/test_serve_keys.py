@@ -18,14 +18,36 @@ def test_keys_come_from_files(tmp_path):
     (tmp_path / "admin.key").write_text("the-admin\n")
     made = settings("--read-keys-file", str(tmp_path / "read.keys"),
                     "--admin-key-file", str(tmp_path / "admin.key"))
-    assert made.read_keys == ("first", "second") and made.admin_key == "the-admin"
+    assert made.read_secrets() == ["first", "second"] and made.admin_secret() == "the-admin"
 
 
 def test_keys_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("CLIPDEX_READ_KEYS", "a, b,")
     monkeypatch.setenv("CLIPDEX_ADMIN_KEY", "boss")
     made = settings()
-    assert made.read_keys == ("a", "b") and made.admin_key == "boss"
+    assert made.read_secrets() == ["a", "b"] and made.admin_secret() == "boss"
+
+
+def test_flags_win_over_the_environment_and_keys_stay_secret(monkeypatch):
+    monkeypatch.setenv("CLIPDEX_READ_KEYS", "from-env")
+    monkeypatch.setenv("CLIPDEX_ADMIN_KEY", "env-admin")
+    made = settings("--read-key", "flag-key")
+    assert made.read_secrets() == ["flag-key"] and made.admin_secret() == "env-admin"
+    shown = repr(made) + str(made.model_dump()) + made.model_dump_json()
+    assert "flag-key" not in shown and "env-admin" not in shown
+
+
+def test_every_setting_reads_the_environment(monkeypatch):
+    from api.settings import Settings
+
+    monkeypatch.setenv("CLIPDEX_MAX_DEPTH", "77")
+    monkeypatch.setenv("CLIPDEX_PUBLIC_URL", "https://search.example")
+    made = Settings()
+    assert made.max_depth == 77 and made.public_url == "https://search.example"
+    assert Settings(max_depth=5).max_depth == 5  # explicit values win
+    monkeypatch.setenv("CLIPDEX_MAX_DEPTH", "many")
+    with pytest.raises(ValueError, match="max_depth"):
+        Settings()
 
 
 def test_an_empty_or_missing_key_file_stops_the_start(tmp_path):
