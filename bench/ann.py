@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--kinds", default="hnsw,ivfpq")
     parser.add_argument("--max-memory", default="4GB")
-    parser.add_argument("--max-train", type=int, default=100_000, help="IVF-PQ training sample")
+    parser.add_argument("--max-train", type=int, default=None,
+                        help="IVF-PQ training sample (default: ann.training_size)")
     args = parser.parse_args()
     images, captions = gap_data(args.count, args.queries, args.dim)
     ids = np.arange(1, args.count + 1, dtype=np.int64)

@@ -214,7 +214,8 @@ def _ann(a: dict, out: Path, tag: str = "") -> list[str]:
     ax.plot([c["qps"] for c in a["curve"]], [c["recall"] for c in a["curve"]], "o-",
             label=a["factory"])
     for c in a["curve"]:
-        ax.annotate(str(c[a["param"]]), (c["qps"], c["recall"]), fontsize=7)
+        label = str(c[a["param"]]) + (f"/×{c['rerank']}" if "rerank" in c else "")
+        ax.annotate(label, (c["qps"], c["recall"]), fontsize=7)
     ax.plot([a["flat_qps"]], [1.0], "s", label="IndexFlatIP (exact)")
     ax.set_xscale("log")
     ax.set_xlabel("queries/s")
@@ -228,7 +229,11 @@ def _ann(a: dict, out: Path, tag: str = "") -> list[str]:
             f"(`bench/ann.py`'s `gap_data`); {a['queries']} caption queries search the image "
             f"index. `retrieval.ann.choose_index` under a {a['max_memory']} budget picked "
             f"`{a['factory']}`; build {a['build_s']} s; the tuner picked "
-            f"{a['param']}={a['value']}.", "",
+            f"{a['param']}={a['value']}"
+            + (f" and re-rank ×{a['rerank']}" if a.get("rerank", 1) > 1 else "")
+            + (f". Recall@10 is measured on {a['held_out_queries']} held-out queries "
+               f"({a['tuning_recall_at_10']:.3f} on the tuning queries)"
+               if "held_out_queries" in a else "") + ".", "",
             _table(["index", "recall@10", f"QPS, {a['queries']} queries per call",
                     "QPS / exact", f"QPS, one query per call ({a.get('single_queries')})",
                     "QPS / exact"],

@@ -174,6 +174,8 @@ def ann_part(args: argparse.Namespace) -> dict:
             "max_memory": args.max_memory, "kind": spec.kind, "factory": spec.factory,
             "build_s": round(build_s, 1), "flat_qps": round(flat_qps, 1),
             "recall_at_10": report["recall_at_10"], "qps": report["qps"],
+            "tuning_recall_at_10": report["tuning_recall_at_10"],
+            "held_out_queries": report["held_out_queries"], "rerank": report["rerank"],
             "qps_ratio": round(report["qps"] / flat_qps, 2), "param": report["param"],
             "single_queries": len(singles), "flat_single_qps": round(flat_single_qps, 1),
             "single_qps": round(single_qps, 1),

@@ -4,6 +4,11 @@ Every index is inner product over L2-normalised float32 vectors, wrapped in Inde
 FAISS returns the store's stable item ids. Search parameters (nprobe, efSearch) are tuned with
 queries from the *other* modality, because that is what the index will be asked at serving
 time: captions look for images, images look for captions, and the two clouds sit apart.
+
+The memory budget (`--max-memory`) counts what the index itself holds in RAM. IVF-PQ's
+re-ranking reads the stored float32 vectors, which the store opens memory-mapped (its
+`images.npy`): the OS pages in only the candidates' rows, so they fall under the page cache,
+which the kernel can evict, not under the budget.
 """
 
 from __future__ import annotations
@@ -27,8 +32,16 @@ OPQ_ITERATIONS = 10
 MIN_TUNING_QUERIES = 50
 TARGET_RECALL = 0.95
 # IVF-PQ codes are lossy: fetch this many times k candidates, then score them exactly with
-# the stored float32 vectors. PQ ranking caps recall otherwise (0.82 at 200k x 512).
+# the stored float32 vectors. PQ ranking caps recall otherwise (0.82 at 200k x 512). The
+# tuner picks the factor with nprobe; this is the untuned default.
 RERANK_FACTOR = 8
+# Grids of about 1.5x steps: doubling alone overshoots (at 200k, nprobe 256 gave 0.9494 and
+# the next step, 512, halved queries/s).
+NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768,
+               1024, 1536, 2048)
+EF_SEARCH_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+RERANK_GRID = (16, 8, 4, 2, 1)  # largest first (see _Probe.best)
+HOLD_OUT_EVERY = 5  # one tuning query in five is held out to report recall honestly
 KINDS = ("flat", "hnsw", "ivfpq")
 # KB/MB/GB are decimal, KiB/MiB/GiB binary; a bare K/M/G/T is binary, as autofaiss reads
 # its --max_index_memory_usage ("4G" = 4 * 2**30 bytes), so its budgets carry over unchanged.
@@ -36,6 +49,10 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
           "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 MIN_PQ_BYTES = 8  # a shorter code keeps too little of a CLIP vector to rank by
+PQ_BYTES = (128, 96, 64, 48, 32, 24, 16, 8, 4, 2, 1)  # code sizes tried, largest first
+TRAIN_PER_LIST = 64  # k-means points per inverted list (faiss wants 39 to 256)
+MIN_TRAIN = 100_000  # PQ codebooks: 256 centroids per sub-quantizer want many points
+MAX_TRAIN = 1 << 20  # the training sample's cap (2 GiB of float32 at 512 dimensions)
 
 
 @dataclass(frozen=True)
@@ -75,11 +92,22 @@ def ivfpq_bytes(count: int, dim: int, pq_m: int, nlist: int) -> int:
 
 
 def ivf_nlist(count: int) -> int:
-    """About 4*sqrt(n) lists (a power of two), with >= 39 training points per list."""
+    """About 4*sqrt(n) lists (a power of two), each with >= TRAIN_PER_LIST training points
+    in the largest sample `training_size` takes (faiss warns below 39 a list)."""
     if count < 39 * 2:
         return 1
     target = 2 ** round(math.log2(max(4 * math.sqrt(count), 1)))
-    return int(max(1, min(target, 2 ** int(math.log2(count // 39)), 65536)))
+    most = min(count, MAX_TRAIN) // TRAIN_PER_LIST
+    return int(max(1, min(target, 2 ** int(math.log2(max(most, 1))))))
+
+
+def training_size(count: int, spec: IndexSpec) -> int:
+    """How many vectors train the coarse quantizer and codebooks: TRAIN_PER_LIST a list
+    (k-means gains little past ~256 a list and costs time in proportion), at least enough
+    for PQ's 256 centroids a sub-quantizer, at most MAX_TRAIN."""
+    lists = int(spec.params.get("nlist", 1))
+    wanted = max(TRAIN_PER_LIST * lists, MIN_TRAIN)
+    return min(count, wanted, max(MAX_TRAIN, MIN_TRAIN))
 
 
 def choose_index(count: int, dim: int, max_memory: int | str = "4GB",
@@ -110,9 +138,10 @@ def _auto_kind(count: int, dim: int, budget: int) -> str:
 
 
 def _ivfpq_spec(count: int, dim: int, budget: int) -> IndexSpec:
-    """The largest PQ code (best recall) that fits; OPQ when each sub-vector is long."""
+    """The largest PQ code (best recall) that fits the budget, up to 128 bytes; OPQ when each
+    sub-vector is long."""
     nlist = ivf_nlist(count)
-    divisors = [m for m in (64, 48, 32, 24, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim
+    divisors = [m for m in PQ_BYTES if dim % m == 0 and m <= dim
                 and m >= min(MIN_PQ_BYTES, dim)]
     pq_m = next((m for m in divisors if ivfpq_bytes(count, dim, m, nlist) <= budget), None)
     if pq_m is None:
@@ -131,8 +160,9 @@ def _ivfpq_spec(count: int, dim: int, budget: int) -> IndexSpec:
 
 
 def build_index(spec: IndexSpec, vectors: np.ndarray, ids: np.ndarray,
-                max_train: int = 100_000, seed: int = 0) -> faiss.Index:
-    """Train (on a seeded sample) and fill an index with `vectors` (n, d) under `ids` (n,)."""
+                max_train: int | None = None, seed: int = 0) -> faiss.Index:
+    """Train (on a seeded sample, `training_size` unless `max_train` says) and fill an index
+    with `vectors` (n, d) under `ids` (n,)."""
     dim = vectors.shape[1]
     index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
     if spec.kind == "hnsw":
@@ -143,6 +173,7 @@ def build_index(spec: IndexSpec, vectors: np.ndarray, ids: np.ndarray,
         faiss.downcast_VectorTransform(chain.at(0)).niter = OPQ_ITERATIONS
     if not index.is_trained:
         sample = vectors
+        max_train = training_size(len(vectors), spec) if max_train is None else max_train
         if len(vectors) > max_train:
             rows = np.random.default_rng(seed).choice(len(vectors), max_train, replace=False)
             sample = vectors[np.sort(rows)]
@@ -224,45 +255,96 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / max(truth.size, 1)
 
 
+def split_queries(queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(tuning, held-out) queries: every HOLD_OUT_EVERY-th query is kept apart, so the recall
+    a generation reports was measured on queries the tuner never saw."""
+    held = np.zeros(len(queries), dtype=bool)
+    held[HOLD_OUT_EVERY - 1::HOLD_OUT_EVERY] = True
+    return queries[~held], queries[held]
+
+
 def tune(index: faiss.Index, spec: IndexSpec, vectors: np.ndarray, ids: np.ndarray,
          queries: np.ndarray, query_source: str, k: int = 10,
          target: float = TARGET_RECALL) -> tuple[IndexSpec, dict[str, Any]]:
-    """Pick the cheapest nprobe / efSearch reaching `target` recall@k against exact search.
+    """Pick the fastest search parameters whose recall@k against exact search reaches `target`.
 
-    `queries` (nq, d) come from the other modality. Returns the spec with the chosen value and
-    a report (recall@k, queries/s, the curve); with too few queries tuning is skipped.
+    `queries` (nq, d) come from the other modality; a fifth of them are held out and the
+    report's `recall_at_k` is measured on those at the chosen parameters (`tuning_recall_at_k`
+    on the rest). HNSW turns efSearch; IVF-PQ turns nprobe and the re-rank factor together.
+    With too few queries tuning is skipped.
     """
     if len(queries) < MIN_TUNING_QUERIES or len(ids) == 0:
         return spec, {"skipped": f"{len(queries)} cross-modal queries "
                                  f"(< {MIN_TUNING_QUERIES}); {spec.kind} left at defaults",
                       "query_source": query_source}
     k = min(k, len(ids))
-    truth = ids[exact_neighbours(vectors, queries, k)]  # (nq, k) stable ids
-    name, values = _knob(spec)
-    curve, chosen = [], None
-    for value in values:
-        params = {**spec.params, name: value} if name else dict(spec.params)
-        recall, qps = _measure(index, params, queries, truth, k, sorted_lookup(ids, vectors))
-        curve.append({name or "exact": value, "recall": round(recall, 4), "qps": round(qps, 1)})
-        chosen = (value, recall, qps)
-        if recall >= target:
-            break
-    value, recall, qps = chosen
-    params = {**spec.params, name: value} if name else dict(spec.params)
+    tuning, held_out = split_queries(np.ascontiguousarray(queries, dtype=np.float32))
+    lookup = sorted_lookup(ids, vectors)
+    probe = _Probe(index, spec, tuning, ids[exact_neighbours(vectors, tuning, k)], k, lookup)
+    params, recall, qps = probe.best(target)
+    held_truth = ids[exact_neighbours(vectors, held_out, k)]
+    held_recall, _ = _measure(index, params, held_out, held_truth, k, lookup)
     apply_params(index, params)
-    tuned = IndexSpec(spec.kind, spec.factory, spec.memory_bytes, params)
+    name = probe.name
     report = {"query_source": query_source, "queries": len(queries), "k": k,
-              f"recall_at_{k}": round(recall, 4), "qps": round(qps, 1), "target": target,
-              "param": name, "value": value, "curve": curve}
-    return tuned, report
+              f"recall_at_{k}": round(held_recall, 4), "held_out_queries": len(held_out),
+              f"tuning_recall_at_{k}": round(recall, 4), "qps": round(qps, 1),
+              "target": target, "param": name, "value": params.get(name) if name else 0,
+              "rerank": int(params.get("rerank", 1)), "curve": probe.curve}
+    return IndexSpec(spec.kind, spec.factory, spec.memory_bytes, params), report
+
+
+class _Probe:
+    """Measures parameter settings on the tuning queries and remembers the curve."""
+
+    def __init__(self, index: faiss.Index, spec: IndexSpec, queries: np.ndarray,
+                 truth: np.ndarray, k: int, lookup: VectorLookup):
+        self.index, self.spec, self.queries, self.truth, self.k = index, spec, queries, truth, k
+        self.lookup = lookup
+        self.name, self.values = _knob(spec)
+        self.curve: list[dict[str, Any]] = []
+
+    def measure(self, value: int, rerank: int | None) -> tuple[dict[str, Any], float, float]:
+        params = dict(self.spec.params)
+        if self.name:
+            params[self.name] = value
+        if rerank is not None:
+            params["rerank"] = rerank
+        recall, qps = _measure(self.index, params, self.queries, self.truth, self.k, self.lookup)
+        point = {self.name or "exact": value, "recall": round(recall, 4), "qps": round(qps, 1)}
+        self.curve.append(point if rerank is None else {**point, "rerank": rerank})
+        return params, recall, qps
+
+    def best(self, target: float) -> tuple[dict[str, Any], float, float]:
+        """The fastest setting reaching `target`, else the most accurate one measured.
+
+        Re-rank factors are tried from the largest down; a smaller factor needs at least the
+        nprobe a larger one needed, so each scan starts where the last one stopped and the
+        whole grid costs about one pass over nprobe plus one point per factor."""
+        factors = RERANK_GRID if self.spec.kind == "ivfpq" else (None,)
+        met: list[tuple[dict[str, Any], float, float]] = []
+        fallback, start = None, 0
+        for factor in factors:
+            for position in range(start, len(self.values)):
+                measured = self.measure(self.values[position], factor)
+                if fallback is None or measured[1] > fallback[1]:
+                    fallback = measured
+                if measured[1] >= target:
+                    met.append(measured)
+                    start = position
+                    break
+            else:
+                break  # even the widest search misses: smaller factors will too
+        chosen = max(met, key=lambda m: m[2]) if met else fallback
+        assert chosen is not None  # the grids are never empty
+        return chosen
 
 
 def _knob(spec: IndexSpec) -> tuple[str | None, list[int]]:
     if spec.kind == "ivfpq":
-        return "nprobe", [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-                          if p <= spec.params["nlist"]]
+        return "nprobe", [p for p in NPROBE_GRID if p <= spec.params["nlist"]]
     if spec.kind == "hnsw":
-        return "efSearch", [16, 32, 64, 128, 256, 512]
+        return "efSearch", list(EF_SEARCH_GRID)
     return None, [0]
 
 

@@ -65,14 +65,47 @@ def test_tuning_with_cross_modal_queries_reaches_recall_of_exact_search(kind):
     assert report["qps"] > 0 and report["curve"]
     knob = "nprobe" if kind == "ivfpq" else "efSearch"
     assert report["param"] == knob and tuned.params[knob] == report["value"]
-    # the reported recall is what an independent check against IndexFlatIP finds
-    truth = ids[ann.exact_neighbours(images, captions, 10)]
+    # the reported recall is what an independent check against IndexFlatIP finds on the
+    # held-out queries, which the tuner never measured
+    _, held_out = ann.split_queries(captions)
+    assert report["held_out_queries"] == len(held_out) == 20
+    truth = ids[ann.exact_neighbours(images, held_out, 10)]
     stored = lambda wanted: images[wanted - 1000]
-    found = ann.search(index, captions, 10, tuned.params, stored)[1]
+    found = ann.search(index, held_out, 10, tuned.params, stored)[1]
     assert ann.recall_at(found, truth) == pytest.approx(report["recall_at_10"], abs=1e-4)
     # IVF-PQ re-ranks its candidates exactly, so PQ's lossy codes no longer cap its recall
-    assert report["recall_at_10"] >= 0.9
+    assert report["recall_at_10"] >= 0.9 and report["tuning_recall_at_10"] >= 0.95
     assert set(found.ravel()) <= set(ids.tolist())
+
+
+def test_ivfpq_tuning_picks_nprobe_and_rerank_on_a_fine_grid():
+    images, captions = modality_gap_data(6000, 200, dim=32)
+    ids = np.arange(len(images), dtype=np.int64)
+    spec = ann.choose_index(len(images), images.shape[1], kind="ivfpq")
+    index = ann.build_index(spec, images, ids)
+    tuned, report = ann.tune(index, spec, images, ids, captions, query_source="texts")
+    assert tuned.params["rerank"] == report["rerank"] in ann.RERANK_GRID
+    measured = {(c["nprobe"], c["rerank"]) for c in report["curve"]}
+    assert len({factor for _, factor in measured}) >= 2  # both knobs were turned
+    assert {p for p, _ in measured} - {2 ** n for n in range(12)}  # steps between doublings
+    # the choice is the fastest measured point that meets the target
+    meeting = [c for c in report["curve"] if c["recall"] >= report["target"]]
+    assert meeting and report["qps"] == max(c["qps"] for c in meeting)
+
+
+def test_the_training_sample_is_sized_to_the_lists():
+    spec = ann.choose_index(1_000_000, 512, "200MB")
+    lists = spec.params["nlist"]
+    size = ann.training_size(1_000_000, spec)
+    assert 39 * lists <= size and size // lists >= ann.TRAIN_PER_LIST
+    huge = ann.choose_index(200_000_000, 512, "16GB")
+    assert ann.training_size(200_000_000, huge) // huge.params["nlist"] >= 39
+
+
+def test_ivfpq_codes_grow_past_64_bytes_when_the_budget_allows():
+    roomy = ann.choose_index(5_000_000, 512, "1GB")
+    assert roomy.params["pq_m"] == 128 and roomy.memory_bytes <= ann.parse_memory("1GB")
+    assert ann.choose_index(5_000_000, 512, "500MB").params["pq_m"] < 128
 
 
 def test_reranking_lifts_ivfpq_recall_above_raw_pq_codes():
