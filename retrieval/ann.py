@@ -23,6 +23,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from retrieval import ondisk
 from retrieval.errors import IndexStoreError
 
 FLAT_MAX_COUNT = 20_000  # below this an exact scan is fast enough and needs no training
@@ -42,7 +43,8 @@ NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384,
 EF_SEARCH_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 RERANK_GRID = (16, 8, 4, 2, 1)  # largest first (see _Probe.best)
 HOLD_OUT_EVERY = 5  # one tuning query in five is held out to report recall honestly
-KINDS = ("flat", "hnsw", "ivfpq")
+KINDS = ("flat", "hnsw", "ivfpq", "ivfpq-disk")
+DISK_KIND = "ivfpq-disk"  # inverted lists in a file beside the index (retrieval.ondisk)
 # KB/MB/GB are decimal, KiB/MiB/GiB binary; a bare K/M/G/T is binary, as autofaiss reads
 # its --max_index_memory_usage ("4G" = 4 * 2**30 bytes), so its budgets carry over unchanged.
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -112,7 +114,8 @@ def training_size(count: int, spec: IndexSpec) -> int:
 
 def choose_index(count: int, dim: int, max_memory: int | str = "4GB",
                  kind: str | None = None) -> IndexSpec:
-    """Flat for small corpora, HNSW when its graph fits the budget, IVF-PQ otherwise.
+    """Flat for small corpora, HNSW when its graph fits the budget, IVF-PQ when its codes
+    fit, IVF-PQ with its lists on disk when nothing held in RAM fits.
 
     A pure function of (count, dim, budget) so the boundaries are testable; `kind` forces one
     (except IVF-PQ below IVFPQ_MIN_COUNT vectors, which cannot be trained: those stay flat).
@@ -121,14 +124,33 @@ def choose_index(count: int, dim: int, max_memory: int | str = "4GB",
     if kind is not None and kind not in KINDS:
         raise ValueError(f"index kind must be one of {KINDS}, got {kind!r}")
     kind = kind or _auto_kind(count, dim, budget)
-    if kind == "ivfpq" and count < IVFPQ_MIN_COUNT:
+    if kind in ("ivfpq", DISK_KIND) and count < IVFPQ_MIN_COUNT:
         kind = "flat"
     if kind == "flat":
         return IndexSpec("flat", "IDMap2,Flat", flat_bytes(count, dim))
     if kind == "hnsw":
         return IndexSpec("hnsw", f"IDMap2,HNSW{HNSW_M},Flat", hnsw_bytes(count, dim),
                          {"M": HNSW_M, "efConstruction": 40, "efSearch": 64})
+    if kind == DISK_KIND:
+        return _disk_spec(count, dim, budget)
     return _ivfpq_spec(count, dim, budget)
+
+
+def _disk_spec(count: int, dim: int, budget: int) -> IndexSpec:
+    """IVF-PQ with its lists on disk: RAM holds the centroids and the rotation only, so the
+    code can be as large as recall wants (disk is cheap); refused when even those do not fit."""
+    nlist, pq_m = ivf_nlist(count), ondisk.disk_pq_bytes(dim)
+    opq = dim // pq_m >= 8
+    resident = ondisk.resident_bytes(dim, nlist, opq)
+    if resident > budget:
+        raise IndexStoreError(
+            f"a memory budget of {budget:,} bytes is too small for {count:,} vectors of {dim} "
+            f"dimensions: even an index with its lists on disk keeps {nlist} centroids in RAM "
+            f"(about {resident / 2**20:,.1f} MiB); raise --max-memory")
+    prefix = f"OPQ{pq_m}," if opq else ""
+    return IndexSpec(DISK_KIND, f"{prefix}IVF{nlist},PQ{pq_m}np", resident,
+                     {"nlist": nlist, "pq_m": pq_m, "opq": opq, "nprobe": min(16, nlist),
+                      "rerank": RERANK_FACTOR, "lists_bytes": ondisk.lists_bytes(count, pq_m)})
 
 
 def _auto_kind(count: int, dim: int, budget: int) -> str:
@@ -144,12 +166,8 @@ def _ivfpq_spec(count: int, dim: int, budget: int) -> IndexSpec:
     divisors = [m for m in PQ_BYTES if dim % m == 0 and m <= dim
                 and m >= min(MIN_PQ_BYTES, dim)]
     pq_m = next((m for m in divisors if ivfpq_bytes(count, dim, m, nlist) <= budget), None)
-    if pq_m is None:
-        need = ivfpq_bytes(count, dim, divisors[-1], nlist)
-        raise IndexStoreError(
-            f"a memory budget of {budget:,} bytes is too small for {count:,} vectors of {dim} "
-            f"dimensions: the smallest useful index (IVF-PQ with {divisors[-1]}-byte codes) "
-            f"needs about {need / 2**20:,.0f} MiB; raise --max-memory")
+    if pq_m is None:  # no useful code fits in RAM: keep the codes on disk instead
+        return _disk_spec(count, dim, budget)
     opq = dim // pq_m >= 8  # rotating helps when PQ must squeeze many dims into one byte
     prefix = f"OPQ{pq_m}," if opq else ""
     # "np": skip polysemous training, which only serves Hamming-filtered search
@@ -206,7 +224,7 @@ def search_parameters(spec_kind: str, params: dict[str, Any],
         return None
     if spec_kind == "hnsw":
         return faiss.SearchParametersHNSW(efSearch=int(params["efSearch"]), sel=selector)
-    if spec_kind == "ivfpq":
+    if spec_kind in ("ivfpq", DISK_KIND):
         return faiss.SearchParametersIVF(nprobe=int(params["nprobe"]), sel=selector)
     return faiss.SearchParameters(sel=selector)
 
@@ -242,11 +260,23 @@ def sorted_lookup(ids: np.ndarray, vectors: np.ndarray) -> VectorLookup:
                                      dtype=np.float32)
 
 
-def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """(nq, k) row positions of the true top-k by inner product (the oracle)."""
-    flat = faiss.IndexFlatIP(vectors.shape[1])
-    flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    return flat.search(np.ascontiguousarray(queries, dtype=np.float32), k)[1]
+def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int,
+                     chunk: int = 1 << 18) -> np.ndarray:
+    """(nq, k) row positions of the true top-k by inner product (the oracle), streaming over
+    `vectors` a chunk at a time so a memory-mapped corpus is never loaded whole."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best = np.full((len(queries), 0), -np.inf, np.float32)
+    rows = np.zeros((len(queries), 0), np.int64)
+    for start in range(0, len(vectors), chunk):
+        part = np.ascontiguousarray(vectors[start:start + chunk], dtype=np.float32)
+        flat = faiss.IndexFlatIP(part.shape[1])
+        flat.add(part)
+        scores, found = flat.search(queries, min(k, len(part)))
+        best = np.concatenate([best, scores], axis=1)
+        rows = np.concatenate([rows, found + start], axis=1)
+        keep = np.argsort(-best, axis=1, kind="stable")[:, :k]
+        best, rows = np.take_along_axis(best, keep, 1), np.take_along_axis(rows, keep, 1)
+    return rows
 
 
 def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
@@ -321,7 +351,7 @@ class _Probe:
         Re-rank factors are tried from the largest down; a smaller factor needs at least the
         nprobe a larger one needed, so each scan starts where the last one stopped and the
         whole grid costs about one pass over nprobe plus one point per factor."""
-        factors = RERANK_GRID if self.spec.kind == "ivfpq" else (None,)
+        factors = RERANK_GRID if self.spec.kind in ("ivfpq", DISK_KIND) else (None,)
         met: list[tuple[dict[str, Any], float, float]] = []
         fallback, start = None, 0
         for factor in factors:
@@ -341,7 +371,7 @@ class _Probe:
 
 
 def _knob(spec: IndexSpec) -> tuple[str | None, list[int]]:
-    if spec.kind == "ivfpq":
+    if spec.kind in ("ivfpq", DISK_KIND):
         return "nprobe", [p for p in NPROBE_GRID if p <= spec.params["nlist"]]
     if spec.kind == "hnsw":
         return "efSearch", list(EF_SEARCH_GRID)

@@ -80,6 +80,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info_parser.add_argument("index", type=Path)
     info_parser.set_defaults(func=cmd_info)
 
+    verify_parser = actions.add_parser(
+        "verify", help="re-read every file of the current generation against its SHA-256 "
+                       "(opening one checks sizes, and hashes only files up to 256 MiB)")
+    verify_parser.add_argument("index", type=Path)
+    verify_parser.add_argument("--generation", default=None, help="another generation's name")
+    verify_parser.set_defaults(func=cmd_verify)
+
 
 def _config(args: argparse.Namespace):
     from indexer.build import BuildConfig
@@ -174,7 +181,25 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    """The manifest as JSON on stdout; a line per modality on stderr naming the index type
+    and where its data lives."""
     from retrieval.store import read_generation_manifest
 
-    print(json.dumps(read_generation_manifest(args.index).data, indent=2))
+    manifest = read_generation_manifest(args.index)
+    for modality, section in manifest.data["modalities"].items():
+        spec, sizes = section["index"], manifest.data.get("sizes", {})
+        lists = section.get("lists_file")
+        where = (f"inverted lists on disk, memory-mapped ({lists}, "
+                 f"{sizes.get(lists, 0) / 2**20:,.1f} MiB)" if lists else "held in memory")
+        log(f"{modality}: {spec['kind']} index ({spec['factory']}), {where}; "
+            f"{section['live']} live, {section['deleted']} deleted")
+    print(json.dumps(manifest.data, indent=2))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from retrieval.store import verify_generation
+
+    checked = verify_generation(args.index, args.generation)
+    log(f"generation {checked.name}: all {len(checked.data['files'])} files match their SHA-256")
     return 0

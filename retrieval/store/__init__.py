@@ -30,7 +30,7 @@ from retrieval.store.manifest import (
     model_identity,
     read_generation_manifest,
 )
-from retrieval.store.read import Generation, open_generation
+from retrieval.store.read import Generation, open_generation, verify_generation
 from retrieval.store.records import (
     ItemRecord,
     NewImage,
@@ -73,6 +73,7 @@ __all__ = [
     "text_records",
     "update_generation",
     "upload_path",
+    "verify_generation",
     "write_error_report",
     "write_generation",
 ]

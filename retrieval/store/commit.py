@@ -17,7 +17,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval import ann
+from retrieval import ann, ondisk
 from retrieval.card import sha256_file
 from retrieval.errors import IndexStoreError
 from retrieval.store import layout, manifest
@@ -47,6 +47,9 @@ class Table:
     deleted: np.ndarray
     index: faiss.Index | None = None  # reused from the parent generation when still right
     spec: ann.IndexSpec | None = None
+    # rows (ids (m,), vectors (m, d)) not yet in `index`: an on-disk index cannot be cloned
+    # and grown in RAM, so its new rows are merged in when the generation is written
+    pending: tuple[np.ndarray, np.ndarray] | None = None
 
     def compacted(self) -> Table:
         keep = ~self.deleted
@@ -118,7 +121,8 @@ def _write_files(temp: Path, name: str, plan: Plan, tables: dict[str, Table],
     fault_point("mid_generation")
     files = sorted(p for p in temp.iterdir() if p.is_file())
     data = manifest.new(plan.model, sections, plan.next_id, name, plan.parent, plan.build_info,
-                        {p.name: sha256_file(p) for p in files})
+                        {p.name: sha256_file(p) for p in files},
+                        {p.name: p.stat().st_size for p in files})
     layout.manifest_file(temp).write_text(json.dumps(data, indent=2) + "\n")
     for path in temp.iterdir():
         _fsync(path)
@@ -151,26 +155,53 @@ def _write_tables(folder: Path, tables: dict[str, Table],
         if len(queries) > MAX_TUNING_QUERIES:
             rows = np.random.default_rng(0).choice(len(queries), MAX_TUNING_QUERIES, False)
             queries = queries[np.sort(rows)]
-        index, spec = _index_for(table, options)
+        files = layout.modality_files(folder, modality)
+        index, spec = _index_for(table, options, ondisk.DiskFiles(files.index, files.lists))
         spec, report = ann.tune(index, spec, table.vectors, table.ids, queries,
                                 query_source=PLURAL[other_modality])
-        files = layout.modality_files(folder, modality)
-        faiss.write_index(index, str(files.index))
-        np.save(files.vectors, table.vectors)
+        if spec.kind != ann.DISK_KIND:  # an on-disk index wrote its own files
+            faiss.write_index(index, str(files.index))
+        _save_rows(files.vectors, table.vectors)
         np.save(files.ids, table.ids)
         sections[modality] = {"rows": len(table.ids), "live": int((~table.deleted).sum()),
                               "deleted": int(table.deleted.sum()), "index": spec.as_dict(),
                               "tuning": report}
+        if spec.kind == ann.DISK_KIND:
+            sections[modality]["lists_file"] = files.lists.name
     return sections
 
 
-def _index_for(table: Table, options: StoreOptions) -> tuple[faiss.Index, ann.IndexSpec]:
-    """Reuse the parent's index when the size rule still picks its kind; else build anew."""
+def _index_for(table: Table, options: StoreOptions,
+               files: ondisk.DiskFiles) -> tuple[faiss.Index, ann.IndexSpec]:
+    """Reuse the parent's index when the size rule still picks its kind; else build anew.
+    An on-disk index is written to `files` as it is built (or extended)."""
     dim = table.vectors.shape[1]
-    wanted = ann.choose_index(len(table.ids), dim, options.max_memory, options.index_kind)
-    if table.index is not None and table.spec is not None and table.spec.kind == wanted.kind:
-        return table.index, table.spec
-    return ann.build_index(wanted, table.vectors, table.ids), wanted
+    # an index moved to disk for its size stays there unless another kind is forced
+    kind = options.index_kind or (ann.DISK_KIND if table.spec is not None
+                                  and table.spec.kind == ann.DISK_KIND else None)
+    wanted = ann.choose_index(len(table.ids), dim, options.max_memory, kind)
+    reuse = table.index is not None and table.spec is not None and table.spec.kind == wanted.kind
+    if wanted.kind != ann.DISK_KIND:
+        if reuse and table.pending is None:
+            return table.index, table.spec
+        return ann.build_index(wanted, table.vectors, table.ids), wanted
+    if reuse:  # the parent's lists are copied list by list, the new rows merged in
+        ids, vectors = table.pending or (np.zeros(0, np.int64), np.zeros((0, dim), np.float32))
+        return ondisk.extend(table.index, vectors, ids, files), table.spec
+    # build anew (no parent index, or compaction dropped it): its files go into `folder`
+    sample = ann.training_size(len(table.ids), wanted)
+    return ondisk.build(wanted.factory, table.vectors, table.ids, files, sample,
+                        ann.OPQ_ITERATIONS), wanted
+
+
+def _save_rows(path: Path, rows: np.ndarray, chunk: int = 1 << 16) -> None:
+    """np.save, a chunk at a time, so memory-mapped (n, d) rows are never loaded whole."""
+    with open(path, "wb") as handle:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                  "fortran_order": False, "shape": tuple(rows.shape)}
+        np.lib.format.write_array_header_1_0(handle, header)
+        for start in range(0, len(rows), chunk):
+            np.ascontiguousarray(rows[start:start + chunk], dtype=np.float32).tofile(handle)
 
 
 def _last_number(generations: Path) -> int:

@@ -4,12 +4,15 @@ that knows where things live. Nothing outside `retrieval.store` joins paths unde
     DIR/CURRENT                       name of the live generation ("000007")
     DIR/.lock                         the writers' file lock (readers never lock)
     DIR/generations/000007/
-        images.faiss  texts.faiss     IndexIDMap2 over stable item ids (tombstones included)
+        images.faiss  texts.faiss     IndexIDMap2 over stable item ids (tombstones included),
+                                      or an IVF-PQ whose lists are in:
+        images.ivfdata texts.ivfdata  the on-disk inverted lists (kind "ivfpq-disk")
         images.npy    texts.npy       (rows, d) float32 embeddings, so rebuilds never re-encode
         images.ids.npy texts.ids.npy  (rows,) int64 ascending ids, row-aligned with the .npy
         items.sqlite                  one row per item: id, modality, path/text, captions, ...
         manifest.json                 model identity, counts, index specs, tuning, SHA-256s
     DIR/work/<job>/                   an indexing job's resumable shards (`store.work`)
+    DIR/work/scratch-*.npy            rows a writer stages while deriving an on-disk index
     DIR/errors.jsonl                  the inputs the last indexing job skipped, with reasons
     DIR/uploads/<sha256>.<ext>        images added through the service's admin API
 
@@ -74,6 +77,18 @@ def job_dir(root: Path, job: str) -> Path:
     return work_dir(root) / job
 
 
+def scratch_rows(root: Path, name: str) -> Path:
+    """work/scratch-<name>.npy: rows a writer stages on disk while it derives a generation
+    larger than RAM (removed when the writer is done)."""
+    return work_dir(root) / f"scratch-{name}.npy"
+
+
+def stale_scratch(root: Path) -> list[Path]:
+    """Scratch rows left by a writer that was killed (only a writer, under the lock, looks)."""
+    work = work_dir(root)
+    return sorted(work.glob("scratch-*.npy")) if work.is_dir() else []
+
+
 def errors_file(root: Path) -> Path:
     return Path(root) / "errors.jsonl"
 
@@ -103,12 +118,13 @@ class ModalityFiles(NamedTuple):
     index: Path  # <plural>.faiss
     vectors: Path  # <plural>.npy
     ids: Path  # <plural>.ids.npy
+    lists: Path  # <plural>.ivfdata (only an index with its lists on disk has one)
 
 
 def modality_files(folder: Path, modality: str) -> ModalityFiles:
     folder, plural = Path(folder), PLURAL[modality]
     return ModalityFiles(folder / f"{plural}.faiss", folder / f"{plural}.npy",
-                         folder / f"{plural}.ids.npy")
+                         folder / f"{plural}.ids.npy", folder / f"{plural}.ivfdata")
 
 
 def manifest_file(folder: Path) -> Path:

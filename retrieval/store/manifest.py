@@ -153,12 +153,28 @@ def check_model(manifest: dict[str, Any], model_sha256: str | None,
                                  f"the model gives {embed_dim}")
 
 
-def check_files(folder: Path, manifest: dict[str, Any]) -> None:
-    """IndexCorruptError naming the first file that is missing or fails its SHA-256."""
+HASH_ON_OPEN_BYTES = 256 * 2**20  # larger files are hashed when written and by `verify`
+
+
+def check_files(folder: Path, manifest: dict[str, Any], full: bool = False) -> None:
+    """IndexCorruptError naming the first file that is missing, has the wrong size or fails
+    its SHA-256.
+
+    Every file's size is checked; its SHA-256 too when `full` or when it is at most
+    HASH_ON_OPEN_BYTES, so opening a generation with 10 GB of lists or vectors does not
+    read 10 GB. Hashes were taken when the files were written; `clipdex index verify`
+    re-reads them all. (Manifests from before sizes were recorded are hashed in full.)"""
+    sizes = manifest.get("sizes") or {}
     for filename, expected in manifest["files"].items():
         path = Path(folder) / filename
         if not path.is_file():
             raise IndexCorruptError(f"{path} is missing")
+        size = path.stat().st_size
+        if filename in sizes and size != int(sizes[filename]):
+            raise IndexCorruptError(f"{path} has {size:,} bytes, the manifest says "
+                                    f"{int(sizes[filename]):,}; the file was changed")
+        if not full and filename in sizes and size > HASH_ON_OPEN_BYTES:
+            continue
         actual = sha256_file(path)
         if actual != expected:
             raise IndexCorruptError(f"{path}: SHA-256 {actual[:12]}… differs from the "
@@ -167,8 +183,9 @@ def check_files(folder: Path, manifest: dict[str, Any]) -> None:
 
 def new(model: ModelIdentity, sections: dict[str, Any], next_id: int, name: str,
         parent: str | None, build_info: dict[str, Any],
-        files: dict[str, str]) -> dict[str, Any]:
-    """The manifest of a generation being committed (`files`: name -> SHA-256)."""
+        files: dict[str, str], sizes: dict[str, int]) -> dict[str, Any]:
+    """The manifest of a generation being committed (`files`: name -> SHA-256, `sizes`:
+    name -> bytes)."""
     return {
         "format": layout.FORMAT, "generation": name, "parent": parent,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -176,7 +193,8 @@ def new(model: ModelIdentity, sections: dict[str, Any], next_id: int, name: str,
         "model": {"sha256": model.sha256, "arch": model.arch, "embed_dim": model.embed_dim,
                   **({"external": True} if model.external else {})},
         "embed_dim": model.embed_dim, "metric": "inner_product", "normalization": "l2",
-        "next_id": next_id, "modalities": sections, "files": files, "build": build_info,
+        "next_id": next_id, "modalities": sections, "files": files, "sizes": sizes,
+        "build": build_info,
     }
 
 

@@ -18,8 +18,13 @@ import faiss
 import numpy as np
 from typing_extensions import Self
 
-from retrieval import ann
-from retrieval.errors import IndexCorruptError, InvalidQueryError, UnknownItemError
+from retrieval import ann, ondisk
+from retrieval.errors import (
+    IndexCorruptError,
+    IndexStoreError,
+    InvalidQueryError,
+    UnknownItemError,
+)
 from retrieval.store import layout, manifest
 from retrieval.store.layout import MODALITIES
 from retrieval.store.manifest import GenerationManifest
@@ -200,6 +205,19 @@ class Generation:
         return np.take_along_axis(scores, top, axis=1), ids[top]
 
 
+def verify_generation(root: Path, name: str | None = None) -> GenerationManifest:
+    """Re-read every file of the CURRENT (or the named) generation against the SHA-256 it was
+    written with, however large (`open_generation` hashes only files up to
+    manifest.HASH_ON_OPEN_BYTES and checks the sizes of the rest); IndexCorruptError names
+    the first file that fails. Returns the manifest that was checked."""
+    root = Path(root)
+    name = name or layout.current_name(root)
+    folder = layout.generation_dir(root, name)
+    info = GenerationManifest(name, manifest.load(folder))
+    manifest.check_files(folder, info.data, full=True)
+    return info
+
+
 def open_generation(root: Path, model_sha256: str | None = None, embed_dim: int | None = None,
                     name: str | None = None, verify_checksums: bool = True) -> Generation:
     """Open the CURRENT (or the named) generation after checking it is whole and fits the model."""
@@ -230,12 +248,14 @@ def _load_modality(folder: Path, info: GenerationManifest,
     files, section = layout.modality_files(folder, modality), info.section(modality)
     path = files.index
     try:  # `path` names the file that failed
-        index = faiss.read_index(str(path))
+        on_disk = section["index"]["kind"] == ann.DISK_KIND
+        index = (ondisk.load(ondisk.DiskFiles(path, files.lists)) if on_disk
+                 else faiss.read_index(str(path)))
         path = files.ids
         ids = np.load(path)
         path = files.vectors
         vectors = np.load(path, mmap_mode="r")
-    except (RuntimeError, OSError, ValueError) as error:
+    except (RuntimeError, OSError, ValueError, IndexStoreError) as error:
         raise IndexCorruptError(f"{path}: unreadable ({error})") from None
     rows, dim = int(section["rows"]), info.embed_dim
     problems = [f"{files.index.name} holds {index.ntotal} vectors" if index.ntotal != rows else "",

@@ -123,11 +123,25 @@ def _derive(root: Path, parent: Generation, model: ModelIdentity, changes: Chang
         raise IndexStoreError(f"new item ids must be >= {parent.next_id} (the index's next id)")
     doomed = _doomed(root, parent, changes)
     vectors = changes.vectors or {}
-    tables = {m: _grown_table(parent, m, [r for r in add if r.modality == m],
-                              vectors.get(m), doomed) for m in MODALITIES}
+    for stale in layout.stale_scratch(root):  # a killed writer's; we hold the lock now
+        stale.unlink(missing_ok=True)
+    scratch = {m: layout.scratch_rows(root, f"{parent.name}-{m}") for m in MODALITIES}
+    try:
+        tables = {m: _grown_table(parent, m, [r for r in add if r.modality == m],
+                                  vectors.get(m), doomed, scratch[m]) for m in MODALITIES}
+        return _commit_derived(root, parent, model, add, doomed, tables, changes.compact,
+                               options, build_info)
+    finally:
+        for path in scratch.values():
+            path.unlink(missing_ok=True)
+
+
+def _commit_derived(root: Path, parent: Generation, model: ModelIdentity,
+                    add: list[ItemRecord], doomed: set[int], tables: dict[str, Table],
+                    compact: bool | None, options: StoreOptions,
+                    build_info: dict[str, Any]) -> GenerationManifest:
     rows = sum(len(t.ids) for t in tables.values())
     dead = sum(int(t.deleted.sum()) for t in tables.values())
-    compact = changes.compact
     if compact is None:
         compact = rows > 0 and dead / rows > options.compact_ratio
     if compact:
@@ -159,21 +173,43 @@ def _doomed(root: Path, parent: Generation, changes: Changes) -> set[int]:
 
 
 def _grown_table(parent: Generation, modality: str, new: list[ItemRecord],
-                 new_vectors: np.ndarray | None, doomed: set[int]) -> Table:
+                 new_vectors: np.ndarray | None, doomed: set[int], scratch: Path) -> Table:
     ids, vectors = parent.all_vectors(modality, live_only=False)
     new_ids = np.array([r.id for r in new], dtype=np.int64)
     new_matrix = _as_matrix(new_vectors, len(new), parent.embed_dim, modality)
     order = np.argsort(new_ids, kind="stable")  # ids stay ascending for searchsorted
     new_ids, new_matrix = new_ids[order], new_matrix[order]
     was_deleted = np.isin(ids, parent.tombstones(modality))
+    spec = parent.index_spec(modality)
+    on_disk = spec.kind == ann.DISK_KIND
     table = Table(np.concatenate([ids, new_ids]),
-                  np.concatenate([np.asarray(vectors), new_matrix]),
+                  _rows_on_disk(scratch, vectors, new_matrix) if on_disk
+                  else np.concatenate([np.asarray(vectors), new_matrix]),
                   np.concatenate([was_deleted, np.zeros(len(new), bool)]))
     table.deleted |= np.isin(table.ids, np.fromiter(doomed, np.int64, len(doomed)))
-    table.spec = parent.index_spec(modality)
-    table.index = faiss.clone_index(parent.index(modality))
-    ann.add(table.index, new_matrix, new_ids)
+    table.spec = spec
+    if on_disk:  # its lists cannot be cloned into RAM: the commit merges the new rows in
+        table.index, table.pending = parent.index(modality), (new_ids, new_matrix)
+    else:
+        table.index = faiss.clone_index(parent.index(modality))
+        ann.add(table.index, new_matrix, new_ids)
     return table
+
+
+def _rows_on_disk(path: Path, stored: np.ndarray, added: np.ndarray,
+                  chunk: int = 1 << 16) -> np.ndarray:
+    """`stored` (memory-mapped) then `added` rows, copied a chunk at a time into a scratch
+    .npy and mapped back, so growing an index larger than RAM never loads it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
+                                     shape=(len(stored) + len(added), added.shape[1]))
+    for start in range(0, len(stored), chunk):
+        stop = min(start + chunk, len(stored))
+        rows[start:stop] = stored[start:stop]
+    rows[len(stored):] = added
+    rows.flush()
+    del rows
+    return np.load(path, mmap_mode="r")
 
 
 def _as_matrix(vectors: np.ndarray | None, count: int, dim: int, modality: str) -> np.ndarray:

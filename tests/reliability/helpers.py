@@ -20,9 +20,10 @@ def unit_vectors(count: int, seed: int) -> np.ndarray:
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
-def small_generation(root: Path, images: int = 6, texts: int = 6, seed: int = 0) -> str:
+def small_generation(root: Path, images: int = 6, texts: int = 6, seed: int = 0,
+                     options: StoreOptions = FLAT) -> str:
     """Images 1..images, texts after them; returns the generation's name."""
     records = [ItemRecord(i, "image", path=f"/photos/{i}.png") for i in range(1, images + 1)]
     records += [ItemRecord(images + 1 + i, "text", text=f"caption {i}") for i in range(texts)]
     vectors = {"image": unit_vectors(images, seed), "text": unit_vectors(texts, seed + 1)}
-    return write_generation(root, MODEL, records, vectors, FLAT)
+    return write_generation(root, MODEL, records, vectors, options)

@@ -11,7 +11,7 @@ import pytest
 from api.app import create_app
 from api.settings import Settings
 from retrieval.errors import ClipdexError
-from retrieval.store import open_generation
+from retrieval.store import StoreOptions, open_generation
 from tests.api.helpers import ServerThread, build_index
 from tests.conftest import COLOURS, make_image
 from tests.reliability.helpers import MODEL, small_generation
@@ -79,6 +79,32 @@ CASES = [(filename, damage, verify) for filename in FILES
                               for f, d, v in CASES])
 def test_a_damaged_file_is_refused_naming_it(pristine, tmp_path, filename, damage, verify):
     root = damaged_copy(pristine, tmp_path, filename, damage)
+    with pytest.raises(ClipdexError, match=filename.replace(".", r"\.")):
+        open_generation(root, MODEL.sha256, MODEL.embed_dim, verify_checksums=verify)
+
+
+@pytest.fixture(scope="module")
+def pristine_on_disk(tmp_path_factory) -> Path:
+    """An image index with its inverted lists on disk (IVF-PQ needs >= 1,024 vectors)."""
+    root = tmp_path_factory.mktemp("pristine-disk")
+    small_generation(root, images=1100, texts=60, options=StoreOptions(index_kind="ivfpq-disk"))
+    return root
+
+
+DISK_FILES = ["images.faiss", "images.ivfdata"]
+DISK_CASES = [(filename, damage, verify) for filename in DISK_FILES
+              for damage in (truncate, flip_bytes, flip_middle) for verify in (True, False)
+              if verify or damage is truncate]
+
+
+@pytest.mark.parametrize("filename, damage, verify", DISK_CASES,
+                         ids=[f"{f}-{d.__name__}-{'checksums' if v else 'no-checksums'}"
+                              for f, d, v in DISK_CASES])
+def test_a_damaged_on_disk_index_is_refused_naming_the_file(pristine_on_disk, tmp_path,
+                                                            filename, damage, verify):
+    generation = (pristine_on_disk / "CURRENT").read_text().strip()
+    assert (pristine_on_disk / "generations" / generation / "images.ivfdata").is_file()
+    root = damaged_copy(pristine_on_disk, tmp_path, filename, damage)
     with pytest.raises(ClipdexError, match=filename.replace(".", r"\.")):
         open_generation(root, MODEL.sha256, MODEL.embed_dim, verify_checksums=verify)
 

@@ -37,8 +37,11 @@ def test_forcing_ivfpq_on_too_few_vectors_stays_flat():
 def test_a_budget_too_small_for_any_useful_index_is_refused_with_the_need():
     from retrieval.errors import IndexStoreError
 
+    # no useful code fits in 25 MB: the codes go to disk, never a 1-byte PQ code in RAM
+    on_disk = ann.choose_index(1_000_000, 512, "25MB")
+    assert on_disk.kind == "ivfpq-disk" and on_disk.params["pq_m"] >= ann.MIN_PQ_BYTES
     with pytest.raises(IndexStoreError, match="too small.*raise --max-memory"):
-        ann.choose_index(1_000_000, 512, "25MB")
+        ann.choose_index(1_000_000, 512, "5MB")  # not even the centroids fit
     smallest = ann.choose_index(1_000_000, 512, "40MB")  # just enough: 8-byte codes
     assert smallest.params["pq_m"] == 8 and smallest.memory_bytes <= 40 * 10**6
 

@@ -1,0 +1,185 @@
+"""IVF-PQ indexes whose inverted lists live on disk, for corpora larger than RAM.
+
+Built the way faiss's on-disk merge demo and autofaiss build them: train the coarse quantizer
+and the PQ codebooks (and OPQ's rotation) on a sample, fill one *block* of lists per chunk of
+vectors from an empty copy of the trained index, then merge every block into one lists file
+(`faiss.OnDiskInvertedLists`) that the search opens memory-mapped. What stays in RAM while
+serving is the quantizer's centroids and the rotation (`resident_bytes`); the codes are paged
+in by the OS as probes touch them. Building needs memory for one chunk plus the trained index,
+never for the corpus, and the blocks can be filled anywhere (`fill_block` is a plain function
+over files, so Ray tasks can run it in parallel).
+
+The index holds the store's item ids itself (IVF lists store ids), so it is not wrapped in
+IndexIDMap2, whose id map would grow with the corpus in RAM.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+import faiss
+import numpy as np
+
+from retrieval.errors import IndexStoreError
+
+BLOCK_ROWS = 1 << 18  # vectors a block holds: 128 MiB of float32 at 512 dimensions
+DISK_PQ_BYTES = (64, 48, 32, 24, 16, 8)  # codes on disk cost no RAM: the largest that divides
+
+
+class DiskFiles(NamedTuple):
+    index: Path  # the trained index, its list headers and the lists file's name
+    lists: Path  # the inverted lists: codes and ids
+
+
+def disk_pq_bytes(dim: int) -> int:
+    return next((m for m in DISK_PQ_BYTES if dim % m == 0), 1 if dim < 8 else dim)
+
+
+def resident_bytes(dim: int, nlist: int, opq: bool) -> int:
+    """What a loaded on-disk index keeps in RAM: centroids, the rotation, list headers."""
+    return nlist * dim * 4 + (dim * dim * 4 if opq else 0) + nlist * 24
+
+
+def lists_bytes(count: int, pq_m: int) -> int:
+    """The lists file: one code and one int64 id a vector."""
+    return count * (pq_m + 8)
+
+
+def train(factory: str, sample: np.ndarray, opq_iterations: int) -> faiss.Index:
+    """An empty, trained index from `sample` (m, d) unit vectors."""
+    index = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if isinstance(index, faiss.IndexPreTransform):
+        faiss.downcast_VectorTransform(index.chain.at(0)).niter = opq_iterations
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return index
+
+
+def fill_block(trained: Path, vectors: np.ndarray, ids: np.ndarray, out: Path) -> int:
+    """Encode one chunk (n, d) under `ids` (n,) into a block file; returns n. Reads the trained
+    index from a file, so it runs the same in this process or a worker elsewhere."""
+    index = faiss.read_index(str(trained))
+    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
+                       np.ascontiguousarray(ids, dtype=np.int64))
+    temp = out.with_name(out.name + ".tmp")
+    faiss.write_index(index, str(temp))
+    os.replace(temp, out)
+    return len(ids)
+
+
+def merge_blocks(trained: Path, blocks: Sequence[Path], files: DiskFiles,
+                 base: faiss.Index | None = None) -> None:
+    """Merge the lists of `base` (a loaded on-disk index, e.g. the parent generation's) and of
+    the blocks into one lists file, and write the index that points at it.
+
+    The index records the lists file's path as it was written; `load` maps the lists from
+    the path it is given instead (generations are written in a temp folder, then renamed)."""
+    index = faiss.read_index(str(trained))
+    ivf = faiss.extract_index_ivf(index)
+    lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(files.lists))
+    opened = [faiss.read_index(str(block), faiss.IO_FLAG_MMAP) for block in blocks]
+    pointers = faiss.InvertedListsPtrVector()
+    for source in ([base] if base is not None else []) + opened:
+        pointers.push_back(faiss.extract_index_ivf(source).invlists)
+    with _stdout_to_stderr():  # faiss prints "resizing FILE" to stdout, where JSON goes
+        total = lists.merge_from_multiple(pointers.data(), pointers.size(), False, False)
+    ivf.replace_invlists(lists, False)  # `lists` stays owned by Python until written
+    ivf.ntotal = index.ntotal = total
+    faiss.write_index(index, str(files.index))
+    del opened, pointers
+
+
+@contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Point file descriptor 1 at stderr for a moment (C code's printf bypasses sys.stdout)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def build(factory: str, vectors: np.ndarray, ids: np.ndarray, files: DiskFiles,
+          sample_rows: int, opq_iterations: int, seed: int = 0) -> faiss.Index:
+    """Train on a seeded sample, fill blocks chunk by chunk, merge into `files`; returns the
+    index, loaded as `load` does."""
+    rows = np.random.default_rng(seed).choice(len(vectors), min(sample_rows, len(vectors)),
+                                              replace=False)
+    trained = files.index.with_name(files.index.name + ".trained")
+    faiss.write_index(train(factory, np.asarray(vectors[np.sort(rows)]), opq_iterations),
+                      str(trained))
+    return _fill_and_merge(trained, vectors, ids, files, base=None)
+
+
+def extend(base: faiss.Index, vectors: np.ndarray, ids: np.ndarray,
+           files: DiskFiles) -> faiss.Index:
+    """A new on-disk index in `files` holding `base`'s lists plus `vectors` (n, d) under
+    `ids`, encoded with `base`'s own quantizer and codebooks (nothing is retrained, and what
+    `base` holds is copied list by list, never loaded whole)."""
+    trained = files.index.with_name(files.index.name + ".trained")
+    faiss.write_index(_emptied(base), str(trained))
+    return _fill_and_merge(trained, vectors, ids, files, base=base)
+
+
+def _emptied(index: faiss.Index) -> faiss.Index:
+    """A trained copy of an on-disk index with empty in-memory lists (a block's template)."""
+    scratch = faiss.serialize_index(index)  # its lists are on disk: only headers serialise
+    copy = faiss.deserialize_index(scratch, faiss.IO_FLAG_SKIP_IVF_DATA)
+    ivf = faiss.extract_index_ivf(copy)
+    lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # the index owns and frees it now
+    ivf.ntotal = copy.ntotal = 0
+    return copy
+
+
+def _fill_and_merge(trained: Path, vectors: np.ndarray, ids: np.ndarray, files: DiskFiles,
+                    base: faiss.Index | None) -> faiss.Index:
+    """Blocks of BLOCK_ROWS vectors from `trained`, merged (after `base`) into the final
+    files; the trained index and the blocks are scratch files, removed before returning."""
+    blocks = []
+    try:
+        for number, start in enumerate(range(0, len(ids), BLOCK_ROWS)):
+            block = files.index.with_name(f"{files.index.name}.block-{number:05d}")
+            fill_block(trained, vectors[start:start + BLOCK_ROWS], ids[start:start + BLOCK_ROWS],
+                       block)
+            blocks.append(block)
+        merge_blocks(trained, blocks, files, base)
+    finally:
+        for scratch in [trained, *blocks]:
+            scratch.unlink(missing_ok=True)
+    return load(files)
+
+
+def load(files: DiskFiles) -> faiss.Index:
+    """Open an on-disk index with its lists file memory-mapped read-only.
+
+    faiss's own IO_FLAG_ONDISK_SAME_DIR finds a moved lists file too but prints to stdout,
+    which would corrupt `clipdex search --json`; so the lists are skipped at read and mapped
+    here from the path the store names."""
+    index = faiss.read_index(str(files.index), faiss.IO_FLAG_SKIP_IVF_DATA)
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    if not isinstance(lists, faiss.OnDiskInvertedLists):
+        raise IndexStoreError(f"{files.index}: not an index with on-disk lists")
+    if files.lists.stat().st_size < lists.totsize:  # mapping past the end would crash
+        raise IndexStoreError(f"{files.lists} is shorter than its index says")
+    lists.filename = str(files.lists)
+    lists.read_only = True
+    lists.do_mmap()
+    return index
+
+
+def lists_on_disk(index: faiss.Index) -> bool:
+    """Whether an index's inverted lists are an on-disk (memory-mapped) file."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return False
+    return isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
