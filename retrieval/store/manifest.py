@@ -7,7 +7,11 @@ or the tuning report).
      "model": {"sha256", "arch", "embed_dim"[, "external": true]}, "embed_dim": d,
      "metric": "inner_product", "normalization": "l2", "next_id": n,
      "modalities": {"image"|"text": {"rows", "live", "deleted", "index": IndexSpec, "tuning"}},
-     "files": {file name: SHA-256}, "build": {what wrote it}}
+     "files": {file name: SHA-256}, "build": {what wrote it},
+     "fields": {name: {"type": "string"|"number"|"boolean"|"datetime", "items": n}}}
+
+`fields` are the filterable metadata fields (`retrieval.fieldtypes`, `store.fields`); a
+generation written before they existed has none, and every filter names its field unknown.
 
 A generation built from embeddings made elsewhere (`clipdex index build --from-embeddings
 --model external:NAME`) records its model as external: `arch` is NAME and `sha256` a hash of
@@ -98,6 +102,10 @@ class GenerationManifest:
         """rows, live, deleted, index (kind and params) and tuning of one modality."""
         return self.data["modalities"][modality]
 
+    def fields(self) -> dict[str, str]:
+        """The filterable metadata fields and their types ({} for an older generation)."""
+        return {name: str(field["type"]) for name, field in self.data.get("fields", {}).items()}
+
     def tuning(self) -> dict[str, dict[str, Any]]:
         """The search-parameter tuning report of each modality."""
         return {modality: section["tuning"] for modality, section in
@@ -166,8 +174,8 @@ def check_files(folder: Path, manifest: dict[str, Any]) -> None:
 
 
 def new(model: ModelIdentity, sections: dict[str, Any], next_id: int, name: str,
-        parent: str | None, build_info: dict[str, Any],
-        files: dict[str, str]) -> dict[str, Any]:
+        parent: str | None, build_info: dict[str, Any], files: dict[str, str],
+        fields: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The manifest of a generation being committed (`files`: name -> SHA-256)."""
     return {
         "format": layout.FORMAT, "generation": name, "parent": parent,
@@ -177,6 +185,7 @@ def new(model: ModelIdentity, sections: dict[str, Any], next_id: int, name: str,
                   **({"external": True} if model.external else {})},
         "embed_dim": model.embed_dim, "metric": "inner_product", "normalization": "l2",
         "next_id": next_id, "modalities": sections, "files": files, "build": build_info,
+        "fields": fields or {},
     }
 
 
