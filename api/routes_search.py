@@ -10,10 +10,11 @@ from pydantic import AfterValidator, Field, WithJsonSchema
 
 from api.deps import Leased, ReadAccess, State
 from api.errors import Problem, problem_responses
-from api.images import decode_base64, upload_openapi
+from api.images import decode_base64, form_json, upload_openapi
 from api.limits import body_limit
 from api.responses import hit_body, search_response
 from api.schemas import (
+    FILTER_DESCRIPTION,
     LABELS_DESCRIPTION,
     MAX_LABEL_CHARS,
     NOT_BLANK,
@@ -45,6 +46,10 @@ FormThreshold = Annotated[float | None, Form(ge=-1.0, le=1.0, description="minim
                           WithJsonSchema({"type": "number", "minimum": -1.0, "maximum": 1.0})]
 FormCursor = Annotated[str | None, Form(max_length=512, description="next_cursor to continue"),
                        WithJsonSchema({"type": "string", "maxLength": 512})]
+MAX_FILTER_CHARS = 16_384
+FormFilter = Annotated[str | None, Form(max_length=MAX_FILTER_CHARS,
+                                        description="JSON text of " + FILTER_DESCRIPTION),
+                       WithJsonSchema({"type": "string", "maxLength": MAX_FILTER_CHARS})]
 Label = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS,
                              json_schema_extra=NOT_BLANK), AfterValidator(not_blank)]
 UPLOAD = upload_openapi("image")
@@ -64,10 +69,10 @@ async def search_text(body: SearchTextRequest, state: State,
              summary="Image upload: top-k texts (target=text) or similar images (target=image)")
 async def search_image(state: State, searcher: Leased, image: ImageFile,
                        target: FormTarget = "text", k: FormK = 10,
-                       threshold: FormThreshold = None,
-                       cursor: FormCursor = None) -> SearchResponse:
+                       threshold: FormThreshold = None, cursor: FormCursor = None,
+                       filter: FormFilter = None) -> SearchResponse:
     query = Query.image(await image.read(), target=target, k=k, threshold=threshold,
-                        cursor=cursor)
+                        cursor=cursor, filter=form_json(filter, "filter"))
     return search_response(await state.run(searcher.search, query), state.settings.public_url)
 
 
@@ -123,9 +128,9 @@ def _check_labels(labels: list[str]) -> list[str]:
              openapi_extra=UPLOAD,
              summary="Caption by retrieval: the indexed texts that best match an image")
 async def caption(state: State, searcher: Leased, image: ImageFile,
-                  k: Annotated[int, Form(ge=1, le=100, description="captions to return")] = 5
-                  ) -> CaptionResponse:
-    hits = await state.run(searcher.caption, await image.read(), k)
+                  k: Annotated[int, Form(ge=1, le=100, description="captions to return")] = 5,
+                  filter: FormFilter = None) -> CaptionResponse:
+    hits = await state.run(searcher.caption, await image.read(), k, form_json(filter, "filter"))
     base = state.settings.public_url
     return CaptionResponse(captions=[hit_body(hit, base) for hit in hits],
                            generation=searcher.generation.name)
@@ -134,4 +139,5 @@ async def caption(state: State, searcher: Leased, image: ImageFile,
 def _paging(body: SearchTextRequest | SearchVectorRequest | SearchMultiRequest
             ) -> dict[str, Any]:
     return {"target": body.target, "k": body.k, "threshold": body.threshold,
-            "cursor": body.cursor}
+            "cursor": body.cursor, "filter": body.filter}
+

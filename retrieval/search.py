@@ -129,6 +129,7 @@ class Searcher:
     def search(self, query: Query) -> Result:
         """One page of `query`'s hits, continuing from `query.cursor` when given."""
         started = time.perf_counter()
+        within = self.matching(query.target, query.filter)  # a bad filter fails first
         vector = self.query_vector(query.terms)
         fingerprint, name = query.fingerprint(), self.generation.name
         after, served = None, 0
@@ -138,7 +139,6 @@ class Searcher:
         if served + query.k > self.max_depth:
             raise TooDeepError(f"paging stops at {self.max_depth} hits; narrow the query or "
                                "raise the threshold")
-        within = self.matching(query.target, query.filter)
         page = self.page(query.target, vector, query.k, query.threshold, after, served, within)
         token = (encode_cursor(Cursor(name, fingerprint, page.after, page.served))
                  if page.after is not None else None)

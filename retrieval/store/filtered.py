@@ -6,8 +6,19 @@ inside FAISS, its search parameters (efSearch, nprobe) scaled by the filter's se
 widened until every query has min(k, matches) hits; a query still short at the widest setting
 is answered exactly. So a filter that at least k live items match always gets k hits.
 
-Crossover (exact below it): measured on 2 shared CPU cores, 100,000 x 512-d synthetic vectors,
-one query per call (`python -m bench.filtered_crossover`): see EXACT_BELOW.
+Crossover (exact below it), measured with `python -m bench.filtered_crossover --count 100000
+--dim 512` (seeded synthetic unit vectors, k = 10, one query per call, ms per query on 2 CPU
+cores shared with other jobs, so the figures are noisy):
+
+    matches           500    2,000   5,000   10,000   20,000   50,000
+    exact scan        0.2    8.8     8.4     12.8     24.2     49.8
+    HNSW + selector   48.5   44.1    29.5    23.2     17.1     9.2
+    exact scan        0.3    7.5     13.4    22.7     23.6     70.1
+    IVF-PQ + selector 12.0   12.8    13.7    17.1     7.6      5.4
+
+The exact scan costs about the number of matches; the index's cost falls as more items match
+(its parameters stretch by 1 / selectivity) and, at a given number of matches, rises with the
+index's size, so these counts are a floor for bigger indexes.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ from retrieval import ann
 # Matching items below which an exact scan of their stored vectors beats the index (per kind;
 # a flat index is always exact: a full scan is what it would do anyway, and the gathered one
 # uses BLAS where FAISS's selector path does not).
-EXACT_BELOW = {"flat": math.inf, "hnsw": 20_000, "ivfpq": 20_000}
+EXACT_BELOW = {"flat": math.inf, "hnsw": 15_000, "ivfpq": 5_000}
 MAX_EF_SEARCH = 4096
 WIDEN = 4  # each retry multiplies efSearch / nprobe by this
 EXACT_CHUNK = 65_536  # stored rows scored per block, bounding an exact pass's memory
