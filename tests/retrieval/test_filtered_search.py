@@ -22,7 +22,7 @@ from retrieval.store import (
     write_generation,
 )
 
-DIM, COUNT, K = 16, 20_000, 10
+DIM, COUNT, K = 8, 20_000, 10  # 8-d: IVF-PQ trains 8 sub-quantizers, fast
 MODEL = ModelIdentity(sha256="ef" * 32, arch="synthetic", embed_dim=DIM)
 MATCHES = [10_000, 1_000, 100, 10, 2]  # 50 %, 5 %, 0.5 %, 0.05 %, 0.01 %
 
