@@ -18,8 +18,11 @@ from api.schemas import (
     LABELS_DESCRIPTION,
     MAX_LABEL_CHARS,
     NOT_BLANK,
+    BrowseRequest,
+    BrowseResponse,
     CaptionResponse,
     ClassifyResponse,
+    ItemResponse,
     LabelProbability,
     QueryTerm,
     SearchMultiRequest,
@@ -30,7 +33,8 @@ from api.schemas import (
     not_blank,
 )
 from api.settings import MAX_K, MAX_LABELS, TEXT_QUERY_BODY_BYTES, VECTOR_QUERY_BODY_BYTES
-from retrieval.query import ZERO_SHOT_TEMPLATE, Query, Term
+from retrieval.query import ZERO_SHOT_TEMPLATE, Listing, Query, Term
+from retrieval.search import Hit
 
 # Every search can meet these; routes add what their inputs make possible (cursors and
 # texts or images against an index of external embeddings: 409, uploads: 415, item ids: 404).
@@ -93,6 +97,20 @@ async def search_multi(body: SearchMultiRequest, state: State,
                        searcher: Leased) -> SearchResponse:
     query = Query(tuple(_term(term) for term in body.terms), **_paging(body))
     return search_response(await state.run(searcher.search, query), state.settings.public_url)
+
+
+@router.post("/search/browse", response_model=BrowseResponse,
+             openapi_extra=body_limit(TEXT_QUERY_BODY_BYTES),
+             summary="Browse by filter: the items a filter matches, newest first or by a field")
+async def browse(body: BrowseRequest, state: State, searcher: Leased) -> BrowseResponse:
+    listing = Listing(filter=body.filter, target=body.target, order_by=body.order_by,
+                      descending=body.descending, k=body.k, cursor=body.cursor)
+    result = await state.run(searcher.browse, listing)
+    base = state.settings.public_url
+    hits = [ItemResponse(**hit_body(Hit(hit.id, 0.0, hit.item), base).model_dump(
+        exclude={"score"})) for hit in result.hits]
+    return BrowseResponse(hits=hits, generation=result.generation,
+                          next_cursor=result.next_cursor, took_ms=result.took_ms)
 
 
 def _term(term: QueryTerm) -> Term:

@@ -153,6 +153,28 @@ class ItemResponse(SearchHit):
     score: float | None = None  # type: ignore[assignment]
 
 
+class BrowseRequest(BaseModel):
+    """The items a filter matches, with no query: newest first, or by a field."""
+
+    model_config = ConfigDict(**REQUEST_CONFIG, json_schema_extra={"examples": [
+        {"filter": {"field": "label", "eq": "red"}, "k": 5},
+        {"order_by": "label", "descending": False}]})
+    filter: MetadataFilter = None
+    target: Target = "image"
+    order_by: str | None = Field(None, min_length=1, max_length=200, description=(
+        "a field to sort by (items without it are left out); none: newest first"))
+    descending: bool = True
+    k: K = 10
+    cursor: Cursor = None
+
+
+class BrowseResponse(BaseModel):
+    hits: list[ItemResponse] = Field(description="items in the order asked; score is null")
+    generation: str
+    next_cursor: str | None = None
+    took_ms: float
+
+
 class ReloadResponse(BaseModel):
     generation: str
     previous: str | None

@@ -95,3 +95,26 @@ class Query:
             return query_fingerprint(terms, self.target, self.threshold, self.extra)
         return query_fingerprint(terms, self.target, self.threshold, self.extra,
                                  canonical(self.filter))
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The items a filter matches, with no query to rank them: newest first (highest id
+    first; ids grow as items are added), or by the field `order_by`."""
+
+    filter: dict[str, Any] | None = None  # None: every item of the target
+    target: str = "image"
+    order_by: str | None = None  # a field; items without it are left out
+    descending: bool = True
+    k: int = 10
+    cursor: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise InvalidQueryError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.k < 1:
+            raise InvalidQueryError(f"k must be at least 1, got {self.k}")
+
+    def fingerprint(self) -> str:
+        return query_fingerprint("listing", canonical(self.filter), self.target, self.order_by,
+                                 self.descending)

@@ -20,13 +20,14 @@ import numpy as np
 from retrieval.cursor import Cursor, decode_cursor, encode_cursor
 from retrieval.encoders import Encoder, ImageLike
 from retrieval.errors import (
+    FilterError,
     IndexMismatchError,
     InvalidQueryError,
     TooDeepError,
     UnknownItemError,
 )
 from retrieval.filters import parse_filter
-from retrieval.query import TARGETS, ZERO_SHOT_TEMPLATE, Query, Term
+from retrieval.query import TARGETS, ZERO_SHOT_TEMPLATE, Listing, Query, Term
 from retrieval.store.layout import resolve_stored
 
 MODALITIES = TARGETS
@@ -47,6 +48,8 @@ class GenerationLike(Protocol):
                within: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]: ...
     def fields(self) -> dict[str, str]: ...  # filterable field -> type (filtered queries)
     def matching_ids(self, modality: str, where: Any) -> np.ndarray: ...  # a parsed Filter
+    def listing(self, modality: str, where: Any, order: tuple[str, str] | None,
+                descending: bool, offset: int, limit: int) -> list[int]: ...
     def items(self, ids: Sequence[int]) -> list[Any]: ...
     def vectors(self, modality: str, ids: Sequence[int]) -> np.ndarray: ...
     def ids_for_paths(self, paths: Sequence[str]) -> dict[str, int]: ...  # live images by path
@@ -56,7 +59,7 @@ class GenerationLike(Protocol):
 @dataclass(frozen=True)
 class Hit:
     id: int
-    score: float
+    score: float | None  # None in a listing (`Searcher.browse`), which ranks nothing
     item: Any  # an ItemRecord, or None when the metadata row is gone
 
 
@@ -143,6 +146,31 @@ class Searcher:
         token = (encode_cursor(Cursor(name, fingerprint, page.after, page.served))
                  if page.after is not None else None)
         return Result(page.hits, name, token, round((time.perf_counter() - started) * 1000, 3))
+
+    def browse(self, listing: Listing) -> Result:
+        """One page of the items a filter matches, newest first or by a field; no query."""
+        started, name = time.perf_counter(), self.generation.name
+        fields = self.generation.fields()
+        where = None if listing.filter is None else parse_filter(listing.filter, fields)
+        order = None
+        if listing.order_by is not None:
+            if listing.order_by not in fields:
+                raise FilterError(f"order_by: unknown field {listing.order_by!r}; this index's "
+                                  f"fields are {', '.join(sorted(fields)) or 'none'}",
+                                  listing.order_by)
+            order = (listing.order_by, fields[listing.order_by])
+        served = 0
+        if listing.cursor:  # a generation never changes, so an offset into it is stable
+            served = decode_cursor(listing.cursor, name, listing.fingerprint(),
+                                   self.max_depth).served
+        if served + listing.k > self.max_depth:
+            raise TooDeepError(f"listing stops at {self.max_depth} items; narrow the filter")
+        ids = self.generation.listing(listing.target, where, order, listing.descending, served,
+                                      listing.k)
+        hits = [Hit(i, None, record) for i, record in zip(ids, self.generation.items(ids))]
+        token = (encode_cursor(Cursor(name, listing.fingerprint(), (0.0, ids[-1]),
+                                      served + len(ids))) if len(ids) == listing.k else None)
+        return Result(hits, name, token, round((time.perf_counter() - started) * 1000, 3))
 
     def caption(self, image: ImageLike, k: int = 5,
                 filter: dict[str, Any] | None = None) -> list[Hit]:

@@ -19,7 +19,7 @@ from retrieval.store.layout import FIELDS_SCHEMA
 
 _LIVE_METADATA = "SELECT id, metadata FROM items WHERE deleted = 0 AND metadata != '{}'"
 # The item whose fields a row of each modality is matched by: a caption text goes by its image.
-OWNER = {"image": "id", "text": "COALESCE(image_id, id)"}
+OWNER = {"image": "items.id", "text": "COALESCE(items.image_id, items.id)"}
 _COMPARE = {"eq": "=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
 
 
@@ -66,6 +66,27 @@ def matching_sql(modality: str, where: Filter) -> tuple[str, list[Any]]:
     condition, params = where_sql(where, OWNER[modality])
     sql = f"SELECT id FROM items WHERE deleted = 0 AND modality = ? AND {condition} ORDER BY id"
     return sql, [modality, *params]
+
+
+def listing_sql(modality: str, where: Filter | None, order: tuple[str, str] | None,
+                descending: bool, offset: int, limit: int) -> tuple[str, list[Any]]:
+    """SELECT of one page of the live ids of `modality` that `where` matches (all, for None):
+    by id (newest first when descending), or by the field `order` = (name, type), whose
+    items without it are left out (a list-valued field sorts by its largest value when
+    descending, its smallest otherwise); ties by id."""
+    owner, direction = OWNER[modality], "DESC" if descending else "ASC"
+    condition, params = where_sql(where, owner) if where is not None else ("1", [])
+    live = f"FROM items WHERE deleted = 0 AND modality = ? AND {condition}"
+    if order is None:
+        return (f"SELECT id {live} ORDER BY id {direction} LIMIT ? OFFSET ?",
+                [modality, *params, limit, offset])
+    name, kind = order
+    column = "str_value" if kind == "string" else "num_value"
+    value = (f"(SELECT {'MAX' if descending else 'MIN'}({column}) FROM item_fields "
+             f"WHERE item_fields.id = {owner} AND field = ?)")
+    sql = (f"SELECT id FROM (SELECT items.id AS id, {value} AS v {live}) WHERE v IS NOT NULL "
+           f"ORDER BY v {direction}, id {direction} LIMIT ? OFFSET ?")
+    return sql, [name, modality, *params, limit, offset]
 
 
 def where_sql(where: Filter, owner: str) -> tuple[str, list[Any]]:

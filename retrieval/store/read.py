@@ -87,6 +87,13 @@ class Generation:
                 self._matches.popitem(last=False)
         return ids
 
+    def listing(self, modality: str, where: Filter | None, order: tuple[str, str] | None,
+                descending: bool, offset: int, limit: int) -> list[int]:
+        """One page of the live ids a filter matches, by id or by a field (`fields.listing_sql`)."""
+        sql, params = fields.listing_sql(self._modality(modality), where, order, descending,
+                                         int(offset), int(limit))
+        return [int(row[0]) for row in self._query(sql, params)]
+
     def search(self, modality: str, queries: np.ndarray, k: int,
                within: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(nq, d) unit queries -> (scores, ids), each (nq, min(k, live)); never a -1 id.

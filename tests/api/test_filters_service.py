@@ -103,3 +103,21 @@ def test_admin_metadata_becomes_filterable(client, tmp_path):
     assert [hit["text"] for hit in notes] == ["a note"]
     assert "metadata" in problem(client.post("/admin/items/texts", headers=admin, json={
         "texts": ["c"], "image_id": 0, "metadata": {"a": 1}}))["detail"]
+
+
+def test_browse_lists_what_a_filter_matches_newest_first_or_by_a_field(client):
+    body = client.post("/search/browse", json={"filter": {"field": "label", "in": [
+        "red", "green", "blue"]}, "k": 2}).json()
+    assert [hit["metadata"]["label"] for hit in body["hits"]] == ["blue", "green"]
+    assert all(hit["score"] is None for hit in body["hits"])
+    rest = client.post("/search/browse", json={"filter": {"field": "label", "in": [
+        "red", "green", "blue"]}, "k": 2, "cursor": body["next_cursor"]}).json()
+    assert [hit["metadata"]["label"] for hit in rest["hits"]] == ["red"]
+    assert rest["next_cursor"] is None
+    by_label = client.post("/search/browse", json={"order_by": "label", "descending": False,
+                                                  "k": 3}).json()["hits"]
+    assert [hit["metadata"]["label"] for hit in by_label] == sorted(COLOURS)[:3]
+    captions = client.post("/search/browse", json={"target": "text", "k": 50, "filter": RED})
+    assert {hit["image_id"] for hit in captions.json()["hits"]} == {0}
+    assert "'shade'" in problem(client.post("/search/browse", json={"order_by": "shade"}))[
+        "detail"]

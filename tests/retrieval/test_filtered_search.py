@@ -10,7 +10,7 @@ import pytest
 
 from retrieval.errors import BadCursorError
 from retrieval.filters import parse_filter
-from retrieval.query import Query
+from retrieval.query import Listing, Query
 from retrieval.search import Searcher
 from retrieval.store import (
     ItemRecord,
@@ -125,3 +125,21 @@ def test_a_filter_with_no_matches_answers_no_hits_and_one_match_exactly_it(small
     assert small.search(Query.vector(vector, filter={"field": "n", "gt": 100})).hits == []
     hits = small.search(Query.vector(vector, filter={"field": "n", "eq": 42})).hits
     assert [hit.id for hit in hits] == [42]
+
+
+def test_browse_pages_through_a_filter_newest_first_or_by_a_field(small):
+    odd = {"field": "odd", "eq": True}
+    newest = small.browse(Listing(filter=odd, k=5))
+    assert [hit.id for hit in newest.hits] == [59, 57, 55, 53, 51]
+    assert all(hit.score is None for hit in newest.hits)
+    seen, cursor = [], None
+    while True:
+        page = small.browse(Listing(filter=odd, order_by="n", descending=False, k=10,
+                                    cursor=cursor))
+        seen += [hit.id for hit in page.hits]
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert seen == [i for i in range(60) if i % 2 and i not in (1, 3, 5)]
+    with pytest.raises(BadCursorError):  # bound to its listing
+        small.browse(Listing(filter=odd, k=5, descending=False, cursor=newest.next_cursor))
