@@ -38,6 +38,7 @@ CORE_ERRORS: dict[str, tuple[int, str]] = {
     "ImageTooLargeError": (413, "Image too large"),
     "UnsupportedImageError": (415, "Unsupported image format"),
     "BadCursorError": (422, "Bad cursor"),
+    "FilterError": (422, "Bad filter"),
     "StaleCursorError": (409, "Stale cursor"),
     "TooDeepError": (422, "Too deep"),
     "InvalidQueryError": (422, "Bad query"),

@@ -1,12 +1,15 @@
-"""What the service accepts as an image upload; decoding itself is the core's one decoder
-(`retrieval.images.load_image`), shared with the indexer."""
+"""What the service accepts as an image upload (and the JSON fields of an upload's form);
+decoding itself is the core's one decoder (`retrieval.images.load_image`), shared with the
+indexer."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 from typing import Any
 
+from api.errors import Problem
 from retrieval.errors import BadImageError
 from retrieval.images import DecodeLimits
 
@@ -38,3 +41,18 @@ def decode_base64(text: str) -> bytes:
     except (binascii.Error, ValueError):
         raise BadImageError("image_base64 is not valid base64; encode the file's bytes "
                             "with standard base64") from None
+
+
+def form_json(text: str | None, name: str) -> dict[str, Any] | None:
+    """A JSON object sent as a form field's text (multipart requests carry no JSON body); a
+    problem titled after the field ("Bad filter"), which the form's schema cannot refuse."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        raise Problem(422, f"Bad {name}", f"{name}: not a JSON object; send one (e.g. "
+                      '{"field": "label", "eq": "red"}) as the field\'s text')
+    return value

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from api.deps import AdminAccess, Leased, State
 from api.errors import Problem, problem_responses
-from api.images import upload_openapi
+from api.images import form_json, upload_openapi
 from api.limits import body_limit
 from api.schemas import MAX_ITEM_ID, AddTextsRequest, ReloadResponse, WriteResponse
 from api.settings import EMPTY_BODY_BYTES, MAX_TEXT_CHARS
@@ -39,6 +39,7 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminAccess],
                    responses=problem_responses(401, 403, 409, 422, 503))
 SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif"}
 Caption = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+MAX_METADATA_CHARS = 16_384
 
 
 @router.post("/reload", response_model=ReloadResponse, openapi_extra=body_limit(EMPTY_BODY_BYTES),
@@ -52,8 +53,11 @@ async def reload(state: State) -> ReloadResponse:
 @router.post("/items/texts", response_model=WriteResponse, summary="Add caption texts",
              responses=problem_responses(400, 413))
 async def add_texts(body: AddTextsRequest, state: State) -> WriteResponse:
+    if body.metadata and body.image_id is not None:
+        raise Problem(422, "Bad metadata", "metadata: captions (texts with image_id) are "
+                      "filtered by their image's metadata and take none of their own")
     vectors = await state.run(state.encoder.texts, body.texts)
-    records = text_records(body.texts, image_id=body.image_id)
+    records = text_records(body.texts, image_id=body.image_id, metadata=body.metadata)
     return await _append(state, records, {"text": vectors})
 
 
@@ -64,9 +68,13 @@ async def add_texts(body: AddTextsRequest, state: State) -> WriteResponse:
 async def add_image(state: State, searcher: Leased, image: Annotated[UploadFile, File()],
                     captions: Annotated[list[Caption] | None, Form(max_length=20, description=(
                         f"0 to 20 captions, each up to {MAX_TEXT_CHARS} characters; blank ones "
-                        "are dropped"))] = None
+                        "are dropped"))] = None,
+                    metadata: Annotated[str | None, Form(max_length=MAX_METADATA_CHARS, description=(
+                        "a JSON object: the image's metadata, whose keys become filterable "
+                        "fields"))] = None
                     ) -> WriteResponse:
     data = await image.read()
+    fields = form_json(metadata, "metadata") or {}
     captions = [c.strip() for c in captions or [] if c.strip()]
     root = _root(state)
     suffix = SUFFIX[await asyncio.to_thread(image_format, data, state.upload_limits)]
@@ -77,7 +85,7 @@ async def add_image(state: State, searcher: Leased, image: Annotated[UploadFile,
     image_vectors = await state.run(state.encoder.images, [data])  # (1, d)
     caption_vectors = await state.run(state.encoder.texts, captions)  # (n, d)
     await asyncio.to_thread(keep_upload, root, stored, data)
-    records = image_with_captions(stored, captions)
+    records = image_with_captions(stored, captions, fields)
     vectors = {"image": image_vectors}
     if captions:
         vectors["text"] = caption_vectors

@@ -10,15 +10,19 @@ from pydantic import AfterValidator, Field, WithJsonSchema
 
 from api.deps import Leased, ReadAccess, State
 from api.errors import Problem, problem_responses
-from api.images import decode_base64, upload_openapi
+from api.images import decode_base64, form_json, upload_openapi
 from api.limits import body_limit
 from api.responses import hit_body, search_response
 from api.schemas import (
+    FILTER_DESCRIPTION,
     LABELS_DESCRIPTION,
     MAX_LABEL_CHARS,
     NOT_BLANK,
+    BrowseRequest,
+    BrowseResponse,
     CaptionResponse,
     ClassifyResponse,
+    ItemResponse,
     LabelProbability,
     QueryTerm,
     SearchMultiRequest,
@@ -29,7 +33,8 @@ from api.schemas import (
     not_blank,
 )
 from api.settings import MAX_K, MAX_LABELS, TEXT_QUERY_BODY_BYTES, VECTOR_QUERY_BODY_BYTES
-from retrieval.query import ZERO_SHOT_TEMPLATE, Query, Term
+from retrieval.query import ZERO_SHOT_TEMPLATE, Listing, Query, Term
+from retrieval.search import Hit
 
 # Every search can meet these; routes add what their inputs make possible (cursors and
 # texts or images against an index of external embeddings: 409, uploads: 415, item ids: 404).
@@ -45,6 +50,10 @@ FormThreshold = Annotated[float | None, Form(ge=-1.0, le=1.0, description="minim
                           WithJsonSchema({"type": "number", "minimum": -1.0, "maximum": 1.0})]
 FormCursor = Annotated[str | None, Form(max_length=512, description="next_cursor to continue"),
                        WithJsonSchema({"type": "string", "maxLength": 512})]
+MAX_FILTER_CHARS = 16_384
+FormFilter = Annotated[str | None, Form(max_length=MAX_FILTER_CHARS,
+                                        description="JSON text of " + FILTER_DESCRIPTION),
+                       WithJsonSchema({"type": "string", "maxLength": MAX_FILTER_CHARS})]
 Label = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS,
                              json_schema_extra=NOT_BLANK), AfterValidator(not_blank)]
 UPLOAD = upload_openapi("image")
@@ -64,10 +73,10 @@ async def search_text(body: SearchTextRequest, state: State,
              summary="Image upload: top-k texts (target=text) or similar images (target=image)")
 async def search_image(state: State, searcher: Leased, image: ImageFile,
                        target: FormTarget = "text", k: FormK = 10,
-                       threshold: FormThreshold = None,
-                       cursor: FormCursor = None) -> SearchResponse:
+                       threshold: FormThreshold = None, cursor: FormCursor = None,
+                       filter: FormFilter = None) -> SearchResponse:
     query = Query.image(await image.read(), target=target, k=k, threshold=threshold,
-                        cursor=cursor)
+                        cursor=cursor, filter=form_json(filter, "filter"))
     return search_response(await state.run(searcher.search, query), state.settings.public_url)
 
 
@@ -88,6 +97,20 @@ async def search_multi(body: SearchMultiRequest, state: State,
                        searcher: Leased) -> SearchResponse:
     query = Query(tuple(_term(term) for term in body.terms), **_paging(body))
     return search_response(await state.run(searcher.search, query), state.settings.public_url)
+
+
+@router.post("/search/browse", response_model=BrowseResponse,
+             openapi_extra=body_limit(TEXT_QUERY_BODY_BYTES),
+             summary="Browse by filter: the items a filter matches, newest first or by a field")
+async def browse(body: BrowseRequest, state: State, searcher: Leased) -> BrowseResponse:
+    listing = Listing(filter=body.filter, target=body.target, order_by=body.order_by,
+                      descending=body.descending, k=body.k, cursor=body.cursor)
+    result = await state.run(searcher.browse, listing)
+    base = state.settings.public_url
+    hits = [ItemResponse(**hit_body(Hit(hit.id, 0.0, hit.item), base).model_dump(
+        exclude={"score"})) for hit in result.hits]
+    return BrowseResponse(hits=hits, generation=result.generation,
+                          next_cursor=result.next_cursor, took_ms=result.took_ms)
 
 
 def _term(term: QueryTerm) -> Term:
@@ -123,9 +146,9 @@ def _check_labels(labels: list[str]) -> list[str]:
              openapi_extra=UPLOAD,
              summary="Caption by retrieval: the indexed texts that best match an image")
 async def caption(state: State, searcher: Leased, image: ImageFile,
-                  k: Annotated[int, Form(ge=1, le=100, description="captions to return")] = 5
-                  ) -> CaptionResponse:
-    hits = await state.run(searcher.caption, await image.read(), k)
+                  k: Annotated[int, Form(ge=1, le=100, description="captions to return")] = 5,
+                  filter: FormFilter = None) -> CaptionResponse:
+    hits = await state.run(searcher.caption, await image.read(), k, form_json(filter, "filter"))
     base = state.settings.public_url
     return CaptionResponse(captions=[hit_body(hit, base) for hit in hits],
                            generation=searcher.generation.name)
@@ -134,4 +157,5 @@ async def caption(state: State, searcher: Leased, image: ImageFile,
 def _paging(body: SearchTextRequest | SearchVectorRequest | SearchMultiRequest
             ) -> dict[str, Any]:
     return {"target": body.target, "k": body.k, "threshold": body.threshold,
-            "cursor": body.cursor}
+            "cursor": body.cursor, "filter": body.filter}
+

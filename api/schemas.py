@@ -45,6 +45,12 @@ Threshold = Annotated[float | None, Field(ge=-1.0, le=1.0, description="drop hit
                                                                        "score is below this")]
 Cursor = Annotated[str | None, Field(max_length=512, description="next_cursor of the previous "
                                                                  "page, to continue the list")]
+FILTER_DESCRIPTION = (
+    'a metadata filter, e.g. {"and": [{"field": "folder", "eq": "2024/trip"}, '
+    '{"field": "taken", "gte": "2024-06-01"}]}: conditions {"field": NAME, OP: VALUE} with OP '
+    "one of eq, ne, in, nin, gt, gte, lt, lte, exists, prefix, combined by and, or, not; an "
+    "unknown field or a value of the wrong type is a 422 naming the field and its type")
+MetadataFilter = Annotated[dict[str, Any] | None, Field(description=FILTER_DESCRIPTION)]
 QueryText = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS, description=(
     "1 to 1000 characters, not only spaces; tokens past the model's context are truncated"),
     json_schema_extra=NOT_BLANK), AfterValidator(not_blank)]
@@ -55,12 +61,14 @@ class _Paged(BaseModel):
     k: K = 10
     threshold: Threshold = None
     cursor: Cursor = None
+    filter: MetadataFilter = None
 
 
 class SearchTextRequest(_Paged):
     # Examples show in /docs and give Schemathesis's examples phase real requests to send.
     model_config = ConfigDict(json_schema_extra={"examples": [
-        {"text": "a red square", "k": 5}, {"text": "a cat", "target": "text", "threshold": 0.2}]})
+        {"text": "a red square", "k": 5}, {"text": "a cat", "target": "text", "threshold": 0.2},
+        {"text": "a dog", "filter": {"field": "folder", "prefix": "2024/"}}]})
     text: QueryText
     target: Target = Field("image", description="which side of the index to search")
 
@@ -145,6 +153,28 @@ class ItemResponse(SearchHit):
     score: float | None = None  # type: ignore[assignment]
 
 
+class BrowseRequest(BaseModel):
+    """The items a filter matches, with no query: newest first, or by a field."""
+
+    model_config = ConfigDict(**REQUEST_CONFIG, json_schema_extra={"examples": [
+        {"filter": {"field": "label", "eq": "red"}, "k": 5},
+        {"order_by": "label", "descending": False}]})
+    filter: MetadataFilter = None
+    target: Target = "image"
+    order_by: str | None = Field(None, min_length=1, max_length=200, description=(
+        "a field to sort by (items without it are left out); none: newest first"))
+    descending: bool = True
+    k: K = 10
+    cursor: Cursor = None
+
+
+class BrowseResponse(BaseModel):
+    hits: list[ItemResponse] = Field(description="items in the order asked; score is null")
+    generation: str
+    next_cursor: str | None = None
+    took_ms: float
+
+
 class ReloadResponse(BaseModel):
     generation: str
     previous: str | None
@@ -156,6 +186,9 @@ class AddTextsRequest(BaseModel):
         {"texts": ["a red square on white"], "image_id": 0}]})
     texts: list[QueryText] = Field(min_length=1, max_length=1000)
     image_id: ItemId | None = Field(None, description="the indexed image they caption")
+    metadata: dict[str, Any] | None = Field(None, description=(
+        "metadata of each free text (its keys become filterable fields); captions (with "
+        "image_id) are filtered by their image's metadata and take none"))
 
 
 class WriteResponse(BaseModel):

@@ -5,6 +5,10 @@ caption a line) or `name.json` (captions plus metadata), and a manifest at the f
 (e.g. data/demo/captions.csv) adds its captions to the images it names. A manifest file with
 an image column is an image source; one with only a text column, or a `.txt` file (one text a
 line), is a text corpus searchable on its own.
+
+Every image of a folder gets the fields `folder`, `file_name`, `modified`, `width`, `height`
+and, when its EXIF says, `taken`; a manifest's extra columns and a sidecar's keys are fields
+too (CSV cells typed as `retrieval.manifest.cell_value` says). See retrieval/fieldtypes.py.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from retrieval.demo import DEMO_DIR, ensure_demo_corpus
 from retrieval.errors import ManifestError
+from retrieval.images import header_facts
 from retrieval.manifest import (
     CAPTION_COLUMNS,
     IMAGE_COLUMNS,
@@ -24,6 +30,7 @@ from retrieval.manifest import (
     pick_column,
     read_manifest,
     read_rows,
+    typed_metadata,
 )
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
@@ -97,8 +104,19 @@ def _scan_folder(folder: Path, problems: list[Problem]) -> list[ImageEntry]:
     for path in sorted(folder.rglob("*")):
         if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
             captions, metadata = _sidecars(path, problems)
-            entries.append(ImageEntry(path.resolve(), captions, metadata))
+            facts = _file_facts(path, folder)
+            entries.append(ImageEntry(path.resolve(), captions, {**facts, **metadata}))
     return entries
+
+
+def _file_facts(path: Path, root: Path) -> dict[str, Any]:
+    """What a folder tells about each image, as filterable fields (a sidecar's keys win):
+    `folder` relative to the source root ("" at its top; never the server's own layout),
+    `file_name`, `modified` (UTC), and from the header `width`, `height` and `taken`."""
+    folder = path.parent.relative_to(root).as_posix()
+    modified = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+    return {"folder": "" if folder == "." else folder, "file_name": path.name,
+            "modified": modified.isoformat(timespec="seconds"), **header_facts(path)}
 
 
 def _sidecars(image: Path, problems: list[Problem]) -> tuple[list[str], dict[str, Any]]:
@@ -169,7 +187,7 @@ def _manifest_texts(path: Path, text_key: str) -> list[TextEntry]:
     texts = []
     for number, row in enumerate(read_rows(path), start=1):
         for text in _as_texts(row.get(text_key)):
-            metadata = {k: v for k, v in row.items() if k != text_key}
+            metadata = typed_metadata(path, {k: v for k, v in row.items() if k != text_key})
             texts.append(TextEntry(text, {"source": path.name, "row": number, **metadata}))
     return texts
 

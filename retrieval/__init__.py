@@ -27,7 +27,8 @@ _EXPORTS = {
     "BatcherConfig": "retrieval.batcher",
     "load_image": "retrieval.images", "DecodeLimits": "retrieval.images",
     # queries
-    "Query": "retrieval.query", "Term": "retrieval.query", "Searcher": "retrieval.search",
+    "Query": "retrieval.query", "Term": "retrieval.query", "Listing": "retrieval.query",
+    "Searcher": "retrieval.search",
     "Hit": "retrieval.search", "Result": "retrieval.search",
     # the index store
     "open_generation": "retrieval.store", "write_generation": "retrieval.store",
@@ -38,8 +39,8 @@ _EXPORTS = {
     "ClipdexError": "retrieval.errors",
 }
 __all__ = ["BatchedEncoder", "BatcherConfig", "ClipModel", "ClipdexError", "DecodeLimits",
-    "Encoder", "Generation", "Hit", "ItemRecord", "MicroBatcher", "ModelEncoder", "Query",
-    "Result", "Searcher", "Term", "append_items", "encode_image_batch", "encode_images",
+    "Encoder", "Generation", "Hit", "ItemRecord", "Listing", "MicroBatcher", "ModelEncoder",
+    "Query", "Result", "Searcher", "Term", "append_items", "encode_image_batch", "encode_images",
     "encode_texts", "encode_token_batch", "load_image", "load_model", "model_identity",
     "open_generation", "update_generation", "write_generation"]
 

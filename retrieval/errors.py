@@ -15,6 +15,8 @@ ClipdexError
  │    │                            (vector and item queries only)
  │    └── UnknownItemError     an item id that the index does not hold (or was deleted)
  └── InvalidQueryError   a query array or modality the index cannot answer
+      ├── FilterError         a metadata filter that is malformed, names an unknown field or
+      │                       gives a value of the wrong type (`field`, `field_type` say which)
       ├── BadCursorError      a paging cursor that was not issued for this query (or tampered)
       ├── StaleCursorError    a cursor issued by another generation of the index
       └── TooDeepError        paging past the deepest hit a searcher serves
@@ -78,6 +80,15 @@ class UnknownItemError(IndexStoreError, KeyError):
 
 class InvalidQueryError(ClipdexError, ValueError):
     pass
+
+
+class FilterError(InvalidQueryError):
+    """`field` names the filter's field at fault (None for a malformed filter) and
+    `field_type` its type in the generation (None when the field is unknown)."""
+
+    def __init__(self, message: str, field: str | None = None, field_type: str | None = None):
+        super().__init__(message)
+        self.field, self.field_type = field, field_type
 
 
 class BadCursorError(InvalidQueryError):

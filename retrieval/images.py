@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageOps
 
 from retrieval.errors import BadImageError, ImageTooLargeError, UnsupportedImageError
+from retrieval.fieldtypes import parse_datetime
 
 DEFAULT_MAX_PIXELS = 50_000_000
 # Peak bytes one decode may allocate: the decoded raster plus its RGB conversion. Pillow keeps
@@ -136,6 +137,34 @@ def image_format(data: bytes, limits: DecodeLimits) -> str:
         raise ImageTooLargeError(f"the image: decompression bomb ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise BadImageError(f"the image: cannot decode image ({_quiet(error)})") from None
+
+
+EXIF_IFD, DATE_TIME_ORIGINAL, ORIENTATION = 0x8769, 36867, 0x0112
+_EXIF_TIME = re.compile(r"(\d{4}):(\d{2}):(\d{2})[ T](\d{2}):(\d{2}):(\d{2})")
+
+
+def header_facts(path: str | Path) -> dict[str, Any]:
+    """`width` and `height` as shown (EXIF rotation applied) and `taken` (EXIF
+    DateTimeOriginal, ISO-8601, no zone) read from the file's header without decoding its
+    pixels; {} for a file Pillow cannot open (the decode that follows reports it)."""
+    try:
+        with _open(path) as image:
+            width, height = image.size
+            exif = image.getexif()
+            taken = exif.get_ifd(EXIF_IFD).get(DATE_TIME_ORIGINAL)
+            rotated = exif.get(ORIENTATION) in (5, 6, 7, 8)
+    except (BadImageError, Image.DecompressionBombError, Image.DecompressionBombWarning,
+            OSError, SyntaxError, ValueError):
+        return {}
+    facts: dict[str, Any] = {"width": height if rotated else width,
+                             "height": width if rotated else height}
+    match = _EXIF_TIME.fullmatch(str(taken).strip().rstrip("\x00")) if taken else None
+    if match:
+        year, month, day, hour, minute, second = match.groups()
+        moment = f"{year}-{month}-{day}T{hour}:{minute}:{second}"
+        if parse_datetime(moment) is not None:  # cameras write 0000:00:00 when unset
+            facts["taken"] = moment
+    return facts
 
 
 def _draft(image: Image.Image, side: int | None) -> None:

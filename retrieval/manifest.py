@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,9 @@ from retrieval.errors import ManifestError
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "path", "file", "filename")
 CAPTION_COLUMNS = ("caption", "captions", "text", "texts")
 LABEL_COLUMNS = ("label", "class")
+CSV_SUFFIXES = (".csv", ".tsv")
+# A CSV cell that reads as a number: no leading zero (so "007" and "02134" stay strings).
+_NUMERAL = re.compile(r"[+-]?(0|[1-9]\d*)(\.\d+)?([eE][+-]?\d+)?")
 
 
 @dataclass
@@ -69,6 +73,30 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         except Exception as error:  # pyarrow raises several unrelated types
             raise ManifestError(f"{path}: unreadable parquet file ({error})") from error
     raise ManifestError(f"{path}: unknown manifest type {suffix!r}; use .csv, .jsonl or .parquet")
+
+
+def cell_value(text: Any) -> Any:
+    """A CSV cell as the value JSON would have carried: "" is no value (None), true/false a
+    boolean, a numeral a number, anything else the text (dates stay text: their field is
+    typed date-time when every value parses, see `retrieval.fieldtypes`)."""
+    if not isinstance(text, str):
+        return text
+    lowered = text.strip().lower()
+    if not lowered:
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if _NUMERAL.fullmatch(lowered):
+        return float(lowered) if "." in lowered or "e" in lowered else int(lowered)
+    return text
+
+
+def typed_metadata(path: Path, row: dict[str, Any]) -> dict[str, Any]:
+    """A manifest row's extra columns as metadata: CSV cells typed by `cell_value`, JSONL
+    and parquet values as they are."""
+    if Path(path).suffix.lower() in CSV_SUFFIXES:
+        return {key: cell_value(value) for key, value in row.items()}
+    return dict(row)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -126,7 +154,8 @@ def read_manifest(path: Path, image_root: Path | None = None, split: set[str] | 
             continue
         item = items.get(name)
         if item is None:
-            extra = {k: v for k, v in row.items() if k not in (image_key, caption_key, label_key)}
+            extra = typed_metadata(path, {k: v for k, v in row.items()
+                                          if k not in (image_key, caption_key, label_key)})
             label = row.get(label_key) if label_key else None
             item = items[name] = Item(image=root / name, label=None if label is None else str(label),
                                       metadata=extra)

@@ -8,11 +8,13 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
 from retrieval.cursor import query_fingerprint
 from retrieval.errors import InvalidQueryError
+from retrieval.filters import canonical
 
 TARGETS = ("image", "text")
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
@@ -59,6 +61,7 @@ class Query:
     threshold: float | None = None
     cursor: str | None = None  # next_cursor of the previous page
     extra: tuple[str, ...] = field(default=())  # more that defines the query (for cursors)
+    filter: dict[str, Any] | None = None  # metadata filter as JSON (see retrieval.filters)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -88,4 +91,30 @@ class Query:
         """Everything that defines the ranking (not k, not the cursor): a cursor issued for one
         query is refused for another."""
         terms = [(term.weight, term.key()) for term in self.terms]
-        return query_fingerprint(terms, self.target, self.threshold, self.extra)
+        if self.filter is None:  # the fingerprint of an unfiltered query is as it always was
+            return query_fingerprint(terms, self.target, self.threshold, self.extra)
+        return query_fingerprint(terms, self.target, self.threshold, self.extra,
+                                 canonical(self.filter))
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The items a filter matches, with no query to rank them: newest first (highest id
+    first; ids grow as items are added), or by the field `order_by`."""
+
+    filter: dict[str, Any] | None = None  # None: every item of the target
+    target: str = "image"
+    order_by: str | None = None  # a field; items without it are left out
+    descending: bool = True
+    k: int = 10
+    cursor: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise InvalidQueryError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.k < 1:
+            raise InvalidQueryError(f"k must be at least 1, got {self.k}")
+
+    def fingerprint(self) -> str:
+        return query_fingerprint("listing", canonical(self.filter), self.target, self.order_by,
+                                 self.descending)

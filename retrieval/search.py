@@ -20,12 +20,14 @@ import numpy as np
 from retrieval.cursor import Cursor, decode_cursor, encode_cursor
 from retrieval.encoders import Encoder, ImageLike
 from retrieval.errors import (
+    FilterError,
     IndexMismatchError,
     InvalidQueryError,
     TooDeepError,
     UnknownItemError,
 )
-from retrieval.query import TARGETS, ZERO_SHOT_TEMPLATE, Query, Term
+from retrieval.filters import parse_filter
+from retrieval.query import TARGETS, ZERO_SHOT_TEMPLATE, Listing, Query, Term
 from retrieval.store.layout import resolve_stored
 
 MODALITIES = TARGETS
@@ -41,7 +43,13 @@ class GenerationLike(Protocol):
     root: Path | None  # the index directory (stored relative paths resolve against it)
 
     def count(self, modality: str) -> int: ...
-    def search(self, modality: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+    # `within`: ascending ids to search among (only passed for a filtered query)
+    def search(self, modality: str, queries: np.ndarray, k: int,
+               within: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]: ...
+    def fields(self) -> dict[str, str]: ...  # filterable field -> type (filtered queries)
+    def matching_ids(self, modality: str, where: Any) -> np.ndarray: ...  # a parsed Filter
+    def listing(self, modality: str, where: Any, order: tuple[str, str] | None,
+                descending: bool, offset: int, limit: int) -> list[int]: ...
     def items(self, ids: Sequence[int]) -> list[Any]: ...
     def vectors(self, modality: str, ids: Sequence[int]) -> np.ndarray: ...
     def ids_for_paths(self, paths: Sequence[str]) -> dict[str, int]: ...  # live images by path
@@ -51,7 +59,7 @@ class GenerationLike(Protocol):
 @dataclass(frozen=True)
 class Hit:
     id: int
-    score: float
+    score: float | None  # None in a listing (`Searcher.browse`), which ranks nothing
     item: Any  # an ItemRecord, or None when the metadata row is gone
 
 
@@ -124,6 +132,7 @@ class Searcher:
     def search(self, query: Query) -> Result:
         """One page of `query`'s hits, continuing from `query.cursor` when given."""
         started = time.perf_counter()
+        within = self.matching(query.target, query.filter)  # a bad filter fails first
         vector = self.query_vector(query.terms)
         fingerprint, name = query.fingerprint(), self.generation.name
         after, served = None, 0
@@ -133,14 +142,50 @@ class Searcher:
         if served + query.k > self.max_depth:
             raise TooDeepError(f"paging stops at {self.max_depth} hits; narrow the query or "
                                "raise the threshold")
-        page = self.page(query.target, vector, query.k, query.threshold, after, served)
+        page = self.page(query.target, vector, query.k, query.threshold, after, served, within)
         token = (encode_cursor(Cursor(name, fingerprint, page.after, page.served))
                  if page.after is not None else None)
         return Result(page.hits, name, token, round((time.perf_counter() - started) * 1000, 3))
 
-    def caption(self, image: ImageLike, k: int = 5) -> list[Hit]:
-        """The indexed texts that best match an image: captioning by retrieval."""
-        return self.nearest("text", self._encoder().images([image]), k)[0]
+    def browse(self, listing: Listing) -> Result:
+        """One page of the items a filter matches, newest first or by a field; no query."""
+        started, name = time.perf_counter(), self.generation.name
+        fields = self.generation.fields()
+        where = None if listing.filter is None else parse_filter(listing.filter, fields)
+        order = None
+        if listing.order_by is not None:
+            if listing.order_by not in fields:
+                raise FilterError(f"order_by: unknown field {listing.order_by!r}; this index's "
+                                  f"fields are {', '.join(sorted(fields)) or 'none'}",
+                                  listing.order_by)
+            order = (listing.order_by, fields[listing.order_by])
+        served = 0
+        if listing.cursor:  # a generation never changes, so an offset into it is stable
+            served = decode_cursor(listing.cursor, name, listing.fingerprint(),
+                                   self.max_depth).served
+        if served + listing.k > self.max_depth:
+            raise TooDeepError(f"listing stops at {self.max_depth} items; narrow the filter")
+        ids = self.generation.listing(listing.target, where, order, listing.descending, served,
+                                      listing.k)
+        hits = [Hit(i, None, record) for i, record in zip(ids, self.generation.items(ids))]
+        token = (encode_cursor(Cursor(name, listing.fingerprint(), (0.0, ids[-1]),
+                                      served + len(ids))) if len(ids) == listing.k else None)
+        return Result(hits, name, token, round((time.perf_counter() - started) * 1000, 3))
+
+    def caption(self, image: ImageLike, k: int = 5,
+                filter: dict[str, Any] | None = None) -> list[Hit]:
+        """The indexed texts that best match an image (among those `filter` matches):
+        captioning by retrieval."""
+        within = self.matching("text", filter)
+        return self.nearest("text", self._encoder().images([image]), k, within=within)[0]
+
+    def matching(self, target: str, filter: dict[str, Any] | None) -> np.ndarray | None:
+        """The ascending live ids of `target` that a filter (JSON) matches; None without one.
+        FilterError, before any search runs, for a filter the generation's fields refuse."""
+        if filter is None:
+            return None
+        return self.generation.matching_ids(target, parse_filter(filter,
+                                                                 self.generation.fields()))
 
     def classify(self, image: ImageLike, labels: Sequence[str],
                  template: str = ZERO_SHOT_TEMPLATE) -> list[tuple[str, float]]:
@@ -208,15 +253,20 @@ class Searcher:
         record = self.item(item_id)
         return normalise(self.generation.vectors(record.modality, [item_id])[0])
 
-    def nearest(self, target: str, queries: np.ndarray, k: int,
-                threshold: float | None = None) -> list[list[Hit]]:
-        """(nq, d) unit queries -> per query up to k hits in `target` modality, best first."""
+    def nearest(self, target: str, queries: np.ndarray, k: int, threshold: float | None = None,
+                within: np.ndarray | None = None) -> list[list[Hit]]:
+        """(nq, d) unit queries -> per query up to k hits in `target` modality, best first
+        (only among the ids `within`, when given: min(k, len(within)) of them)."""
         if target not in MODALITIES:
             raise InvalidQueryError(f"target must be one of {MODALITIES}, got {target!r}")
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.embed_dim)
-        if self.generation.count(target) == 0 or k < 1:
+        available = self.generation.count(target) if within is None else len(within)
+        if available == 0 or k < 1:
             return [[] for _ in range(len(queries))]
-        scores, ids = self.generation.search(target, queries, k)  # (nq, k2) each
+        if within is None:
+            scores, ids = self.generation.search(target, queries, k)  # (nq, k2) each
+        else:
+            scores, ids = self.generation.search(target, queries, k, within=within)
         return [self._hits(row_scores, row_ids, threshold)
                 for row_scores, row_ids in zip(scores, ids)]
 
@@ -229,14 +279,15 @@ class Searcher:
         return [Hit(item_id, score, record) for (score, item_id), record in zip(keep, records)]
 
     def page(self, target: str, query: Vector, k: int, threshold: float | None = None,
-             after: tuple[float, int] | None = None, served: int = 0, slack: int = 16) -> Page:
+             after: tuple[float, int] | None = None, served: int = 0,
+             within: np.ndarray | None = None, slack: int = 16) -> Page:
         """One page of k hits after the (score, id) of the previous page's last hit.
 
         Keyset paging survives tiny float differences between re-encodings of the same query,
         which offsets would turn into duplicated or skipped hits.
         """
         depth = served + k + (slack if after is not None else 0)
-        hits = self.nearest(target, query[None, :], depth, threshold)[0]
+        hits = self.nearest(target, query[None, :], depth, threshold, within)[0]
         if after is not None:
             last_score, last_id = after
             hits = [hit for hit in hits if (-hit.score, hit.id) > (-last_score, last_id)]

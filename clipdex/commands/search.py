@@ -22,6 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "texts for an image query)")
     search.add_argument("-k", type=int, default=10, help="hits (default: %(default)s)")
     search.add_argument("--threshold", type=float, default=None, help="minimum score")
+    search.add_argument("--filter", type=_filter_json, default=None, metavar="JSON",
+                        help='a metadata filter, e.g. \'{"field": "folder", "prefix": '
+                             '"2024/"}\' (operators eq ne in nin gt gte lt lte exists prefix, '
+                             "combined by and, or, not); its fields are shown with each hit")
     search.add_argument("--json", action="store_true", help="print the hits as JSON")
     model_options(search)
     search.set_defaults(func=cmd_search)
@@ -44,14 +48,39 @@ def cmd_search(args: argparse.Namespace) -> int:
     with open_generation(args.index) as generation:
         searcher = Searcher(generation, ModelEncoder(clip))
         result = searcher.search(Query(tuple(terms), target=target, k=args.k,
-                                       threshold=args.threshold))
+                                       threshold=args.threshold, filter=args.filter))
     rows = [_row(rank, hit) for rank, hit in enumerate(result.hits, start=1)]
     if args.json:
         print(json.dumps({"generation": result.generation, "hits": rows}, indent=2))
-    else:
-        for row in rows:
-            print(f"{row['rank']:>3}  {row['score']:.3f}  {row['what']}")
+        return 0
+    shown = _filter_fields(args.filter)
+    for row in rows:
+        fields = "  ".join(f"{name}={json.dumps(row['metadata'].get(name))}" for name in shown)
+        print(f"{row['rank']:>3}  {row['score']:.3f}  {row['what']}" +
+              (f"  {fields}" if fields else ""))
     return 0
+
+
+def _filter_json(text: str) -> dict[str, Any]:
+    """--filter's JSON object; anything else is a usage error (exit code 2)."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('a JSON object, e.g. {"field": "folder", "eq": "x"}')
+    return value
+
+
+def _filter_fields(where: Any) -> list[str]:
+    """The field names a filter mentions, in order, once each."""
+    if isinstance(where, list):
+        return list(dict.fromkeys(name for part in where for name in _filter_fields(part)))
+    if not isinstance(where, dict):
+        return []
+    if "field" in where:
+        return [str(where["field"])]
+    return _filter_fields(list(where.values()))
 
 
 def _row(rank: int, hit: Any) -> dict[str, Any]:

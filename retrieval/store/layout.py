@@ -9,7 +9,8 @@ that knows where things live. Nothing outside `retrieval.store` joins paths unde
         images.ivfdata texts.ivfdata  the on-disk inverted lists (kind "ivfpq-disk")
         images.npy    texts.npy       (rows, d) float32 embeddings, so rebuilds never re-encode
         images.ids.npy texts.ids.npy  (rows,) int64 ascending ids, row-aligned with the .npy
-        items.sqlite                  one row per item: id, modality, path/text, captions, ...
+        items.sqlite                  one row per item: id, modality, path/text, captions, ...;
+                                      the typed metadata fields (`fields`, `item_fields`)
         manifest.json                 model identity, counts, index specs, tuning, SHA-256s
     DIR/work/<job>/                   an indexing job's resumable shards (`store.work`)
     DIR/work/scratch-*.npy            rows a writer stages while deriving an on-disk index
@@ -42,6 +43,20 @@ CREATE TABLE items (id INTEGER PRIMARY KEY, modality TEXT NOT NULL, path TEXT, t
                     deleted INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX items_path ON items(path);
 CREATE INDEX items_image ON items(image_id);
+"""
+# Filterable metadata (see `retrieval.store.fields`): one row per field with its inferred type,
+# and one row per (item, field, value), rebuilt at each commit. Strings sit in str_value;
+# numbers, booleans (0/1) and date-times (seconds since the epoch, UTC) in num_value. A
+# generation written before fields existed has neither table: it has no fields.
+FIELDS_SCHEMA = """
+DROP TABLE IF EXISTS item_fields;
+DROP TABLE IF EXISTS fields;
+CREATE TABLE fields (name TEXT PRIMARY KEY, type TEXT NOT NULL, items INTEGER NOT NULL);
+CREATE TABLE item_fields (id INTEGER NOT NULL, field TEXT NOT NULL, str_value TEXT,
+                          num_value REAL);
+CREATE INDEX item_fields_str ON item_fields(field, str_value, id);
+CREATE INDEX item_fields_num ON item_fields(field, num_value, id);
+CREATE INDEX item_fields_id ON item_fields(id);
 """
 
 

@@ -7,7 +7,11 @@ or the tuning report).
      "model": {"sha256", "arch", "embed_dim"[, "external": true]}, "embed_dim": d,
      "metric": "inner_product", "normalization": "l2", "next_id": n,
      "modalities": {"image"|"text": {"rows", "live", "deleted", "index": IndexSpec, "tuning"}},
-     "files": {file name: SHA-256}, "build": {what wrote it}}
+     "files": {file name: SHA-256}, "build": {what wrote it},
+     "fields": {name: {"type": "string"|"number"|"boolean"|"datetime", "items": n}}}
+
+`fields` are the filterable metadata fields (`retrieval.fieldtypes`, `store.fields`); a
+generation written before they existed has none, and every filter names its field unknown.
 
 A generation built from embeddings made elsewhere (`clipdex index build --from-embeddings
 --model external:NAME`) records its model as external: `arch` is NAME and `sha256` a hash of
@@ -98,6 +102,10 @@ class GenerationManifest:
         """rows, live, deleted, index (kind and params) and tuning of one modality."""
         return self.data["modalities"][modality]
 
+    def fields(self) -> dict[str, str]:
+        """The filterable metadata fields and their types ({} for an older generation)."""
+        return {name: str(field["type"]) for name, field in self.data.get("fields", {}).items()}
+
     def tuning(self) -> dict[str, dict[str, Any]]:
         """The search-parameter tuning report of each modality."""
         return {modality: section["tuning"] for modality, section in
@@ -135,7 +143,21 @@ def load(folder: Path) -> dict[str, Any]:
     if manifest.get("format") != layout.FORMAT:
         raise IndexCorruptError(f"{path}: format {manifest.get('format')!r}, "
                                 f"expected {layout.FORMAT}")
+    if "checksum" in manifest and manifest["checksum"] != _checksum(manifest):
+        raise IndexCorruptError(f"{path}: its content does not match its checksum; the "
+                                "manifest was changed")
     return manifest
+
+
+def sealed(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest with a checksum of its own content, so a changed value anywhere in it
+    (a tuning figure, a field type) is caught at load like a changed file."""
+    return {**manifest, "checksum": _checksum(manifest)}
+
+
+def _checksum(manifest: dict[str, Any]) -> str:
+    content = {key: value for key, value in manifest.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def check_model(manifest: dict[str, Any], model_sha256: str | None,
@@ -182,10 +204,11 @@ def check_files(folder: Path, manifest: dict[str, Any], full: bool = False) -> N
 
 
 def new(model: ModelIdentity, sections: dict[str, Any], next_id: int, name: str,
-        parent: str | None, build_info: dict[str, Any],
-        files: dict[str, str], sizes: dict[str, int]) -> dict[str, Any]:
+        parent: str | None, build_info: dict[str, Any], files: dict[str, str],
+        sizes: dict[str, int], fields: dict[str, dict[str, Any]] | None = None
+        ) -> dict[str, Any]:
     """The manifest of a generation being committed (`files`: name -> SHA-256, `sizes`:
-    name -> bytes)."""
+    name -> bytes, `fields`: the filterable metadata fields and their types)."""
     return {
         "format": layout.FORMAT, "generation": name, "parent": parent,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -194,7 +217,7 @@ def new(model: ModelIdentity, sections: dict[str, Any], next_id: int, name: str,
                   **({"external": True} if model.external else {})},
         "embed_dim": model.embed_dim, "metric": "inner_product", "normalization": "l2",
         "next_id": next_id, "modalities": sections, "files": files, "sizes": sizes,
-        "build": build_info,
+        "build": build_info, "fields": fields or {},
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,15 @@ from retrieval.errors import (
     InvalidQueryError,
     UnknownItemError,
 )
-from retrieval.store import layout, manifest
+from retrieval.filters import Filter
+from retrieval.store import fields, layout, manifest
+from retrieval.store.filtered import Stored, search_within
 from retrieval.store.layout import MODALITIES
 from retrieval.store.manifest import GenerationManifest
 from retrieval.store.records import COLUMNS, ItemRecord, from_row
 
 SQLITE_MAX_PARAMS = 900  # bound parameters per statement, under SQLite's limit
+MATCH_CACHE = 16  # filters whose matching ids a generation remembers (paging repeats them)
 
 
 class Generation:
@@ -48,6 +52,7 @@ class Generation:
         self._deleted = {m: self._tombstones(m) for m in MODALITIES}
         self._selectors: dict[str, Any] = {}
         self._params = {m: self._search_params(m) for m in MODALITIES}
+        self._matches: OrderedDict[tuple[str, Filter], np.ndarray] = OrderedDict()
 
     @property
     def path(self) -> Path:
@@ -67,9 +72,41 @@ class Generation:
         """Live (not deleted) items of one modality."""
         return int(self._section(modality)["live"])
 
-    def search(self, modality: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(nq, d) unit queries -> (scores, ids), each (nq, min(k, live)); never a -1 id."""
+    def fields(self) -> dict[str, str]:
+        """The filterable metadata fields and their types ({} for an older generation)."""
+        return self.info.fields()
+
+    def matching_ids(self, modality: str, where: Filter) -> np.ndarray:
+        """(m,) ascending ids of the live items of `modality` that a checked filter matches
+        (remembered for the last MATCH_CACHE filters: the generation never changes)."""
+        key = (self._modality(modality), where)
+        with self._lock:
+            if key in self._matches:
+                self._matches.move_to_end(key)
+                return self._matches[key]
+        sql, params = fields.matching_sql(modality, where)
+        ids = np.array([row[0] for row in self._query(sql, params)], dtype=np.int64)
+        with self._lock:
+            self._matches[key] = ids
+            while len(self._matches) > MATCH_CACHE:
+                self._matches.popitem(last=False)
+        return ids
+
+    def listing(self, modality: str, where: Filter | None, order: tuple[str, str] | None,
+                descending: bool, offset: int, limit: int) -> list[int]:
+        """One page of the live ids a filter matches, by id or by a field (`fields.listing_sql`)."""
+        sql, params = fields.listing_sql(self._modality(modality), where, order, descending,
+                                         int(offset), int(limit))
+        return [int(row[0]) for row in self._query(sql, params)]
+
+    def search(self, modality: str, queries: np.ndarray, k: int,
+               within: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(nq, d) unit queries -> (scores, ids), each (nq, min(k, live)); never a -1 id.
+        With `within` (ascending live ids, e.g. `matching_ids`), only those are searched and
+        each query gets min(k, len(within)) hits."""
         queries = self._check_queries(queries)
+        if within is not None:
+            return search_within(self._stored(modality), queries, k, within)
         width = min(max(int(k), 0), self.count(modality))
         if width == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
@@ -158,12 +195,18 @@ class Generation:
         with self._lock:
             self._db.close()
         self._indexes, self._params, self._selectors = {}, {}, {}
+        self._matches.clear()
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _stored(self, modality: str) -> Stored:
+        spec = self._section(modality)["index"]
+        return Stored(self._indexes[modality], spec["kind"], spec["params"], self._ids[modality],
+                      self._vectors[modality], self.count(modality))
 
     def _section(self, modality: str) -> dict[str, Any]:
         return self.manifest["modalities"][self._modality(modality)]

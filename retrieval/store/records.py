@@ -75,10 +75,13 @@ def image_with_captions(path: str, captions: Sequence[str] = (),
 
 
 def text_records(texts: Sequence[str], image_id: int | None = None,
-                 start_id: int | None = None) -> list[ItemRecord]:
-    """Texts, each a caption of the stored image `image_id` when given, else free texts."""
+                 start_id: int | None = None,
+                 metadata: dict[str, Any] | None = None) -> list[ItemRecord]:
+    """Texts, each a caption of the stored image `image_id` when given, else free texts
+    (each with `metadata`: a caption is filtered by its image's)."""
     start_id = PROVISIONAL_BASE if start_id is None else start_id
-    return [ItemRecord(start_id + n, "text", text=text, image_id=image_id)
+    return [ItemRecord(start_id + n, "text", text=text, image_id=image_id,
+                       metadata=dict(metadata or {}) if image_id is None else {})
             for n, text in enumerate(texts)]
 
 

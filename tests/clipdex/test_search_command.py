@@ -49,3 +49,24 @@ def test_an_image_query_searches_texts_and_prints_a_table(index, capsys):
 def test_no_query_is_a_one_line_error(index, capsys):
     assert main(["search", "--index", str(index[0]), "--model", "clipdex-tiny"]) == 2
     assert "give a text query" in capsys.readouterr().err
+
+
+def test_a_filter_narrows_the_hits_and_its_fields_are_shown(index, capsys):
+    root, _ = index
+    where = '{"field": "file_name", "in": ["red.png", "blue.png"]}'
+    assert main(["search", "--index", str(root), "a green square", "--model", "clipdex-tiny",
+                 "--filter", where]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all('file_name="' in line for line in lines)
+    assert {line.rsplit("file_name=", 1)[1] for line in lines} == {'"red.png"', '"blue.png"'}
+
+
+def test_a_bad_filter_is_a_one_line_error_naming_the_field(index, capsys):
+    root, _ = index
+    assert main(["search", "--index", str(root), "a dog", "--model", "clipdex-tiny",
+                 "--filter", '{"field": "width", "gt": "wide"}']) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "field 'width' is number" in err
+    with pytest.raises(SystemExit) as usage:
+        main(["search", "--index", str(root), "a dog", "--filter", "[1]"])
+    assert usage.value.code == 2 and "JSON object" in capsys.readouterr().err

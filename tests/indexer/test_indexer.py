@@ -56,9 +56,15 @@ def test_builds_from_a_folder_manifests_and_a_text_corpus(tmp_path, capsys):
         records = generation.items(range(1, 13))
         by_path = {Path(r.path).name: r for r in records if r.modality == "image"}
         assert by_path["red.png"].captions == ["a red square", "a crimson tile"]
-        assert by_path["green.png"].metadata == {"site": "x"}
+        green = by_path["green.png"].metadata  # a folder's facts, then its sidecar's keys
+        assert {k: green[k] for k in ("site", "folder", "file_name", "width", "height")} == {
+            "site": "x", "folder": "", "file_name": "green.png", "width": 48, "height": 40}
         assert by_path["blue.png"].metadata == {"owner": "ann"}
         assert by_path["white.png"].metadata == {"year": 2020}
+        assert generation.fields() == {
+            "file_name": "string", "folder": "string", "height": "number", "line": "number",
+            "modified": "datetime", "owner": "string", "site": "string", "source": "string",
+            "width": "number", "year": "number"}
         captions = [r for r in records if r.modality == "text" and r.image_id is not None]
         assert {generation.items([r.image_id])[0].path for r in captions} == {
             str(r.path) for r in by_path.values()}

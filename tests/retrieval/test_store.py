@@ -17,6 +17,7 @@ from retrieval.errors import (
     UnknownItemError,
 )
 from retrieval.manifest import Problem
+from retrieval.store import manifest as manifests
 from retrieval.store import (
     FORMAT,
     ItemRecord,
@@ -143,12 +144,20 @@ def test_a_flipped_byte_is_refused_naming_the_file(tmp_path, filename):
         open_generation(tmp_path)
 
 
+def test_a_changed_value_inside_the_manifest_is_refused(tmp_path):
+    small_index(tmp_path)
+    path = tmp_path / "generations" / "000001" / "manifest.json"
+    path.write_text(path.read_text().replace('"live": 6', '"live": 5', 1))
+    with pytest.raises(IndexCorruptError, match="does not match its checksum"):
+        open_generation(tmp_path)
+
+
 def test_counts_that_disagree_with_the_manifest_are_refused(tmp_path):
     small_index(tmp_path)
     path = tmp_path / "generations" / "000001" / "manifest.json"
     manifest = json.loads(path.read_text())
-    manifest["modalities"]["image"]["rows"] = 7
-    path.write_text(json.dumps(manifest))
+    manifest["modalities"]["image"]["rows"] = 7  # a writer's mistake, sealed as written
+    path.write_text(json.dumps(manifests.sealed(manifest)))
     with pytest.raises(IndexCorruptError, match="images.faiss holds 6 vectors"):
         open_generation(tmp_path)
 

@@ -1,0 +1,96 @@
+"""The types of filterable metadata fields, and the one rule that infers them.
+
+Every key of an item's metadata (a manifest's extra columns, a sidecar's keys, the folder
+facts the indexer reads, the metadata of admin writes) is a field. Its type is inferred over
+all its values in a generation:
+
+    boolean   every value is true or false
+    number    every value is a number (bool does not count as one)
+    datetime  every value is a string in ISO-8601 form: 2024-06-01, 2024-06-01T12:30,
+              2024-06-01 12:30:05.5+02:00, ...Z (a time without a zone is read as UTC)
+    string    anything else; a field whose values mix types is a string field, and its
+              non-string values are compared as their JSON text (3, 1.5, true)
+
+A list value gives the field several values (a filter matches when any of them does); null,
+objects and non-finite numbers are no values at all (the item lacks that field).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+TYPES = ("string", "number", "boolean", "datetime")
+_ISO = re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?)?"
+                  r"(Z|[+-]\d{2}:?\d{2})?")
+
+
+def scalars(value: Any) -> Iterator[bool | float | str]:
+    """The field values in one metadata value (a list gives each element)."""
+    for element in value if isinstance(value, list | tuple) else (value,):
+        finite = isinstance(element, int | float) and math.isfinite(element)
+        if isinstance(element, bool | str) or finite:
+            yield element
+
+
+def parse_datetime(text: Any) -> float | None:
+    """Seconds since the epoch (UTC) of an ISO-8601 date or date-time string, else None."""
+    if not isinstance(text, str) or not _ISO.fullmatch(text):
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:  # e.g. month 13
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def as_text(value: bool | float | str) -> str:
+    """A value of a string field as compared: strings as they are, the rest as JSON text."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+@dataclass
+class Inference:
+    """The running type of one field while its values stream past (memory: O(1))."""
+
+    booleans: bool = False
+    numbers: bool = False
+    strings: bool = False
+    all_dates: bool = True
+    items: int = 0  # items that have at least one value
+
+    def see(self, value: bool | float | str) -> None:
+        if isinstance(value, bool):
+            self.booleans = True
+        elif isinstance(value, str):
+            self.strings = True
+            self.all_dates = self.all_dates and parse_datetime(value) is not None
+        else:
+            self.numbers = True
+
+    @property
+    def type(self) -> str:
+        if self.booleans + self.numbers + self.strings != 1:
+            return "string"
+        if self.booleans:
+            return "boolean"
+        if self.numbers:
+            return "number"
+        return "datetime" if self.all_dates else "string"
+
+
+def encode(value: bool | float | str, field_type: str) -> tuple[str | None, float | None]:
+    """(str_value, num_value) of one value of a field of `field_type`, as stored and
+    compared: strings as text, numbers and booleans (0/1) as numbers, date-times as seconds."""
+    if field_type == "string":
+        return as_text(value), None
+    if field_type == "datetime":
+        return None, parse_datetime(value)
+    return None, float(value)

@@ -1,0 +1,137 @@
+"""A generation's filterable metadata fields: the `fields` and `item_fields` tables (schema in
+`layout.FIELDS_SCHEMA`), rebuilt from the live items' metadata at each commit, so every writer
+(the indexer, `index add`, the service's admin writes) gets them the same way. Types follow
+`retrieval.fieldtypes`; the manifest records them too, so a filter is checked before it runs.
+
+A caption text has no metadata of its own: a filter on texts reads its image's fields.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from typing import Any
+
+from retrieval.fieldtypes import Inference, encode, scalars
+from retrieval.filters import Combined, Condition, Filter, Negated
+from retrieval.store.layout import FIELDS_SCHEMA
+
+_LIVE_METADATA = "SELECT id, metadata FROM items WHERE deleted = 0 AND metadata != '{}'"
+# The item whose fields a row of each modality is matched by: a caption text goes by its image.
+OWNER = {"image": "items.id", "text": "COALESCE(items.image_id, items.id)"}
+_COMPARE = {"eq": "=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+
+
+def build(db: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+    """(Re)write the field tables from the items table; returns {name: {"type", "items"}}
+    for the manifest. Two streaming passes (infer, then insert): memory stays O(fields)."""
+    db.executescript(FIELDS_SCHEMA)
+    inferred: dict[str, Inference] = {}
+    for _, metadata in _rows(db):
+        for name, value in metadata.items():
+            values = list(scalars(value))
+            if values:
+                inference = inferred.setdefault(name, Inference())
+                inference.items += 1
+                for one in values:
+                    inference.see(one)
+    types = {name: inference.type for name, inference in sorted(inferred.items())}
+    db.executemany("INSERT INTO item_fields (id, field, str_value, num_value) VALUES "
+                   "(?, ?, ?, ?)", _field_rows(db, types))
+    db.executemany("INSERT INTO fields (name, type, items) VALUES (?, ?, ?)",
+                   ((name, types[name], inferred[name].items) for name in types))
+    return {name: {"type": types[name], "items": inferred[name].items} for name in types}
+
+
+def _rows(db: sqlite3.Connection) -> Iterator[tuple[int, dict[str, Any]]]:
+    for item_id, text in db.cursor().execute(_LIVE_METADATA):
+        metadata = json.loads(text)
+        if isinstance(metadata, dict):
+            yield item_id, metadata
+
+
+def _field_rows(db: sqlite3.Connection, types: dict[str, str]
+                ) -> Iterator[tuple[int, str, str | None, float | None]]:
+    for item_id, metadata in _rows(db):
+        for name, value in metadata.items():
+            encoded = (encode(one, types[name]) for one in scalars(value))
+            for stored in dict.fromkeys(encoded):  # a repeated value is one row
+                yield (item_id, name, *stored)
+
+
+def matching_sql(modality: str, where: Filter) -> tuple[str, list[Any]]:
+    """SELECT of the live ids of `modality` that `where` matches, ascending; every value is a
+    bound parameter (field names too), never text in the statement."""
+    condition, params = where_sql(where, OWNER[modality])
+    sql = f"SELECT id FROM items WHERE deleted = 0 AND modality = ? AND {condition} ORDER BY id"
+    return sql, [modality, *params]
+
+
+def listing_sql(modality: str, where: Filter | None, order: tuple[str, str] | None,
+                descending: bool, offset: int, limit: int) -> tuple[str, list[Any]]:
+    """SELECT of one page of the live ids of `modality` that `where` matches (all, for None):
+    by id (newest first when descending), or by the field `order` = (name, type), whose
+    items without it are left out (a list-valued field sorts by its largest value when
+    descending, its smallest otherwise); ties by id."""
+    owner, direction = OWNER[modality], "DESC" if descending else "ASC"
+    condition, params = where_sql(where, owner) if where is not None else ("1", [])
+    live = f"FROM items WHERE deleted = 0 AND modality = ? AND {condition}"
+    if order is None:
+        return (f"SELECT id {live} ORDER BY id {direction} LIMIT ? OFFSET ?",
+                [modality, *params, limit, offset])
+    name, kind = order
+    column = "str_value" if kind == "string" else "num_value"
+    value = (f"(SELECT {'MAX' if descending else 'MIN'}({column}) FROM item_fields "
+             f"WHERE item_fields.id = {owner} AND field = ?)")
+    sql = (f"SELECT id FROM (SELECT items.id AS id, {value} AS v {live}) WHERE v IS NOT NULL "
+           f"ORDER BY v {direction}, id {direction} LIMIT ? OFFSET ?")
+    return sql, [name, modality, *params, limit, offset]
+
+
+def where_sql(where: Filter, owner: str) -> tuple[str, list[Any]]:
+    """A boolean SQL expression over the items table (`owner` names the id column to match)."""
+    if isinstance(where, Negated):
+        inner, params = where_sql(where.part, owner)
+        return f"NOT ({inner})", params
+    if isinstance(where, Combined):
+        parts = [where_sql(part, owner) for part in where.parts]
+        joiner = " AND " if where.op == "and" else " OR "
+        return "(" + joiner.join(sql for sql, _ in parts) + ")", [p for _, ps in parts for p in ps]
+    return _condition_sql(where, owner)
+
+
+def _condition_sql(condition: Condition, owner: str) -> tuple[str, list[Any]]:
+    column = "str_value" if condition.type == "string" else "num_value"
+    op, values, field = condition.op, list(condition.values), condition.field
+
+    def having(test: str = "", args: list[Any] | None = None) -> tuple[str, list[Any]]:
+        return (f"{owner} IN (SELECT id FROM item_fields WHERE field = ?{test})",
+                [field, *(args or [])])
+
+    if op == "exists":
+        sql, params = having()
+        return (sql if values[0] else f"NOT {sql}"), params
+    if op in ("in", "nin", "eq", "ne"):
+        marks = ",".join("?" * len(values))
+        sql, params = having(f" AND {column} IN ({marks})", values)
+        if op in ("in", "eq"):
+            return sql, params
+        present, field_only = having()
+        return f"({present} AND NOT {sql})", field_only + params
+    if op == "prefix":
+        return having(*_prefix_range(values[0]))
+    return having(f" AND {column} {_COMPARE[op]} ?", values)
+
+
+def _prefix_range(prefix: str) -> tuple[str, list[Any]]:
+    """Values starting with `prefix` as an index-friendly range: [prefix, prefix's successor)
+    (SQLite compares UTF-8 bytes, which order as code points do)."""
+    if not prefix:
+        return "", []
+    last = ord(prefix[-1]) + 1
+    if 0xD800 <= last < 0xE000:  # skip the surrogates, which UTF-8 cannot carry
+        last = 0xE000
+    if last > 0x10FFFF:
+        return " AND substr(str_value, 1, ?) = ?", [len(prefix), prefix]
+    return " AND str_value >= ? AND str_value < ?", [prefix, prefix[:-1] + chr(last)]
