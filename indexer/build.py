@@ -52,6 +52,10 @@ DECODER = "jpeg-draft/1"  # reduced-size JPEG decoding (retrieval.images.DecodeL
 Step = tuple[list[int], np.ndarray, list[tuple[int, Problem]], int]
 
 
+# makes the job of a build: (index root, model identity, what to encode, config, parent)
+JobFactory = Callable[[Path, ModelIdentity, Collection, "BuildConfig", "str | None"], "Job"]
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     batch_size: int = 64
@@ -84,14 +88,15 @@ class Summary:
 
 
 def build(sources: Sequence[Path], out: Path, clip: ClipModel, config: BuildConfig = BuildConfig(),
-          progress: ProgressFactory | None = None) -> Summary:
-    """Index `sources` into a new generation of `out` (a fresh id space starting at 1)."""
+          progress: ProgressFactory | None = None, engine: JobFactory | None = None) -> Summary:
+    """Index `sources` into a new generation of `out` (a fresh id space starting at 1);
+    `engine` makes the job that encodes (default: this process, `Job`)."""
     started = time.perf_counter()
     collection = collect(sources)
     identity = model_identity(clip)
-    job = _Job(out, identity, collection, config, parent=None)
+    job = (engine or Job)(out, identity, collection, config, None)
     records, vectors, problems = job.run(clip, start_id=1, progress=progress)
-    info = _build_info(sources, collection, problems)
+    info = {**_build_info(sources, collection, problems), "engine": job.ENGINE}
     name = write_generation(out, identity, records, vectors, config.store_options(), info)
     return job.finish(read_generation_manifest(out, name), records, problems, started)
 
@@ -104,7 +109,7 @@ def add(sources: Sequence[Path], index: Path, clip: ClipModel,
     with open_generation(index, identity.sha256, identity.embed_dim) as current:
         collection = _only_new(collect(sources), current)
         parent = current.name
-    job = _Job(index, identity, collection, config, parent=parent)
+    job = Job(index, identity, collection, config, parent=parent)
     # Provisional ids: the store allocates the real ones under its writer lock, so an admin
     # write through the service while this job encodes is no conflict.
     records, vectors, problems = job.run(clip, start_id=None, progress=progress)
@@ -145,8 +150,11 @@ def _build_info(sources: Sequence[Path], collection: Collection,
             "corpus_texts": len(collection.texts), "skipped": len(problems)}
 
 
-class _Job:
-    """One encoding job and its work folder of shards."""
+class Job:
+    """One encoding job and its work folder of shards, encoded in this process."""
+
+    ENGINE = "local"  # in the job's hash: another engine's shards are never mixed in
+    WORK = JobFolder  # the shards' format
 
     def __init__(self, out: Path, identity: ModelIdentity, collection: Collection,
                  config: BuildConfig, parent: str | None):
@@ -155,7 +163,8 @@ class _Job:
         self.texts = [(caption, {}, index) for index, entry in enumerate(collection.images)
                       for caption in entry.captions]
         self.texts += [(entry.text, entry.metadata, None) for entry in collection.texts]
-        self.work = JobFolder(self.out, _job_hash(identity, collection, config, parent))
+        self.work = self.WORK(self.out, _job_hash(identity, collection, config, parent,
+                                                  self.ENGINE))
         self.parent = parent
         self.resumed = self.encoded = 0
 
@@ -165,13 +174,11 @@ class _Job:
         (None: provisional ones for `append_items`)."""
         progress = progress or no_progress
         self.work.start(self.parent)
-        paths = [entry.path for entry in self.collection.images]
-        image_pos, image_vectors, problems = self._sharded(
-            "images", len(paths), clip.embed_dim, lambda todo: self._image_steps(clip, paths, todo),
-            progress("images", len(paths)))
+        images = len(self.collection.images)
+        image_pos, image_vectors, problems = self._sharded("images", images, clip,
+                                                           progress("images", images))
         text_pos, text_vectors, _ = self._sharded(
-            "texts", len(self.texts), clip.embed_dim, lambda todo: self._text_steps(clip, todo),
-            progress("texts", len(self.texts)))
+            "texts", len(self.texts), clip, progress("texts", len(self.texts)))
         records = self._records(image_pos, text_pos, start_id)
         # missing files and unreadable sidecars found while reading sources come first
         problems = self.collection.problems + problems
@@ -207,9 +214,10 @@ class _Job:
             texts.append(NewText(text, metadata, kept.get(owner) if owner is not None else None))
         return linked_records(images, texts, start_id)
 
-    def _image_steps(self, clip: ClipModel, paths: list[Path], todo: list[int]) -> Iterator[Step]:
+    def _image_steps(self, clip: ClipModel, todo: list[int]) -> Iterator[Step]:
         """Decode in DataLoader workers while this process encodes the previous batch."""
-        batches = iter_image_batches([paths[i] for i in todo], clip.preprocess,
+        images = self.collection.images
+        batches = iter_image_batches([images[i].source for i in todo], clip.preprocess,
                                      self.config.batch_size, self.config.workers,
                                      clip.device.type == "cuda", self.config.max_pixels,
                                      uint8=True)
@@ -228,8 +236,7 @@ class _Job:
                                    precision=self.config.precision)
             yield part, vectors, [], len(part)
 
-    def _sharded(self, prefix: str, count: int, dim: int,
-                 steps: Callable[[list[int]], Iterator[Step]], bar: Bar
+    def _sharded(self, prefix: str, count: int, clip: ClipModel, bar: Bar
                  ) -> tuple[np.ndarray, np.ndarray, list[Problem]]:
         """Encode positions 0..count-1 shard by shard; returns (kept positions (m,),
         embeddings (m, d), problems), reusing shards already on disk."""
@@ -241,9 +248,15 @@ class _Job:
         bar.update(sum(min(size, count - s * size) for s in done))
         todo = [p for s in shards if s not in done for p in range(s * size, min(count, (s + 1) * size))]
         if todo:
-            done.update(self._encode_pending(prefix, todo, steps, bar))
+            done.update(self._encode(prefix, todo, clip, bar))
         bar.close()
-        return _concatenate([done[s] for s in shards], dim)
+        return _concatenate([done[s] for s in shards], clip.embed_dim)
+
+    def _encode(self, prefix: str, todo: list[int], clip: ClipModel, bar: Bar) -> dict[int, Shard]:
+        """Encode the sorted positions `todo` of `prefix` in this process, shard by shard (an
+        engine that encodes elsewhere overrides this)."""
+        steps = self._image_steps if prefix == "images" else self._text_steps
+        return self._encode_pending(prefix, todo, lambda part: steps(clip, part), bar)
 
     def _encode_pending(self, prefix: str, todo: list[int],
                         steps: Callable[[list[int]], Iterator[Step]], bar: Bar) -> dict[int, Shard]:
@@ -285,13 +298,17 @@ def _concatenate(parts: list[Shard], dim: int) -> tuple[np.ndarray, np.ndarray, 
 
 
 def _job_hash(identity: ModelIdentity, collection: Collection, config: BuildConfig,
-              parent: str | None) -> str:
-    """Same model, same files (by size and mtime), same texts and shard size, same decoder:
-    same job (DECODER names the decoding, so shards of an older decoder are not mixed in)."""
+              parent: str | None, engine: str) -> str:
+    """Same model, same files (by size and mtime; a tar shard's for its members), same texts
+    and shard size, same decoder and engine: same job (DECODER names the decoding, so shards
+    of an older decoder are not mixed in)."""
     digest = hashlib.sha256(json.dumps([identity.sha256, config.max_pixels, config.shard_size,
-                                        parent, DECODER]).encode())
+                                        parent, DECODER, engine]).encode())
+    stats: dict[Path, os.stat_result | None] = {}  # a tar shard's entries share its stat
     for entry in collection.images:
-        stat = entry.path.stat() if entry.path.exists() else None
+        if entry.file not in stats:
+            stats[entry.file] = entry.file.stat() if entry.file.exists() else None
+        stat = stats[entry.file]
         digest.update(f"{entry.path}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}\0"
                       f"{len(entry.captions)}\n".encode())
         digest.update("\0".join(entry.captions).encode())
@@ -307,6 +324,7 @@ def skip_kind(problem: Problem) -> str:
         return "empty_file"
     for needle, kind in (("pixel cap", "too_large"), ("MiB cap", "too_large"), ("bomb", "too_large"),
                          ("truncated", "truncated"), ("not found", "missing"),
+                         ("empty file", "empty_file"),
                          ("cannot identify", "not_an_image"), ("cannot decode", "corrupt")):
         if needle in reason:
             return kind

@@ -9,7 +9,8 @@ that knows where things live. Nothing outside `retrieval.store` joins paths unde
         images.ids.npy texts.ids.npy  (rows,) int64 ascending ids, row-aligned with the .npy
         items.sqlite                  one row per item: id, modality, path/text, captions, ...
         manifest.json                 model identity, counts, index specs, tuning, SHA-256s
-    DIR/work/<job>/                   an indexing job's resumable shards (`store.work`)
+    DIR/work/<job>/                   an indexing job's resumable shards (`store.work`):
+                                      .npy + .json in one process, .parquet from Ray
     DIR/errors.jsonl                  the inputs the last indexing job skipped, with reasons
     DIR/uploads/<sha256>.<ext>        images added through the service's admin API
 
@@ -141,6 +142,12 @@ def job_record(job: Path) -> Path:
 def shard_files(job: Path, prefix: str, shard: int) -> ShardFiles:
     name = f"{prefix}-{shard:05d}"
     return ShardFiles(Path(job) / f"{name}.npy", Path(job) / f"{name}.json")
+
+
+def parquet_shard_file(job: Path, prefix: str, shard: int) -> Path:
+    """<prefix>-00012.parquet: one shard of a Ray build, its own commit mark (written whole
+    under a temporary name, then renamed)."""
+    return Path(job) / f"{prefix}-{shard:05d}.parquet"
 
 
 # ----------------------------------------------------------------------------- uploads/
