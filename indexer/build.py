@@ -8,6 +8,7 @@ file the job writes goes through `retrieval.store`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -174,11 +175,18 @@ class Job:
         (None: provisional ones for `append_items`)."""
         progress = progress or no_progress
         self.work.start(self.parent)
-        images = len(self.collection.images)
-        image_pos, image_vectors, problems = self._sharded("images", images, clip,
-                                                           progress("images", images))
-        text_pos, text_vectors, _ = self._sharded(
-            "texts", len(self.texts), clip, progress("texts", len(self.texts)))
+        counts = {"images": len(self.collection.images), "texts": len(self.texts)}
+        bars = {prefix: progress(prefix, count) for prefix, count in counts.items()}
+        done = {prefix: self._finished(prefix, count, bars[prefix])
+                for prefix, count in counts.items()}
+        todo = {prefix: _pending(self.config.shard_size, count, done[prefix])
+                for prefix, count in counts.items()}
+        for prefix, written in self._encode(todo, clip, bars).items():
+            done[prefix].update(written)
+        for bar in bars.values():
+            bar.close()
+        image_pos, image_vectors, problems = _concatenate(done["images"], clip.embed_dim)
+        text_pos, text_vectors, _ = _concatenate(done["texts"], clip.embed_dim)
         records = self._records(image_pos, text_pos, start_id)
         # missing files and unreadable sidecars found while reading sources come first
         problems = self.collection.problems + problems
@@ -236,27 +244,26 @@ class Job:
                                    precision=self.config.precision)
             yield part, vectors, [], len(part)
 
-    def _sharded(self, prefix: str, count: int, clip: ClipModel, bar: Bar
-                 ) -> tuple[np.ndarray, np.ndarray, list[Problem]]:
-        """Encode positions 0..count-1 shard by shard; returns (kept positions (m,),
-        embeddings (m, d), problems), reusing shards already on disk."""
+    def _finished(self, prefix: str, count: int, bar: Bar) -> dict[int, Shard]:
+        """The shards of positions 0..count-1 already on disk (a resumed job's)."""
         size = self.config.shard_size
-        shards = list(range((count + size - 1) // size))
-        done = {s: self.work.load(prefix, s) for s in shards}
+        done = {s: self.work.load(prefix, s) for s in range((count + size - 1) // size)}
         done = {s: v for s, v in done.items() if v is not None}
         self.resumed += len(done)
         bar.update(sum(min(size, count - s * size) for s in done))
-        todo = [p for s in shards if s not in done for p in range(s * size, min(count, (s + 1) * size))]
-        if todo:
-            done.update(self._encode(prefix, todo, clip, bar))
-        bar.close()
-        return _concatenate([done[s] for s in shards], clip.embed_dim)
+        return done
 
-    def _encode(self, prefix: str, todo: list[int], clip: ClipModel, bar: Bar) -> dict[int, Shard]:
-        """Encode the sorted positions `todo` of `prefix` in this process, shard by shard (an
-        engine that encodes elsewhere overrides this)."""
-        steps = self._image_steps if prefix == "images" else self._text_steps
-        return self._encode_pending(prefix, todo, lambda part: steps(clip, part), bar)
+    def _encode(self, todo: dict[str, list[int]], clip: ClipModel, bars: dict[str, Bar]
+                ) -> dict[str, dict[int, Shard]]:
+        """Encode the sorted pending positions of each prefix in this process, shard by shard
+        (an engine that encodes elsewhere overrides this)."""
+        written = {}
+        for prefix, positions in todo.items():
+            steps = self._image_steps if prefix == "images" else self._text_steps
+            written[prefix] = (self._encode_pending(prefix, positions,
+                                                    functools.partial(steps, clip), bars[prefix])
+                               if positions else {})
+        return written
 
     def _encode_pending(self, prefix: str, todo: list[int],
                         steps: Callable[[list[int]], Iterator[Step]], bar: Bar) -> dict[int, Shard]:
@@ -289,7 +296,16 @@ class Job:
         return shard_data
 
 
-def _concatenate(parts: list[Shard], dim: int) -> tuple[np.ndarray, np.ndarray, list[Problem]]:
+def _pending(size: int, count: int, done: dict[int, Shard]) -> list[int]:
+    """Positions 0..count-1 not in a finished shard, in order."""
+    return [p for s in range((count + size - 1) // size) if s not in done
+            for p in range(s * size, min(count, (s + 1) * size))]
+
+
+def _concatenate(shards: dict[int, Shard], dim: int
+                 ) -> tuple[np.ndarray, np.ndarray, list[Problem]]:
+    """(kept positions (m,), embeddings (m, d), problems) of all shards, in shard order."""
+    parts = [shards[number] for number in sorted(shards)]
     positions = np.array([p for part in parts for p in part.positions], dtype=np.int64)
     filled = [part.vectors for part in parts if len(part.vectors)]
     vectors = (np.concatenate(filled).astype(np.float32)

@@ -3,13 +3,10 @@ byte ranges, captions and metadata from the .txt / .json members, broken members
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
-from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from clipdex.main import main
 from indexer.build import BuildConfig, Job, build
@@ -17,37 +14,9 @@ from indexer.sources import collect
 from retrieval.encode import encode_images
 from retrieval.store import model_identity, open_generation
 from tests.conftest import COLOURS
+from tests.indexer.helpers import image_bytes, img2dataset_shard, write_shard
 
 TINY = ["--model", "clipdex-tiny", "--device", "cpu", "--workers", "0"]
-
-
-def _image_bytes(colour: tuple[int, int, int], fmt: str = "JPEG") -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (40, 32), colour).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def write_shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    """A tar with `members` in order, as img2dataset's writer lays samples out."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
-def img2dataset_shard(path: Path, first: int, colours: list[str]) -> Path:
-    members = []
-    for n, colour in enumerate(colours, start=first):
-        key = f"{n:09d}"
-        record = {"url": f"https://example.com/{key}.jpg", "key": key, "status": "success",
-                  "caption": f"a {colour} square", "width": 40}
-        members += [(f"{key}.jpg", _image_bytes(COLOURS[colour])),
-                    (f"{key}.txt", f"a {colour} square".encode()),
-                    (f"{key}.json", json.dumps(record).encode())]
-    return write_shard(path, members)
 
 
 def test_a_shard_gives_images_with_captions_and_metadata(tmp_path, capsys):
@@ -71,7 +40,7 @@ def test_a_shard_gives_images_with_captions_and_metadata(tmp_path, capsys):
 
 def test_members_decode_like_the_same_files_on_disk(tiny, tmp_path):
     """The tar member's bytes go through the one decoder: the same embedding as the file."""
-    data = _image_bytes(COLOURS["purple"], "PNG")
+    data = image_bytes(COLOURS["purple"], "PNG")
     shard = write_shard(tmp_path / "s.tar", [("a/b.c.png", data), ("a/b.c.txt", b"one\ntwo\n")])
     (tmp_path / "b.png").write_bytes(data)
     out = tmp_path / "idx"
@@ -84,7 +53,7 @@ def test_members_decode_like_the_same_files_on_disk(tiny, tmp_path):
 
 
 def test_broken_members_are_skipped_and_reported(tmp_path, capsys):
-    good = _image_bytes(COLOURS["red"])
+    good = image_bytes(COLOURS["red"])
     shard = write_shard(tmp_path / "mixed.tar", [
         ("0.jpg", good), ("0.txt", b"fine"),
         ("1.jpg", b"<html>not an image</html>"), ("1.txt", b"a page"),
