@@ -112,12 +112,19 @@ class RayJob(Job):
                 ) -> dict[str, dict[int, Shard]]:
         """Run one pipeline over the pending images and texts, writing each shard once all
         its rows are back."""
+        import ray
+
         sinks = {prefix: _ShardSink(self, prefix, positions) for prefix, positions in todo.items()}
-        if any(todo.values()):
-            for batch in self._pipeline(todo, clip).iter_batches(batch_size=None,
-                                                                 batch_format="numpy"):
-                for prefix, sink in sinks.items():
-                    bars[prefix].update(sink.add(batch))
+        try:
+            if any(todo.values()):
+                for batch in self._pipeline(todo, clip).iter_batches(batch_size=None,
+                                                                     batch_format="numpy"):
+                    for prefix, sink in sinks.items():
+                        bars[prefix].update(sink.add(batch))
+        except ray.exceptions.RayError as error:  # the shards written so far stay: resumable
+            cause = str(error).strip().splitlines()
+            raise EngineError(f"the Ray pipeline failed: {cause[-1] if cause else error!r}; "
+                              "shards written so far are kept for a rerun") from None
         return {prefix: sink.finish() for prefix, sink in sinks.items()}
 
     def _pipeline(self, todo: dict[str, list[int]], clip: ClipModel) -> Any:
