@@ -8,6 +8,7 @@ file the job writes goes through `retrieval.store`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -52,6 +53,10 @@ DECODER = "jpeg-draft/1"  # reduced-size JPEG decoding (retrieval.images.DecodeL
 Step = tuple[list[int], np.ndarray, list[tuple[int, Problem]], int]
 
 
+# makes the job of a build: (index root, model identity, what to encode, config, parent)
+JobFactory = Callable[[Path, ModelIdentity, Collection, "BuildConfig", "str | None"], "Job"]
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     batch_size: int = 64
@@ -84,14 +89,15 @@ class Summary:
 
 
 def build(sources: Sequence[Path], out: Path, clip: ClipModel, config: BuildConfig = BuildConfig(),
-          progress: ProgressFactory | None = None) -> Summary:
-    """Index `sources` into a new generation of `out` (a fresh id space starting at 1)."""
+          progress: ProgressFactory | None = None, engine: JobFactory | None = None) -> Summary:
+    """Index `sources` into a new generation of `out` (a fresh id space starting at 1);
+    `engine` makes the job that encodes (default: this process, `Job`)."""
     started = time.perf_counter()
     collection = collect(sources)
     identity = model_identity(clip)
-    job = _Job(out, identity, collection, config, parent=None)
+    job = (engine or Job)(out, identity, collection, config, None)
     records, vectors, problems = job.run(clip, start_id=1, progress=progress)
-    info = _build_info(sources, collection, problems)
+    info = {**_build_info(sources, collection, problems), "engine": job.ENGINE}
     name = write_generation(out, identity, records, vectors, config.store_options(), info)
     return job.finish(read_generation_manifest(out, name), records, problems, started)
 
@@ -104,7 +110,7 @@ def add(sources: Sequence[Path], index: Path, clip: ClipModel,
     with open_generation(index, identity.sha256, identity.embed_dim) as current:
         collection = _only_new(collect(sources), current)
         parent = current.name
-    job = _Job(index, identity, collection, config, parent=parent)
+    job = Job(index, identity, collection, config, parent=parent)
     # Provisional ids: the store allocates the real ones under its writer lock, so an admin
     # write through the service while this job encodes is no conflict.
     records, vectors, problems = job.run(clip, start_id=None, progress=progress)
@@ -145,8 +151,11 @@ def _build_info(sources: Sequence[Path], collection: Collection,
             "corpus_texts": len(collection.texts), "skipped": len(problems)}
 
 
-class _Job:
-    """One encoding job and its work folder of shards."""
+class Job:
+    """One encoding job and its work folder of shards, encoded in this process."""
+
+    ENGINE = "local"  # in the job's hash: another engine's shards are never mixed in
+    WORK = JobFolder  # the shards' format
 
     def __init__(self, out: Path, identity: ModelIdentity, collection: Collection,
                  config: BuildConfig, parent: str | None):
@@ -155,7 +164,8 @@ class _Job:
         self.texts = [(caption, {}, index) for index, entry in enumerate(collection.images)
                       for caption in entry.captions]
         self.texts += [(entry.text, entry.metadata, None) for entry in collection.texts]
-        self.work = JobFolder(self.out, _job_hash(identity, collection, config, parent))
+        self.work = self.WORK(self.out, _job_hash(identity, collection, config, parent,
+                                                  self.ENGINE))
         self.parent = parent
         self.resumed = self.encoded = 0
 
@@ -165,13 +175,18 @@ class _Job:
         (None: provisional ones for `append_items`)."""
         progress = progress or no_progress
         self.work.start(self.parent)
-        paths = [entry.path for entry in self.collection.images]
-        image_pos, image_vectors, problems = self._sharded(
-            "images", len(paths), clip.embed_dim, lambda todo: self._image_steps(clip, paths, todo),
-            progress("images", len(paths)))
-        text_pos, text_vectors, _ = self._sharded(
-            "texts", len(self.texts), clip.embed_dim, lambda todo: self._text_steps(clip, todo),
-            progress("texts", len(self.texts)))
+        counts = {"images": len(self.collection.images), "texts": len(self.texts)}
+        bars = {prefix: progress(prefix, count) for prefix, count in counts.items()}
+        done = {prefix: self._finished(prefix, count, bars[prefix])
+                for prefix, count in counts.items()}
+        todo = {prefix: _pending(self.config.shard_size, count, done[prefix])
+                for prefix, count in counts.items()}
+        for prefix, written in self._encode(todo, clip, bars).items():
+            done[prefix].update(written)
+        for bar in bars.values():
+            bar.close()
+        image_pos, image_vectors, problems = _concatenate(done["images"], clip.embed_dim)
+        text_pos, text_vectors, _ = _concatenate(done["texts"], clip.embed_dim)
         records = self._records(image_pos, text_pos, start_id)
         # missing files and unreadable sidecars found while reading sources come first
         problems = self.collection.problems + problems
@@ -207,9 +222,10 @@ class _Job:
             texts.append(NewText(text, metadata, kept.get(owner) if owner is not None else None))
         return linked_records(images, texts, start_id)
 
-    def _image_steps(self, clip: ClipModel, paths: list[Path], todo: list[int]) -> Iterator[Step]:
+    def _image_steps(self, clip: ClipModel, todo: list[int]) -> Iterator[Step]:
         """Decode in DataLoader workers while this process encodes the previous batch."""
-        batches = iter_image_batches([paths[i] for i in todo], clip.preprocess,
+        images = self.collection.images
+        batches = iter_image_batches([images[i].source for i in todo], clip.preprocess,
                                      self.config.batch_size, self.config.workers,
                                      clip.device.type == "cuda", self.config.max_pixels,
                                      uint8=True)
@@ -228,22 +244,26 @@ class _Job:
                                    precision=self.config.precision)
             yield part, vectors, [], len(part)
 
-    def _sharded(self, prefix: str, count: int, dim: int,
-                 steps: Callable[[list[int]], Iterator[Step]], bar: Bar
-                 ) -> tuple[np.ndarray, np.ndarray, list[Problem]]:
-        """Encode positions 0..count-1 shard by shard; returns (kept positions (m,),
-        embeddings (m, d), problems), reusing shards already on disk."""
+    def _finished(self, prefix: str, count: int, bar: Bar) -> dict[int, Shard]:
+        """The shards of positions 0..count-1 already on disk (a resumed job's)."""
         size = self.config.shard_size
-        shards = list(range((count + size - 1) // size))
-        done = {s: self.work.load(prefix, s) for s in shards}
+        done = {s: self.work.load(prefix, s) for s in range((count + size - 1) // size)}
         done = {s: v for s, v in done.items() if v is not None}
         self.resumed += len(done)
         bar.update(sum(min(size, count - s * size) for s in done))
-        todo = [p for s in shards if s not in done for p in range(s * size, min(count, (s + 1) * size))]
-        if todo:
-            done.update(self._encode_pending(prefix, todo, steps, bar))
-        bar.close()
-        return _concatenate([done[s] for s in shards], dim)
+        return done
+
+    def _encode(self, todo: dict[str, list[int]], clip: ClipModel, bars: dict[str, Bar]
+                ) -> dict[str, dict[int, Shard]]:
+        """Encode the sorted pending positions of each prefix in this process, shard by shard
+        (an engine that encodes elsewhere overrides this)."""
+        written = {}
+        for prefix, positions in todo.items():
+            steps = self._image_steps if prefix == "images" else self._text_steps
+            written[prefix] = (self._encode_pending(prefix, positions,
+                                                    functools.partial(steps, clip), bars[prefix])
+                               if positions else {})
+        return written
 
     def _encode_pending(self, prefix: str, todo: list[int],
                         steps: Callable[[list[int]], Iterator[Step]], bar: Bar) -> dict[int, Shard]:
@@ -276,7 +296,16 @@ class _Job:
         return shard_data
 
 
-def _concatenate(parts: list[Shard], dim: int) -> tuple[np.ndarray, np.ndarray, list[Problem]]:
+def _pending(size: int, count: int, done: dict[int, Shard]) -> list[int]:
+    """Positions 0..count-1 not in a finished shard, in order."""
+    return [p for s in range((count + size - 1) // size) if s not in done
+            for p in range(s * size, min(count, (s + 1) * size))]
+
+
+def _concatenate(shards: dict[int, Shard], dim: int
+                 ) -> tuple[np.ndarray, np.ndarray, list[Problem]]:
+    """(kept positions (m,), embeddings (m, d), problems) of all shards, in shard order."""
+    parts = [shards[number] for number in sorted(shards)]
     positions = np.array([p for part in parts for p in part.positions], dtype=np.int64)
     filled = [part.vectors for part in parts if len(part.vectors)]
     vectors = (np.concatenate(filled).astype(np.float32)
@@ -285,13 +314,17 @@ def _concatenate(parts: list[Shard], dim: int) -> tuple[np.ndarray, np.ndarray, 
 
 
 def _job_hash(identity: ModelIdentity, collection: Collection, config: BuildConfig,
-              parent: str | None) -> str:
-    """Same model, same files (by size and mtime), same texts and shard size, same decoder:
-    same job (DECODER names the decoding, so shards of an older decoder are not mixed in)."""
+              parent: str | None, engine: str) -> str:
+    """Same model, same files (by size and mtime; a tar shard's for its members), same texts
+    and shard size, same decoder and engine: same job (DECODER names the decoding, so shards
+    of an older decoder are not mixed in)."""
     digest = hashlib.sha256(json.dumps([identity.sha256, config.max_pixels, config.shard_size,
-                                        parent, DECODER]).encode())
+                                        parent, DECODER, engine]).encode())
+    stats: dict[Path, os.stat_result | None] = {}  # a tar shard's entries share its stat
     for entry in collection.images:
-        stat = entry.path.stat() if entry.path.exists() else None
+        if entry.file not in stats:
+            stats[entry.file] = entry.file.stat() if entry.file.exists() else None
+        stat = stats[entry.file]
         digest.update(f"{entry.path}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}\0"
                       f"{len(entry.captions)}\n".encode())
         digest.update("\0".join(entry.captions).encode())
@@ -307,6 +340,7 @@ def skip_kind(problem: Problem) -> str:
         return "empty_file"
     for needle, kind in (("pixel cap", "too_large"), ("MiB cap", "too_large"), ("bomb", "too_large"),
                          ("truncated", "truncated"), ("not found", "missing"),
+                         ("empty file", "empty_file"),
                          ("cannot identify", "not_an_image"), ("cannot decode", "corrupt")):
         if needle in reason:
             return kind

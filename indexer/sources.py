@@ -4,7 +4,9 @@ A folder is scanned recursively; an image's caption may sit beside it as `name.t
 caption a line) or `name.json` (captions plus metadata), and a manifest at the folder's top
 (e.g. data/demo/captions.csv) adds its captions to the images it names. A manifest file with
 an image column is an image source; one with only a text column, or a `.txt` file (one text a
-line), is a text corpus searchable on its own.
+line), is a text corpus searchable on its own. A webdataset `.tar` shard (img2dataset's output; a
+folder's shards are read too) gives an image per sample, its `.txt` / `.json` members read
+like the sidecars above, with the sample's key and shard name added to its metadata.
 
 Every image of a folder gets the fields `folder`, `file_name`, `modified`, `width`, `height`
 and, when its EXIF says, `taken`; a manifest's extra columns and a sidecar's keys are fields
@@ -20,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from indexer.webdataset import TAR_EXTENSIONS, Sample, read_shard
 from retrieval.demo import DEMO_DIR, ensure_demo_corpus
 from retrieval.errors import ManifestError
 from retrieval.images import header_facts
@@ -32,6 +35,7 @@ from retrieval.manifest import (
     read_rows,
     typed_metadata,
 )
+from retrieval.pipeline import ImageFile, TarMember
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 MANIFEST_EXTENSIONS = {".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"}
@@ -40,9 +44,20 @@ SIDECAR_CAPTION_KEYS = ("caption", "captions", "text", "texts")
 
 @dataclass
 class ImageEntry:
-    path: Path  # resolved, so the same file from two sources is one item
+    path: Path  # resolved, so the same file from two sources is one item (ARCHIVE/MEMBER in a tar)
     captions: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    member: TarMember | None = None  # where the image is, when it is inside a tar shard
+
+    @property
+    def source(self) -> ImageFile:
+        """What the decoder reads."""
+        return self.member or self.path
+
+    @property
+    def file(self) -> Path:
+        """The file on disk that holds the image (a tar shard for a member)."""
+        return self.member.archive if self.member else self.path
 
 
 @dataclass
@@ -72,9 +87,13 @@ def collect(sources: Sequence[Path]) -> Collection:
             ensure_demo_corpus()  # a fresh clone has no data/demo: captions ship in the package
         if source.is_dir():
             _merge(images, _scan_folder(source, problems))
+            for shard in sorted(source.rglob("*.tar")):
+                _merge(images, _shard_images(shard, problems))
             for manifest in sorted(p for p in source.iterdir()
                                    if p.suffix.lower() in MANIFEST_EXTENSIONS):
                 _merge(images, _manifest_images(manifest, problems))
+        elif source.suffix.lower() in TAR_EXTENSIONS:
+            _merge(images, _shard_images(source, problems))
         elif source.suffix.lower() == ".txt":
             texts += _text_lines(source)
         elif source.suffix.lower() in MANIFEST_EXTENSIONS:
@@ -82,8 +101,8 @@ def collect(sources: Sequence[Path]) -> Collection:
             _merge(images, found)
             texts += corpus
         elif source.exists():
-            raise ManifestError(f"{source}: not a folder, manifest (.csv, .jsonl, .parquet) "
-                                "or text corpus (.txt)")
+            raise ManifestError(f"{source}: not a folder, manifest (.csv, .jsonl, .parquet), "
+                                "webdataset shard (.tar) or text corpus (.txt)")
         else:
             raise ManifestError(f"source {source} does not exist")
     return Collection(list(images.values()), texts, problems)
@@ -121,25 +140,53 @@ def _file_facts(path: Path, root: Path) -> dict[str, Any]:
 
 def _sidecars(image: Path, problems: list[Problem]) -> tuple[list[str], dict[str, Any]]:
     """Captions and metadata from `image.txt` / `image.json` beside the image, if any."""
-    captions: list[str] = []
-    metadata: dict[str, Any] = {}
     text_file, json_file = image.with_suffix(".txt"), image.with_suffix(".json")
-    if text_file.is_file():
-        captions += [line.strip() for line in text_file.read_text(errors="replace").splitlines()
-                     if line.strip()]
-    if json_file.is_file():
-        try:
-            data = json.loads(json_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            problems.append(Problem(str(json_file), f"caption sidecar is not JSON ({error})"))
-            return captions, metadata
-        if isinstance(data, dict):
-            for key in SIDECAR_CAPTION_KEYS:
-                captions += _as_texts(data.pop(key, None))
-            metadata = data
-        else:
-            captions += _as_texts(data)
+    return _sidecar_fields(text_file.read_text(errors="replace") if text_file.is_file() else None,
+                           _read_json(json_file, problems) if json_file.is_file() else None)
+
+
+def _read_json(path: Path, problems: list[Problem]) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        problems.append(Problem(str(path), f"caption sidecar is not JSON ({error})"))
+        return None
+
+
+def _sidecar_fields(text: str | None, data: Any) -> tuple[list[str], dict[str, Any]]:
+    """Captions (one a line of the text, then the JSON's caption keys) and metadata (the
+    JSON object's other keys)."""
+    captions = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    metadata: dict[str, Any] = {}
+    if isinstance(data, dict):
+        data = dict(data)
+        for key in SIDECAR_CAPTION_KEYS:
+            captions += _as_texts(data.pop(key, None))
+        metadata = data
+    else:
+        captions += _as_texts(data)
     return captions, metadata
+
+
+def _shard_images(shard: Path, problems: list[Problem]) -> list[ImageEntry]:
+    """A webdataset shard's samples; the caption img2dataset writes to both the .txt and the
+    .json member is kept once."""
+    return [_sample_entry(sample, problems) for sample in read_shard(shard, problems)]
+
+
+def _sample_entry(sample: Sample, problems: list[Problem]) -> ImageEntry:
+    member = sample.image
+    assert member is not None  # read_shard keeps only samples with an image
+    data = None
+    if sample.json is not None:
+        try:
+            data = json.loads(sample.json)
+        except json.JSONDecodeError as error:
+            problems.append(Problem(f"{member.archive}/{sample.key}.json",
+                                    f"caption sidecar is not JSON ({error})"))
+    captions, metadata = _sidecar_fields(sample.text, data)
+    metadata.update(key=sample.key, shard=member.archive.name)
+    return ImageEntry(member.path, list(dict.fromkeys(captions)), metadata, member)
 
 
 def _as_texts(value: Any) -> list[str]:

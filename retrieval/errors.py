@@ -7,6 +7,7 @@ ClipdexError
  │    ├── ImageTooLargeError    over the pixel or decoded-bytes cap (a service answers 413)
  │    └── UnsupportedImageError a format the caller does not accept (a service answers 415)
  ├── CheckpointError     a training checkpoint cannot be written or resumed
+ ├── EngineError         the distributed engine (Ray) cannot start, join or run a job
  ├── IndexStoreError     an index directory cannot be read or written
  │    ├── IndexNotFoundError   no index (no CURRENT generation) at the path
  │    ├── IndexCorruptError    a generation file is missing or fails its checksum or counts
@@ -50,6 +51,10 @@ class UnsupportedImageError(BadImageError):
 
 
 class CheckpointError(ClipdexError):
+    pass
+
+
+class EngineError(ClipdexError):
     pass
 
 

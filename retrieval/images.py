@@ -98,9 +98,9 @@ def _scale_to_8bit(image: Image.Image) -> Image.Image:
 
 
 def load_image(source: ImageInput | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
-               limits: DecodeLimits | None = None) -> Image.Image:
+               limits: DecodeLimits | None = None, name: str | None = None) -> Image.Image:
     """Open, cost-check and decode one image (a path, or the bytes of an upload); raise
-    BadImageError naming the file (or "the image") on failure.
+    BadImageError naming the file (or `name`, or "the image", for bytes) on failure.
 
     Pixels and decode bytes are checked from the header before decoding, and Pillow's
     decompression bomb warning is raised as an error, so a crafted file cannot exhaust memory.
@@ -108,7 +108,7 @@ def load_image(source: ImageInput | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     if isinstance(source, Image.Image):
         return to_rgb(source)
     limits = limits or DecodeLimits(max_pixels=max_pixels)
-    name = "the image" if isinstance(source, bytes) else str(source)
+    name = name or ("the image" if isinstance(source, bytes) else str(source))
     try:
         with _open(source) as image:
             _draft(image, limits.draft_side)

@@ -1,4 +1,5 @@
 """Decode and preprocess images in DataLoader workers while the model encodes the last batch.
+Images are files or members of tar archives (webdataset shards, `TarMember`).
 
 Bad files never stop the loop: a worker turns them into a Problem that travels with the
 batch, so the caller can skip and report them.
@@ -28,6 +29,61 @@ from retrieval.manifest import Problem
 from retrieval.model import ClipModel
 
 
+@dataclass(frozen=True)
+class TarMember:
+    """An image inside a tar archive (a webdataset shard), read by its byte range: listing a
+    shard records where each image is, and decoding reads exactly those bytes, so nothing is
+    extracted to disk and a worker on another machine needs only the archive."""
+
+    archive: Path
+    name: str  # the member's name in the archive
+    offset: int  # where its data starts in the archive
+    size: int  # bytes
+
+    @property
+    def path(self) -> Path:
+        """How the item is stored and reported: the archive's path, then the member's name."""
+        return self.archive / self.name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def read(self) -> bytes:
+        if self.size == 0:
+            raise BadImageError(f"{self.path}: empty file")
+        with open(self.archive, "rb") as handle:
+            handle.seek(self.offset)
+            data = handle.read(self.size)
+        if len(data) < self.size:
+            raise BadImageError(f"{self.path}: truncated (the archive ends {self.size - len(data)} "
+                                "bytes early)")
+        return data
+
+
+ImageFile = Path | TarMember  # what the indexer decodes: a file, or an image inside a tar
+
+
+def decode_image(source: ImageFile, transform: Callable, limits: DecodeLimits
+                 ) -> tuple[torch.Tensor | None, str | None]:
+    """(transform(decoded image), None), or (None, the reason) for a file that cannot be
+    decoded: the one decoding step of the indexer's DataLoader workers and its Ray tasks."""
+    try:
+        if isinstance(source, TarMember):
+            image = load_image(source.read(), limits=limits, name=str(source))
+        else:
+            image = load_image(source, limits=limits)
+        return transform(image), None
+    except BadImageError as error:
+        return None, str(error)
+    except Exception as error:  # noqa: BLE001 - any preprocess failure must not kill the worker
+        return None, f"{source}: {type(error).__name__}: {error}"
+
+
+def decode_limits(preprocess: Callable, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodeLimits:
+    """The limits images are decoded within for a model's `preprocess`."""
+    return DecodeLimits(max_pixels=max_pixels, draft_side=draft_side_of(preprocess))
+
+
 @dataclass
 class ImageBatch:
     indices: list[int]  # positions in the input sequence of the decoded images
@@ -36,19 +92,14 @@ class ImageBatch:
 
 
 class _ImageFiles(Dataset):
-    def __init__(self, paths: Sequence[Path], preprocess: Callable, limits: DecodeLimits):
+    def __init__(self, paths: Sequence[ImageFile], preprocess: Callable, limits: DecodeLimits):
         self.paths, self.preprocess, self.limits = list(paths), preprocess, limits
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            return index, self.preprocess(load_image(self.paths[index], limits=self.limits)), None
-        except BadImageError as error:
-            return index, None, str(error)
-        except Exception as error:  # noqa: BLE001 - any preprocess failure must not kill the worker
-            return index, None, f"{self.paths[index]}: {type(error).__name__}: {error}"
+        return index, *decode_image(self.paths[index], self.preprocess, self.limits)
 
 
 def _collate(samples: list[tuple[int, torch.Tensor | None, str | None]]) -> ImageBatch:
@@ -63,7 +114,7 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
-def iter_image_batches(paths: Sequence[Path], preprocess: Callable, batch_size: int = 64,
+def iter_image_batches(paths: Sequence[ImageFile], preprocess: Callable, batch_size: int = 64,
                        workers: int | None = None, pin_memory: bool = False,
                        max_pixels: int = DEFAULT_MAX_PIXELS,
                        uint8: bool = False) -> Iterator[ImageBatch]:
@@ -73,7 +124,7 @@ def iter_image_batches(paths: Sequence[Path], preprocess: Callable, batch_size: 
     uint8 pixels for `encode_image_batch` to normalise (see `split_tensor_tail`)."""
     workers = default_workers() if workers is None else workers
     split = split_tensor_tail(preprocess) if uint8 else None
-    limits = DecodeLimits(max_pixels=max_pixels, draft_side=draft_side_of(preprocess))
+    limits = decode_limits(preprocess, max_pixels)
     loader = DataLoader(
         _ImageFiles(paths, split[0] if split else preprocess, limits),
         batch_size=batch_size, shuffle=False,

@@ -18,7 +18,7 @@ from clipdex.options import (
     tqdm_progress,
 )
 from retrieval.ann import KINDS
-from retrieval.errors import ManifestError, ModelLoadError
+from retrieval.errors import EngineError, ManifestError, ModelLoadError
 
 BUILD_FLAGS = {
     "batch_size": Flag("images per model call"),
@@ -30,6 +30,14 @@ BUILD_FLAGS = {
                        name="--index-type", choices=KINDS),
     "precision": Flag("autocast precision", choices=("auto", "fp32", "fp16", "bf16")),
 }
+RAY_FLAGS = {
+    "ray_address": Flag("with --engine ray: join this cluster ('auto', or ray://HOST:PORT) "
+                        "instead of starting Ray on this machine"),
+    "num_encoders": Flag("with --engine ray: encoder actors, each with its own model copy"),
+    "gpus_per_encoder": Flag("with --engine ray: GPUs each encoder reserves; unset: 1 when "
+                             "the cluster has GPUs, else 0"),
+    "cpus_per_encoder": Flag("with --engine ray: CPUs each encoder reserves"),
+}
 BUILD_MODEL_HELP = (MODEL_HELP.replace(" (default: %(default)s)", "") +
                     "; with --from-embeddings, the model that made them (its dimension is "
                     "checked) or external:NAME for one clipdex cannot load (then only vector and "
@@ -40,6 +48,7 @@ BUILD_MODEL_HELP = (MODEL_HELP.replace(" (default: %(default)s)", "") +
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `index` and its actions to the `clipdex` parser."""
     from indexer.build import BuildConfig
+    from indexer.ray_build import RayConfig  # its dataclasses only: Ray loads when it runs
 
     index = subparsers.add_parser("index", help="build and update image/text search indexes")
     actions = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
@@ -54,6 +63,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    "metadata/); nothing is encoded")
     model_options(build_parser, model_default=None, model_help=BUILD_MODEL_HELP)
     config_flags(build_parser, BuildConfig, BUILD_FLAGS)
+    build_parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                              help="encode in this process, or on Ray Data (this machine, or "
+                                   "a cluster with --ray-address) (default: %(default)s)")
+    config_flags(build_parser, RayConfig, RAY_FLAGS)
     build_parser.set_defaults(func=cmd_build)
 
     add_parser = actions.add_parser("add", help="add new sources into a new generation")
@@ -76,6 +89,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     compact_parser.add_argument("--max-memory", default="4GB")
     compact_parser.set_defaults(func=cmd_compact)
 
+    _register_inspection(actions)
+
+
+def _register_inspection(actions: argparse._SubParsersAction) -> None:
     info_parser = actions.add_parser("info", help="print the current generation's manifest")
     info_parser.add_argument("index", type=Path)
     info_parser.set_defaults(func=cmd_info)
@@ -126,14 +143,31 @@ def _report(summary) -> None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from indexer.build import build
+    from indexer.ray_build import RayConfig
 
     if args.from_embeddings is not None:
         return _build_from_embeddings(args)
     if not args.sources:
         raise ManifestError("give the sources to index, or --from-embeddings DIR")
     args.model = args.model or "default"
+    if args.engine == "ray":
+        return _build_on_ray(args)
+    if config_from(args, RayConfig) != RayConfig():
+        raise EngineError("--ray-address, --num-encoders, --gpus-per-encoder and "
+                          "--cpus-per-encoder need --engine ray")
     clip = _load(args)
     _report(build(args.sources, args.out, clip, _config(args), progress=tqdm_progress))
+    return 0
+
+
+def _build_on_ray(args: argparse.Namespace) -> int:
+    """`index build --engine ray`: this process lists the sources and writes the index; Ray's
+    workers decode and encode (each encoder loads the model named by --model itself)."""
+    from indexer.ray_build import ModelSpec, RayConfig, build_on_ray
+
+    clip = _load(args)
+    _report(build_on_ray(args.sources, args.out, clip, ModelSpec(args.model, args.device),
+                         _config(args), config_from(args, RayConfig), progress=tqdm_progress))
     return 0
 
 

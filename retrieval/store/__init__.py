@@ -39,7 +39,13 @@ from retrieval.store.records import (
     linked_records,
     text_records,
 )
-from retrieval.store.work import JobFolder, Shard, drop_stale_add_jobs, write_error_report
+from retrieval.store.work import (
+    JobFolder,
+    ParquetJobFolder,
+    Shard,
+    drop_stale_add_jobs,
+    write_error_report,
+)
 from retrieval.store.write import Appended, append_items, update_generation, write_generation
 
 __all__ = [
@@ -53,6 +59,7 @@ __all__ = [
     "ModelIdentity",
     "NewImage",
     "NewText",
+    "ParquetJobFolder",
     "Shard",
     "StoreOptions",
     "append_items",

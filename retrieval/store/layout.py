@@ -12,7 +12,8 @@ that knows where things live. Nothing outside `retrieval.store` joins paths unde
         items.sqlite                  one row per item: id, modality, path/text, captions, ...;
                                       the typed metadata fields (`fields`, `item_fields`)
         manifest.json                 model identity, counts, index specs, tuning, SHA-256s
-    DIR/work/<job>/                   an indexing job's resumable shards (`store.work`)
+    DIR/work/<job>/                   an indexing job's resumable shards (`store.work`):
+                                      .npy + .json in one process, .parquet from Ray
     DIR/work/scratch-*.npy            rows a writer stages while deriving an on-disk index
     DIR/errors.jsonl                  the inputs the last indexing job skipped, with reasons
     DIR/uploads/<sha256>.<ext>        images added through the service's admin API
@@ -172,6 +173,12 @@ def job_record(job: Path) -> Path:
 def shard_files(job: Path, prefix: str, shard: int) -> ShardFiles:
     name = f"{prefix}-{shard:05d}"
     return ShardFiles(Path(job) / f"{name}.npy", Path(job) / f"{name}.json")
+
+
+def parquet_shard_file(job: Path, prefix: str, shard: int) -> Path:
+    """<prefix>-00012.parquet: one shard of a Ray build, its own commit mark (written whole
+    under a temporary name, then renamed)."""
+    return Path(job) / f"{prefix}-{shard:05d}.parquet"
 
 
 # ----------------------------------------------------------------------------- uploads/

@@ -4,6 +4,7 @@ DIR/work/<job>/ holds `job.json` (the generation the job started from) and encod
 `images-00012.npy` (the kept (m, d) embeddings) plus `images-00012.json` (their positions and
 the skipped inputs), each written atomically, the JSON last as the commit mark. A job that is
 run again with the same key finds its finished shards here and encodes only the rest.
+A Ray build writes `images-00012.parquet` instead (`ParquetJobFolder`), one file a shard.
 DIR/errors.jsonl lists what the last job skipped.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,67 @@ class JobFolder:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+class ParquetJobFolder(JobFolder):
+    """The same job folder with each shard one parquet file, a row per input: `position`,
+    `modality`, `embedding` (null for a skipped input), `path` and `reason` (a skipped
+    input's), `metadata` (the item's, as JSON). A Ray build writes these: any parquet reader
+    (Ray Data, pandas, DuckDB) can read a job's embeddings."""
+
+    def save(self, prefix: str, shard: int, kept: Sequence[tuple[int, np.ndarray]],
+             problems: Sequence[tuple[int, Problem]],
+             metadata: Callable[[int], dict[str, Any]] | None = None) -> Shard:
+        """Write one shard atomically (temporary name, then rename): a kill leaves it whole
+        or absent."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        kept = sorted(kept, key=lambda pair: pair[0])
+        problems = sorted(problems, key=lambda pair: pair[0])
+        vectors = (np.stack([v for _, v in kept]).astype(np.float32) if kept
+                   else np.zeros((0, 0), np.float32))  # (m, d)
+        rows = sorted([(p, n, None) for n, (p, _) in enumerate(kept)] +
+                      [(p, None, x) for p, x in problems], key=lambda row: row[0])
+        width = vectors.shape[1]
+        lengths = [0 if n is None else width for _, n, _ in rows]
+        embedding = pa.ListArray.from_arrays(
+            pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int32)]), pa.int32()),
+            pa.array(vectors.reshape(-1)), mask=pa.array([n is None for _, n, _ in rows]))
+        table = pa.table({
+            "position": pa.array([p for p, _, _ in rows], pa.int64()),
+            "modality": pa.array([_MODALITY[prefix]] * len(rows), pa.string()),
+            "embedding": embedding,
+            "path": pa.array([x and x.path for _, _, x in rows], pa.string()),
+            "reason": pa.array([x and x.reason for _, _, x in rows], pa.string()),
+            "metadata": pa.array([json.dumps(metadata(p) if metadata else {}, default=str)
+                                  for p, _, _ in rows], pa.string())})
+        _replace_with(layout.parquet_shard_file(self.path, prefix, shard),
+                      lambda handle: pq.write_table(table, handle))
+        fault_point("after_shard", shard)
+        return Shard([p for p, _ in kept], vectors, [x for _, x in problems])
+
+    def load(self, prefix: str, shard: int) -> Shard | None:
+        """A finished shard, or None when it was never written."""
+        import pyarrow.parquet as pq
+
+        path = layout.parquet_shard_file(self.path, prefix, shard)
+        if not path.is_file():
+            return None
+        table = pq.read_table(path)
+        reasons, paths = table["reason"].to_pylist(), table["path"].to_pylist()
+        positions = table["position"].to_pylist()
+        kept = [p for p, reason in zip(positions, reasons) if reason is None]
+        # the skipped rows' embeddings are null, so the flattened values are the kept rows'
+        values = table["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        vectors = (values.astype(np.float32).reshape(len(kept), -1) if kept
+                   else np.zeros((0, 0), np.float32))
+        problems = [Problem(where, reason) for where, reason in zip(paths, reasons)
+                    if reason is not None]
+        return Shard(kept, vectors, problems)
+
+
+_MODALITY = {plural: modality for modality, plural in layout.PLURAL.items()}
 
 
 def drop_stale_add_jobs(root: Path) -> None:

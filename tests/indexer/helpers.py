@@ -1,9 +1,13 @@
-"""A folder in clip-retrieval's inference layout, written as its writer writes one (numbered
-partitions of img_emb/, text_emb/ and metadata/, float16 unit vectors, parquet metadata)."""
+"""Inputs written as other tools write them: a folder in clip-retrieval's inference layout
+(numbered partitions of img_emb/, text_emb/ and metadata/, float16 unit vectors, parquet
+metadata), and webdataset tar shards as img2dataset writes them."""
 
 from __future__ import annotations
 
+import io
+import json
 import math
+import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +16,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
+
+from tests.conftest import COLOURS
 
 
 @dataclass
@@ -72,3 +79,33 @@ def stacked(partitions: Sequence[Partition], modality: str) -> np.ndarray:
     """All partitions' vectors of one modality in order, as float32 (n, d)."""
     parts = [getattr(p, modality) for p in partitions if getattr(p, modality) is not None]
     return np.concatenate(parts).astype(np.float32)
+
+
+def image_bytes(colour: tuple[int, int, int], fmt: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 32), colour).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar with `members` in order, as img2dataset's writer lays samples out."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def img2dataset_shard(path: Path, first: int, colours: list[str]) -> Path:
+    """A shard of samples numbered from `first`: `KEY.jpg`, `KEY.txt`, img2dataset's `KEY.json`."""
+    members = []
+    for n, colour in enumerate(colours, start=first):
+        key = f"{n:09d}"
+        record = {"url": f"https://example.com/{key}.jpg", "key": key, "status": "success",
+                  "caption": f"a {colour} square", "width": 40}
+        members += [(f"{key}.jpg", image_bytes(COLOURS[colour])),
+                    (f"{key}.txt", f"a {colour} square".encode()),
+                    (f"{key}.json", json.dumps(record).encode())]
+    return write_shard(path, members)

@@ -13,7 +13,8 @@ Invariants after every kill (`check_index`):
 
 A final uninterrupted `index add` of every folder must then give exactly the corpus' image
 count: a duplicate or a lost item anywhere in the history would show there.
-Used by `tests/reliability/test_crash_loop.py` (a few kills) and `make soak` (100+).
+Used by `tests/reliability/test_crash_loop.py` (a few kills) and `make soak` (100+, and a few
+with builds on Ray: `engine="ray"`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class CrashLoopConfig:
     kill_window: tuple[float, float] = (0.1, 1.0)
     model: str = "clipdex-tiny"
     seed: int = 0
+    # "ray": builds run with --engine ray (Ray started by each job; adds and deletes stay
+    # single-process); a killed job's whole process group is reaped after it, Ray's own
+    # processes included
+    engine: str = "local"
 
 
 @dataclass
@@ -177,7 +182,8 @@ def _command(operation: str, targets: list[Path] | list[str], index: Path,
            "--shard-size", str(config.shard_size)]
     base = [sys.executable, "-m", "clipdex", "index"]
     if operation == "build":
-        return [*base, "build", *map(str, targets), "--out", str(index), *job]
+        engine = ["--engine", "ray"] if config.engine == "ray" else []
+        return [*base, "build", *map(str, targets), "--out", str(index), *job, *engine]
     if operation == "delete":
         return [*base, "delete", "--index", str(index), "--path", *map(str, targets)]
     return [*base, "add", *map(str, targets), "--index", str(index), *job]
@@ -205,8 +211,9 @@ def _run(command: list[str], fault: str | None,
     env.pop("CLIPDEX_FAULT", None)
     if fault:
         env["CLIPDEX_FAULT"] = fault
+    # its own session: the processes it starts (DataLoader workers, a local Ray) are its group
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
+                               stderr=subprocess.PIPE, start_new_session=True)
     try:
         _, stderr = process.communicate(timeout=kill_after)
         return process.returncode, False, stderr.decode(errors="replace")[-500:]
@@ -215,6 +222,17 @@ def _run(command: list[str], fault: str | None,
         process.communicate(timeout=60)
         # it may have exited on its own just before the signal
         return process.returncode, process.returncode == -signal.SIGKILL, ""
+    finally:
+        _reap(process.pid)
+
+
+def _reap(group: int) -> None:
+    """SIGKILL what is left of a job's process group (a killed Ray driver leaves Ray's agents
+    running for a minute)."""
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def crash_loop(config: CrashLoopConfig, log: Any = None) -> CrashLoopReport:

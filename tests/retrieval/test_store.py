@@ -25,6 +25,7 @@ from retrieval.store import (
     ModelIdentity,
     NewImage,
     NewText,
+    ParquetJobFolder,
     StoreOptions,
     append_items,
     current_name,
@@ -272,6 +273,20 @@ def test_job_shards_round_trip_and_stale_add_jobs_are_dropped(tmp_path):
     assert [p.name for p in (tmp_path / "work").iterdir()] == ["build"]
     report = write_error_report(tmp_path, [{"path": "/x", "reason": "bad"}])
     assert json.loads(report.read_text()) == {"path": "/x", "reason": "bad"}
+
+
+def test_parquet_shards_round_trip_in_position_order(tmp_path):
+    job = ParquetJobFolder(tmp_path, "ray")
+    job.start(parent=None)
+    vectors = unit(np.arange(2 * DIM, dtype=np.float32).reshape(2, DIM) + 1)
+    job.save("texts", 3, [(7, vectors[1]), (5, vectors[0])], [(6, Problem("/y", "bad"))],
+             metadata=lambda position: {"row": position})
+    shard = job.load("texts", 3)
+    assert shard.positions == [5, 7] and shard.problems == [Problem("/y", "bad")]
+    np.testing.assert_array_equal(shard.vectors, vectors)
+    assert sorted(p.name for p in job.path.iterdir()) == ["job.json", "texts-00003.parquet"]
+    job.save("texts", 4, [], [(9, Problem("/z", "gone"))])
+    assert job.load("texts", 4).vectors.shape == (0, 0) and job.load("texts", 5) is None
 
 
 def test_fault_points_cost_nothing_unless_clipdex_fault_is_set():

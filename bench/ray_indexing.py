@@ -1,0 +1,72 @@
+"""Ray local mode against the single-process indexer: images/s of `index build` on the same
+corpus, in one run (goal: Ray ÷ single-process >= 0.8 on 2 cores).
+
+    .venv/bin/python bench/ray_indexing.py --model default --repeat 10
+
+The corpus is `--repeat` copies of the demo photographs (distinct files, no captions, so only
+images are encoded). Ray is started once before the timed build, as a cluster would be
+already running; its start-up is reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from indexer.build import BuildConfig, build
+from indexer.ray_build import ModelSpec, RayConfig, build_on_ray
+from retrieval.demo import DEMO_DIR, ensure_demo_corpus
+from retrieval.model import load_model
+
+
+def make_corpus(folder: Path, repeat: int) -> int:
+    ensure_demo_corpus()
+    images = sorted(p for p in DEMO_DIR.iterdir() if p.suffix in (".png", ".jpg"))
+    for copy in range(repeat):
+        for image in images:
+            target = folder / str(copy) / image.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(image, target)
+    return len(images) * repeat
+
+
+def main() -> None:
+    import ray
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--repeat", type=int, default=10, help="copies of the 22 demo images")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="Ray's CPUs")
+    parser.add_argument("--cpus-per-encoder", type=float, default=1.0)
+    args = parser.parse_args()
+    clip = load_model(args.model, "cpu")
+    config = BuildConfig(batch_size=args.batch_size, shard_size=256)
+    with tempfile.TemporaryDirectory() as temp:
+        corpus = Path(temp) / "corpus"
+        count = make_corpus(corpus, args.repeat)
+        started = time.perf_counter()
+        local = build([corpus], Path(temp) / "local", clip, config)
+        local_rate = local.images / (time.perf_counter() - started)
+        started = time.perf_counter()
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        ray_start = time.perf_counter() - started
+        started = time.perf_counter()
+        on_ray = build_on_ray([corpus], Path(temp) / "ray", clip, ModelSpec(args.model, "cpu"),
+                              config, RayConfig(cpus_per_encoder=args.cpus_per_encoder))
+        ray_rate = on_ray.images / (time.perf_counter() - started)
+        ray.shutdown()
+    print(json.dumps({"images": count, "model": args.model, "cpus": args.cpus,
+                      "single_process_images_per_s": round(local_rate, 2),
+                      "ray_images_per_s": round(ray_rate, 2),
+                      "ratio": round(ray_rate / local_rate, 3),
+                      "ray_start_seconds": round(ray_start, 1)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
