@@ -24,6 +24,7 @@ class Settings:
     index: Path | None = None  # the index root the indexer wrote (None: generation injected)
     model: str = "default"
     device: str = "auto"
+    backend: str = "torch"  # torch, onnx or auto (`clipdex serve` passes its --backend)
     host: str = "127.0.0.1"
     port: int = 8000
     batching: BatcherConfig = field(default_factory=BatcherConfig)
@@ -45,7 +46,8 @@ class Settings:
     index_name: str = "clipdex"  # the name clip-retrieval clients pass as indice_name
 
     def __repr__(self) -> str:  # keys never reach logs
-        return (f"Settings(index={self.index}, model={self.model!r}, host={self.host}, "
+        return (f"Settings(index={self.index}, model={self.model!r}, "
+                f"backend={self.backend}, host={self.host}, "
                 f"port={self.port}, batching={self.batching}, "
                 f"max_in_flight={self.max_in_flight}, "
                 f"admin_key={'set' if self.admin_key else 'unset'}, "
