@@ -37,8 +37,8 @@ from retrieval.errors import ModelLoadError
 from retrieval.model import ClipModel
 
 BACKENDS = ("auto", "torch", "onnx")
-EXPORT_FORMAT = "clipdex-onnx/1"  # bump when the exported graphs change: old keys re-export
-FORMAT_TAG = "v1"
+EXPORT_FORMAT = "clipdex-onnx/2"  # bump when the exported graphs change: old keys re-export
+FORMAT_TAG = "v2"
 OPSET = 17
 IMAGE_FILE, TEXT_FILE, INFO_FILE = "image.onnx", "text.onnx", "export.json"
 TEMP_PREFIX = ".tmp-"
@@ -245,13 +245,51 @@ class _TextTower(torch.nn.Module):
         return text_features(self.model, tokens)
 
 
+class _TraceableAttention(torch.nn.Module):
+    """torch's MultiheadAttention (no dropout, no bias_k/v, float or no mask) written so that
+    its trace keeps the sequence length dynamic: torch's own reshapes by a length the
+    TorchScript tracer records as a constant. Same weights, same arithmetic."""
+
+    def __init__(self, attention: torch.nn.MultiheadAttention):
+        super().__init__()
+        self.heads, self.batch_first = attention.num_heads, attention.batch_first
+        self.in_proj_weight, self.in_proj_bias = attention.in_proj_weight, attention.in_proj_bias
+        self.out_proj = attention.out_proj
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                need_weights: bool = False, attn_mask: torch.Tensor | None = None,
+                **_: Any) -> tuple[torch.Tensor, None]:
+        if not self.batch_first:  # (L, n, E) -> (n, L, E)
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        weights = self.in_proj_weight.chunk(3)
+        biases = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None,) * 3
+        q, k, v = (torch.nn.functional.linear(x, w, b).unflatten(-1, (self.heads, -1))
+                   .transpose(1, 2) for x, w, b in zip((query, key, value), weights, biases))
+        scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (n, heads, L, S)
+        if attn_mask is not None:
+            scores = scores + attn_mask
+        out = (scores.softmax(dim=-1) @ v).transpose(1, 2).flatten(2)  # (n, L, E)
+        out = self.out_proj(out)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def _traceable(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap each plain self-attention module for `_TraceableAttention`, in place."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if (isinstance(child, torch.nn.MultiheadAttention) and child._qkv_same_embed_dim
+                    and child.bias_k is None and not child.add_zero_attn):
+                setattr(parent, name, _TraceableAttention(child))
+    return model
+
+
 def _export_into(clip: ClipModel, folder: Path, fingerprint: str) -> dict[str, Any]:
     """Trace both towers of a copy of the model into `folder`; returns what export.json says.
 
     A copy, because the TorchScript exporter changes the module it traces (the model would
-    encode differently afterwards). Traced with autograd on, so that PyTorch's fused
-    inference path for attention, which has no ONNX form, is not taken."""
-    model = copy.deepcopy(clip.model).to("cpu").eval()
+    encode differently afterwards), and because attention modules are swapped for traceable
+    ones. Traced with autograd on, so that no fused inference path (no ONNX form) is taken."""
+    model = _traceable(copy.deepcopy(clip.model).to("cpu").eval())
     pixels = clip.preprocess(Image.new("RGB", (64, 64), (127, 127, 127)))[None]  # (1, 3, H, W)
     pixels = pixels.repeat(2, 1, 1, 1)
     # Two captions of different lengths, so that the traced graph handles padding.
@@ -268,11 +306,9 @@ def _export_into(clip: ClipModel, folder: Path, fingerprint: str) -> dict[str, A
 
 
 def dynamic_text_length(model: torch.nn.Module) -> bool:
-    """Whether the exported text graph can take a batch at its real length: the HF tower's
-    can. The TorchScript exporter turns the sequence length inside torch's multi-head
-    attention (open_clip's own text transformer) into a constant, so those towers are
-    exported at their full context and their ONNX batches are padded to it (exact, slower)."""
-    return hasattr(model, "text") and text_trims(model)
+    """Whether the exported text graph can take a batch at its real length (else it is
+    exported at the full context, and ONNX batches are padded to it)."""
+    return text_trims(model)
 
 
 def _export(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str,
