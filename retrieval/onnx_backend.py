@@ -112,7 +112,11 @@ def cores() -> int:
 
 def session_options() -> Any:
     """One intra-op thread per usable core, no inter-op parallelism (a tower is one chain of
-    operators), every graph optimisation (fusions, constant folding, layout changes)."""
+    operators), every graph optimisation (fusions, constant folding, layout changes).
+
+    Idle threads sleep instead of spinning: the cores are shared with the indexer's decode
+    workers and the service's request threads, which a spinning pool would starve between
+    model calls."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -120,6 +124,7 @@ def session_options() -> Any:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
