@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     index: Path | None = None  # the index root the indexer wrote (None: generation injected)
     model: str = "default"
     device: str = "auto"
+    backend: str = "torch"  # torch, onnx or auto (`clipdex serve` passes its --backend)
     host: str = "127.0.0.1"
     port: int = 8000
     batching: BatcherConfig = Field(default_factory=BatcherConfig)

@@ -132,7 +132,7 @@ class ServiceState:
                 from retrieval.model import load_model
 
                 clip = await asyncio.to_thread(load_model, self.settings.model,
-                                               self.settings.device)
+                                               self.settings.device, self.settings.backend)
             self.clip = clip
             self.model = await asyncio.to_thread(model_identity, clip)
             if generation is None and self.settings.index is not None:

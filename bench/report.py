@@ -29,6 +29,14 @@ def goals(r: dict) -> list[tuple[str, str, str, str]]:
                 value = row["utilisation"]
                 rows.append((f"encoder utilisation, {spec} {name}", "≥ 0.6", f"{value:.2f}",
                              _met(value >= 0.6, "below the matmul peak: see §1")))
+    if "onnx" in r and "default" in r["onnx"]["models"]:
+        d = r["onnx"]["models"]["default"]
+        rows.append(("ONNX Runtime / torch eager images/s, default model, batch 32", "≥ 2×",
+                     f"{d['images']['32']['ratio']:.2f}×",
+                     _met(d["images"]["32"]["ratio"] >= 2, "see §1b")))
+        rows.append(("ONNX Runtime / torch eager, single text queries, default model", "≥ 1.5×",
+                     f"{d['texts']['1']['ratio']:.2f}×",
+                     _met(d["texts"]["1"]["ratio"] >= 1.5, "see §1b")))
     if "indexing" in r:
         value = r["indexing"]["ratio"]
         rows.append(("indexing end-to-end / encode-only img/s", "≥ 0.9", f"{value:.2f}",
@@ -126,7 +134,7 @@ def write(r: dict, out: Path) -> None:
            f"{m.get('wall_s', '?')} s for parts `{m.get('parts_run', '?')}`. No GPU.", "",
            "## Goals", "", _table(["figure", "goal", "measured", "met?"],
                                   [list(g) for g in goals(r)]), ""]
-    for part, render in (("encoder", _encoder), ("indexing", _indexing),
+    for part, render in (("encoder", _encoder), ("onnx", _onnx), ("indexing", _indexing),
                          ("text_trim", _text_trim), ("ann", _ann), ("ann_at_goal", _ann),
                          ("service", _service), ("scaling", _scaling),
                          ("scaling_at_goal", _scaling)):
@@ -197,6 +205,27 @@ def _indexing(i: dict, out: Path) -> list[str]:
             "here is encode cost ÷ (encode + decode cost), about 0.8 to 0.85 with these "
             "figures; a machine with a GPU or spare cores removes that competition. Decode "
             "workers ship uint8 pixels, normalised per batch by the encoder.", ""]
+
+
+def _onnx(o: dict, out: Path) -> list[str]:
+    rows = []
+    for spec, model in o["models"].items():
+        for kind in ("images", "texts"):
+            for batch, row in model[kind].items():
+                rows.append([spec, kind, batch, row["torch_per_s"], row["onnx_per_s"],
+                             f"**{row['ratio']:.2f}×**"])
+    notes = [f"`{spec}`: export and session start {m['export_and_load_s']} s, text at "
+             f"{m['text_length']} length, lowest cosine ONNX vs torch {m['lowest_cosine']}"
+             for spec, m in o["models"].items()]
+    return ["## 1b. ONNX Runtime vs torch eager", "",
+            "The same weights on both backends (`--backend onnx|torch`; ONNX Runtime with "
+            f"{o['threads']['onnxruntime_intra_op']} intra-op threads, torch with "
+            f"{o['threads']['torch']}); images as uint8 pixels at the model's input size, "
+            "texts short search queries; best of "
+            f"{o['repeats']} calls, the two backends taking turns (`bench/onnx_speed.py`).", "",
+            _table(["model", "input", "batch", "torch /s", "ONNX Runtime /s", "ratio"], rows),
+            "", *[f"- {note}" for note in notes], "",
+            f"Reproduce: `{RUN} onnx` (or `{o['command']}`)", ""]
 
 
 def _text_trim(t: dict, out: Path) -> list[str]:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench sc
 import numpy as np
 import torch
 
-PARTS = ("encoder", "indexing", "text_trim", "ann", "service", "scaling")
+PARTS = ("encoder", "onnx", "indexing", "text_trim", "ann", "service", "scaling")
 TYPICAL_QUERY = "a brown dog running on the beach at sunset"  # ~10 tokens, a typical query
 
 
@@ -106,6 +106,17 @@ def _row(rate: float, flops: int, peak_gflops: float, **extra) -> dict:
     return {"items_per_s": round(rate, 1), "gflops_per_item": round(flops / 1e9, 3),
             "achieved_gflops": round(achieved, 1),
             "utilisation": round(achieved / peak_gflops, 3), **extra}
+
+
+# --- 1b. ONNX Runtime vs torch eager -------------------------------------------------------
+
+def onnx_part(args: argparse.Namespace) -> dict:
+    from onnx_speed import run
+
+    out = run(args.onnx_models.split(","), [1, 8, 32], args.repeats + 2)
+    out["command"] = (".venv/bin/python bench/onnx_speed.py --models " + args.onnx_models +
+                      f" --repeats {args.repeats + 2}")
+    return out
 
 
 # --- 2. indexing pipeline ------------------------------------------------------------------
@@ -267,7 +278,7 @@ def scale_child(count: int, kind: str | None, max_memory: str) -> None:
                       "estimate_mib": round(spec.memory_bytes / 2**20, 1)}))
 
 
-RUNNERS = {"encoder": encoder_part, "indexing": indexing_part, "text_trim": text_trim_part,
+RUNNERS = {"encoder": encoder_part, "onnx": onnx_part, "indexing": indexing_part, "text_trim": text_trim_part,
            "ann": ann_part, "service": service_part, "scaling": scaling_part}
 
 
@@ -277,6 +288,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", default="ViT-B-32,default")
+    parser.add_argument("--onnx-models", default="default,ViT-B-32")
     parser.add_argument("--image-batch", type=int, default=32)
     parser.add_argument("--image-batch-large", type=int, default=128)
     parser.add_argument("--text-n", type=int, default=256)

@@ -1,6 +1,6 @@
 """Flags shared by several subcommands, and flags generated from configuration dataclasses.
 
-`--model`, `--device` and `--precision` are defined once here. A frozen config dataclass
+`--model`, `--device`, `--backend` and `--precision` are defined once here. A frozen config dataclass
 (TrainConfig, BuildConfig) gives its flags' names, types and defaults; `config_flags` adds
 them to a parser and `config_from` builds the config back from the parsed arguments, so no
 field is copied by hand and a new field cannot be forgotten (tests check every field has a
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+BACKENDS = ("auto", "torch", "onnx")  # retrieval.onnx_backend.BACKENDS, without importing torch
 MODEL_HELP = ("'default' (bundled), a .safetensors checkpoint, a clipdex architecture, an "
               "open_clip ARCH[:TAG], an hf-hub:ORG/NAME spec, or a local open_clip model folder "
               "(default: %(default)s)")
@@ -37,9 +38,17 @@ def tqdm_progress(label: str, total: int) -> Any:
 
 
 def model_options(parser: argparse.ArgumentParser, precision: bool = False,
-                  model_default: str | None = "default", model_help: str = MODEL_HELP) -> None:
+                  model_default: str | None = "default", model_help: str = MODEL_HELP,
+                  backend: bool = True) -> None:
+    """--model and --device; --backend for commands that only encode (training needs torch)."""
     parser.add_argument("--model", default=model_default, help=model_help)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
+    if backend:
+        parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                            help="what runs the towers: onnx (ONNX Runtime, CPU; exported on "
+                                 "first use and cached beside the model), torch, or auto: "
+                                 "onnx on CPU when installed, torch on CUDA "
+                                 "(default: %(default)s)")
     if precision:
         parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                             help="autocast precision (auto: fp16 on CUDA, fp32 on CPU)")

@@ -97,7 +97,7 @@ def build(sources: Sequence[Path], out: Path, clip: ClipModel, config: BuildConf
     identity = model_identity(clip)
     job = (engine or Job)(out, identity, collection, config, None)
     records, vectors, problems = job.run(clip, start_id=1, progress=progress)
-    info = {**_build_info(sources, collection, problems), "engine": job.ENGINE}
+    info = {**_build_info(sources, collection, problems, clip), "engine": job.ENGINE}
     name = write_generation(out, identity, records, vectors, config.store_options(), info)
     return job.finish(read_generation_manifest(out, name), records, problems, started)
 
@@ -114,7 +114,7 @@ def add(sources: Sequence[Path], index: Path, clip: ClipModel,
     # Provisional ids: the store allocates the real ones under its writer lock, so an admin
     # write through the service while this job encodes is no conflict.
     records, vectors, problems = job.run(clip, start_id=None, progress=progress)
-    info = _build_info(sources, collection, problems)
+    info = _build_info(sources, collection, problems, clip)
     appended = append_items(index, identity, records, vectors, config.store_options(), info)
     return job.finish(appended.manifest, records, problems, started)
 
@@ -144,11 +144,14 @@ def _only_new(collection: Collection, current: Generation) -> Collection:
     return Collection(images, texts, collection.problems)
 
 
-def _build_info(sources: Sequence[Path], collection: Collection,
-                problems: list[Problem]) -> dict[str, Any]:
+def _build_info(sources: Sequence[Path], collection: Collection, problems: list[Problem],
+                clip: ClipModel) -> dict[str, Any]:
+    """What the manifest's "build" section says; `backend` is what ran the towers (torch or
+    onnx: their embeddings agree to a cosine of 0.9999, tests/retrieval/test_onnx.py)."""
     return {"sources": [str(Path(s).resolve()) for s in sources],
             "images_found": len(collection.images), "captions": collection.num_captions,
-            "corpus_texts": len(collection.texts), "skipped": len(problems)}
+            "corpus_texts": len(collection.texts), "skipped": len(problems),
+            "backend": clip.backend}
 
 
 class Job:

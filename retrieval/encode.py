@@ -2,12 +2,19 @@
 
 Each `*_batch` function maps one batch to L2-normalised embeddings and has no other state,
 so it can serve a DataLoader loop here or a Ray Data `map_batches` actor elsewhere.
+
+The batch functions are the one seam between the torch and ONNX Runtime backends: a model
+loaded with `backend="onnx"` carries ONNX Runtime sessions of its towers (`clip.onnx`, see
+retrieval/onnx_backend.py), and fp32 calls go to them, so every caller (the indexer, the
+service's batchers, evaluation) gets that backend without knowing it. A reduced precision
+(fp16, bf16) is torch autocast, so such calls run torch either way.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import open_clip
@@ -23,6 +30,9 @@ from retrieval.images import (
     split_tensor_tail,
 )
 from retrieval.model import ClipModel
+
+if TYPE_CHECKING:
+    from retrieval.onnx_backend import OnnxTowers
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
@@ -45,23 +55,39 @@ def _normalised(features: torch.Tensor) -> np.ndarray:
     return features.cpu().numpy()
 
 
+def _onnx_towers(clip: ClipModel, precision: str) -> OnnxTowers | None:
+    """The model's ONNX Runtime towers when they serve a call at `precision`, else None."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return clip.onnx if precision in ("auto", "fp32") else None
+
+
 def encode_image_batch(clip: ClipModel, pixels: torch.Tensor, precision: str = "auto") -> np.ndarray:
     """(n, 3, H, W) preprocessed pixels -> (n, d) unit-norm float32 embeddings.
 
     uint8 pixels (from `iter_image_batches(..., uint8=True)`) are normalised here, after the
     copy to the device, so a GPU receives a quarter of the bytes."""
+    towers = _onnx_towers(clip, precision)
+    if towers is not None:
+        return _normalised(torch.from_numpy(towers.image(_float_pixels(clip, pixels))))
     non_blocking = clip.device.type == "cuda"
     pixels = pixels.to(clip.device, non_blocking=non_blocking)
-    if pixels.dtype == torch.uint8:
-        split = split_tensor_tail(clip.preprocess)
-        if split is None:
-            raise ValueError("uint8 pixels need a preprocess ending in ToTensor, Normalize")
-        pixels = normalise_uint8(pixels, split[1], split[2])
+    pixels = _float_pixels(clip, pixels)
     if clip.channels_last:
         pixels = pixels.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast_for(clip.device, precision):
         features = clip.model.encode_image(pixels)
     return _normalised(features)
+
+
+def _float_pixels(clip: ClipModel, pixels: torch.Tensor) -> torch.Tensor:
+    """Normalised float pixels, from uint8 ones when given those (same device)."""
+    if pixels.dtype != torch.uint8:
+        return pixels
+    split = split_tensor_tail(clip.preprocess)
+    if split is None:
+        raise ValueError("uint8 pixels need a preprocess ending in ToTensor, Normalize")
+    return normalise_uint8(pixels, split[1], split[2])
 
 
 def trim_padding(tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -75,34 +101,49 @@ def trim_padding(tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
     return tokens[:, :length]
 
 
+def text_trims(model: torch.nn.Module) -> bool:
+    """True when the text tower gives the same features on a batch trimmed of its padding:
+    open_clip's HF tower (it masks padding) and causal towers pooled at the end token."""
+    return hasattr(model, "text") or getattr(model, "text_pool_type", "argmax") in ("argmax", "eos")
+
+
 def text_forward(clip: ClipModel, tokens: torch.Tensor, trim: bool = True) -> torch.Tensor:
     """(n, L) token ids -> (n, d) unnormalised features, at the batch's real length when
     `trim`; differentiable, so training uses it too."""
     trimmed = trim_padding(tokens, clip.pad_token_id) if trim else tokens
-    if trimmed.shape[1] == tokens.shape[1]:
+    if trimmed.shape[1] == tokens.shape[1] or not text_trims(clip.model):
         return clip.model.encode_text(tokens.to(clip.device))
-    if hasattr(clip.model, "text"):  # CustomTextCLIP: the HF tower masks padding itself
-        return clip.model.encode_text(trimmed.to(clip.device))
-    return _encode_causal_text(clip.model, trimmed.to(clip.device), tokens)
+    return text_features(clip.model, trimmed.to(clip.device))
+
+
+def text_features(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """(n, L) token ids at the length given -> (n, d) features. A trimmed batch suits towers
+    for which `text_trims` holds; others need the full context. The ONNX text tower is an
+    export of this function, so that its sequence axis can be dynamic."""
+    if hasattr(model, "text") or not text_trims(model):  # the HF tower masks padding itself
+        return model.encode_text(tokens)
+    return _encode_causal_text(model, tokens)
 
 
 def encode_token_batch(clip: ClipModel, tokens: torch.Tensor, precision: str = "auto",
                        trim: bool = True) -> np.ndarray:
     """(n, L) token ids -> (n, d) unit-norm float32 embeddings."""
+    towers = _onnx_towers(clip, precision)
+    if towers is not None:
+        if trim and towers.dynamic_length:
+            tokens = trim_padding(tokens, clip.pad_token_id)
+        return _normalised(torch.from_numpy(towers.text(tokens)))
     with torch.inference_mode(), autocast_for(clip.device, precision):
         features = text_forward(clip, tokens, trim)
     return _normalised(features)
 
 
-def _encode_causal_text(model: torch.nn.Module, tokens: torch.Tensor,
-                        padded: torch.Tensor) -> torch.Tensor:
+def _encode_causal_text(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip's CLIP.encode_text at the batch's real length (its own assumes full length).
 
     Slicing the positional embedding and causal mask is exact for end-token pooling; other
-    pool types depend on the padded length, so those models are encoded padded.
+    pool types depend on the padded length, so those models are encoded padded (`text_trims`).
     """
-    if getattr(model, "text_pool_type", "argmax") not in ("argmax", "eos"):
-        return model.encode_text(padded.to(tokens.device))
     length = tokens.shape[1]
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype)  # (n, L, width)

@@ -21,7 +21,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import open_clip
 import torch
@@ -29,6 +29,9 @@ from PIL import Image
 
 from retrieval import card as model_card
 from retrieval.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from retrieval.onnx_backend import OnnxTowers
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # What a wheel ships (package data): the default model and its card, the demo captions.
@@ -57,6 +60,9 @@ class ClipModel:
     config: dict[str, Any]
     card: dict[str, Any] = field(default_factory=dict)
     channels_last: bool = False  # image tower in NHWC: feed it pixels in that layout
+    source: Path | None = None  # the checkpoint file it was loaded from, if any
+    backend: str = "torch"  # what encodes: "torch", or "onnx" (ONNX Runtime, `onnx` below)
+    onnx: OnnxTowers | None = None  # the towers' ONNX Runtime sessions (retrieval/onnx_backend.py)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -69,9 +75,25 @@ def clipdex_architectures() -> list[str]:
     return sorted(path.stem for path in CONFIG_DIR.glob("*.json"))
 
 
-def load_model(spec: str = "default", device: str | torch.device = "auto") -> ClipModel:
-    """Return the model named by `spec` in eval mode on `device` (see the module docstring)."""
+def load_model(spec: str = "default", device: str | torch.device = "auto",
+               backend: str = "torch", onnx_cache: Path | None = None) -> ClipModel:
+    """Return the model named by `spec` in eval mode on `device` (see the module docstring).
+
+    `backend` "onnx" encodes with ONNX Runtime on CPU (towers exported on first use and
+    cached, see retrieval/onnx_backend.py; `onnx_cache` overrides where), "auto" picks it on
+    CPU when it is installed and torch elsewhere. The library's default stays "torch": a
+    model that will be trained must encode with its live weights, not an export of them.
+    """
     target = resolve_device(device)
+    clip = _load_torch(spec, target)
+    if backend != "torch":
+        from retrieval import onnx_backend
+
+        onnx_backend.attach(clip, backend, onnx_cache)
+    return clip
+
+
+def _load_torch(spec: str, target: torch.device) -> ClipModel:
     if spec in BUNDLED:
         if not BUNDLED[spec].exists():
             raise ModelLoadError(
@@ -330,7 +352,7 @@ def load_checkpoint(path: Path) -> ClipModel:
         if missing:
             raise ModelLoadError(f"{path}: full checkpoint lacks {missing[:5]}")
     clip.model.load_state_dict(state, strict=False)
-    clip.card = card
+    clip.card, clip.source = card, Path(path)
     return clip
 
 

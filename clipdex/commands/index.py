@@ -113,12 +113,12 @@ def _config(args: argparse.Namespace):
     return config_from(args, BuildConfig)
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, backend: str | None = None):
     """Load the model (random-weight architectures load identically every time, so a
     rerun, resume or `add` matches the index's model fingerprint)."""
     from retrieval.model import load_model
 
-    return load_model(args.model, args.device)
+    return load_model(args.model, args.device, backend=backend or args.backend)
 
 
 def _report(summary) -> None:
@@ -183,7 +183,7 @@ def _build_from_embeddings(args: argparse.Namespace) -> int:
         raise ModelLoadError("--from-embeddings needs --model: the model that made the "
                              "embeddings (e.g. ViT-B-32:openai), or external:NAME to record one "
                              "clipdex cannot load (vector and item queries only)")
-    model = parse_model(args.model) or model_identity(_load(args))
+    model = parse_model(args.model) or model_identity(_load(args, backend="torch"))
     _report(build_from_embeddings(args.from_embeddings, args.out, model, _config(args),
                                   progress=tqdm_progress))
     return 0

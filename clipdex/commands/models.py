@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _manifest_options(train)
     _manifest_options(train, "val")
     _column_options(train)
-    model_options(train)
+    model_options(train, backend=False)
     config_flags(train, TrainConfig, TRAIN_FLAGS, skip=TRAIN_SET_ELSEWHERE)
     train.set_defaults(func=cmd_train)
 
@@ -127,7 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from retrieval.evaluate import evaluate
     from retrieval.model import load_model
 
-    clip = load_model(args.model, args.device)
+    clip = load_model(args.model, args.device, backend=args.backend)
     manifest = _read(args)
     started = time.perf_counter()
     results, problems = evaluate(clip, manifest, args.batch_size, args.workers)
@@ -146,7 +146,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from retrieval.encode import encode_images, encode_texts
     from retrieval.model import load_model
 
-    clip = load_model(args.model, args.device)
+    clip = load_model(args.model, args.device, backend=args.backend)
     if args.texts:
         embeddings = encode_texts(clip, args.texts)
     else:
@@ -160,7 +160,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from retrieval.demo import demo_corpus, rank_images
     from retrieval.model import load_model
 
-    clip = load_model(args.model, args.device)
+    clip = load_model(args.model, args.device, backend=args.backend)
     corpus = demo_corpus(args.corpus)
     for query in args.query:
         print(f"\nquery: {query!r}")

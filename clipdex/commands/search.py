@@ -44,7 +44,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     built = read_generation_manifest(args.index).model
     if built.external:  # its vectors came from a model no --model can load: nothing to encode
         raise ExternalModelError(external_note(built))
-    clip = load_model(args.model, args.device)
+    clip = load_model(args.model, args.device, backend=args.backend)
     with open_generation(args.index) as generation:
         searcher = Searcher(generation, ModelEncoder(clip))
         result = searcher.search(Query(tuple(terms), target=target, k=args.k,

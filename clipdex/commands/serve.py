@@ -82,7 +82,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     from the environment (CLIPDEX_ADMIN_KEY, CLIPDEX_READ_KEYS), which Settings reads."""
     max_batch = args.max_batch or default_max_batch(args.device)
     return Settings(
-        index=args.index, model=args.model, device=args.device, host=args.host, port=args.port,
+        index=args.index, model=args.model, device=args.device, backend=args.backend,
+        host=args.host, port=args.port,
         batching=BatcherConfig(max_batch, args.max_wait_ms, args.queue_size,
                                args.max_queue_wait_ms or None),
         max_in_flight=(IN_FLIGHT_PER_BATCH * max_batch if args.max_in_flight is None
