@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,6 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--workers", type=int, default=None)
     evaluate.add_argument("--json", type=Path, default=None, help="also write the results here")
+    evaluate.add_argument("--calibrate", action="store_true",
+                          help="also fit the relevance calibration on this set (use the "
+                               "validation split) and store it in the model's card")
     evaluate.set_defaults(func=cmd_eval)
 
     encode = sub.add_parser("encode", help="encode texts or images to a .npy file")
@@ -124,22 +128,41 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from retrieval.evaluate import evaluate
+    from retrieval.evaluate import embed_manifest, evaluate_embeddings
     from retrieval.model import load_model
 
     clip = load_model(args.model, args.device, backend=args.backend)
     manifest = _read(args)
     started = time.perf_counter()
-    results, problems = evaluate(clip, manifest, args.batch_size, args.workers)
-    results = {key: round(value, 2) for key, value in results.items()}
+    embeddings = embed_manifest(clip, manifest, args.batch_size, args.workers)
+    results: dict[str, Any] = {key: round(value, 2) for key, value in
+                               evaluate_embeddings(clip, embeddings).items()}
     results["seconds"] = round(time.perf_counter() - started, 1)
-    for problem in problems:
+    for problem in embeddings.problems:
         log(f"skipped {problem.path}: {problem.reason}")
+    if args.calibrate:
+        results["calibration"] = _calibrate(clip, embeddings, args)
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
     return 0
+
+
+def _calibrate(clip: Any, embeddings: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Fit, report on held-out halves, and store the fit in the checkpoint's card."""
+    from retrieval.calibration import calibrate, store_in_card
+    from retrieval.errors import ModelLoadError
+
+    if clip.source is None:
+        raise ModelLoadError(f"--calibrate stores the fit in a model card: {args.model!r} is "
+                             "not a clipdex checkpoint with one")
+    fitted, report = calibrate(embeddings.image_emb, embeddings.text_emb,
+                               embeddings.text_to_image)
+    where = args.split.name if getattr(args, "split", None) else args.manifest.name
+    card = store_in_card(clip.source, fitted, report, fitted_on=where)
+    log(f"relevance calibration stored in {card}")
+    return report
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
