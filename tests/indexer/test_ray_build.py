@@ -61,7 +61,8 @@ def single(tiny, corpus, tmp_path_factory) -> tuple[Path, indexer.build.Summary]
 @pytest.fixture(scope="module")
 def resumed(ray_local, tiny, corpus, tmp_path_factory) -> tuple[Path, int, indexer.build.Summary]:
     """A Ray build whose driver dies once every shard is written (before any generation),
-    run again after losing its last image shard: (index, shards written, second summary)."""
+    run again after losing its last image shard: (index, shards written, second summary).
+    The first run is the command line's (`--engine ray`, joining the Ray this module started)."""
     out = tmp_path_factory.mktemp("ray") / "idx"
 
     def killed(*args, **kwargs):
@@ -70,7 +71,10 @@ def resumed(ray_local, tiny, corpus, tmp_path_factory) -> tuple[Path, int, index
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(indexer.build, "write_generation", killed)
         with pytest.raises(DriverKilled):
-            build_on_ray([corpus], out, tiny, TINY, CONFIG)
+            main(["index", "build", str(corpus), "--out", str(out), "--engine", "ray",
+                  "--model", "clipdex-tiny", "--device", "cpu", "--backend", "torch",
+                  "--shard-size", str(CONFIG.shard_size), "--batch-size",
+                  str(CONFIG.batch_size)])
     assert not (out / "CURRENT").exists()
     [job] = (out / "work").iterdir()
     shards = sorted(job.glob("*.parquet"))
