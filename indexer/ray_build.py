@@ -55,10 +55,12 @@ DEFAULT_BUILD, DEFAULT_RAY = BuildConfig(), RayConfig()
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The model as the encoder actors load it (each node loads its own copy)."""
+    """The model as the encoder actors load it (each node loads its own copy), with the
+    backend the driver's copy was loaded with (`retrieval.model.load_model`)."""
 
     name: str
     device: str = "auto"
+    backend: str = "torch"
 
 
 def build_on_ray(sources: Sequence[Path], out: Path, clip: ClipModel, model: ModelSpec,
@@ -277,7 +279,7 @@ class Encoder:
         from retrieval.model import load_model
 
         device = "cpu" if model.device == "auto" and not gpus else model.device
-        self.clip = load_model(model.name, device)
+        self.clip = load_model(model.name, device, backend=model.backend)
         found = model_identity(self.clip).sha256
         if found != fingerprint:
             raise IndexMismatchError(

@@ -169,7 +169,8 @@ def _build_on_ray(args: argparse.Namespace) -> int:
     from indexer.ray_build import ModelSpec, RayConfig, build_on_ray
 
     clip = _load(args)
-    _report(build_on_ray(args.sources, args.out, clip, ModelSpec(args.model, args.device),
+    model = ModelSpec(args.model, args.device, args.backend)
+    _report(build_on_ray(args.sources, args.out, clip, model,
                          _config(args), config_from(args, RayConfig), progress=tqdm_progress))
     return 0
 

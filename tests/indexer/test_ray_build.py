@@ -19,6 +19,7 @@ from indexer.build import BuildConfig, build
 from indexer.ray_build import ModelSpec, RayConfig, build_on_ray
 from retrieval.demo import ensure_demo_corpus
 from retrieval.store import open_generation
+from tests.conftest import COLOURS, make_image
 from tests.indexer.helpers import img2dataset_shard
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,7 +61,8 @@ def single(tiny, corpus, tmp_path_factory) -> tuple[Path, indexer.build.Summary]
 @pytest.fixture(scope="module")
 def resumed(ray_local, tiny, corpus, tmp_path_factory) -> tuple[Path, int, indexer.build.Summary]:
     """A Ray build whose driver dies once every shard is written (before any generation),
-    run again after losing its last image shard: (index, shards written, second summary)."""
+    run again after losing its last image shard: (index, shards written, second summary).
+    The first run is the command line's (`--engine ray`, joining the Ray this module started)."""
     out = tmp_path_factory.mktemp("ray") / "idx"
 
     def killed(*args, **kwargs):
@@ -69,7 +71,10 @@ def resumed(ray_local, tiny, corpus, tmp_path_factory) -> tuple[Path, int, index
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(indexer.build, "write_generation", killed)
         with pytest.raises(DriverKilled):
-            build_on_ray([corpus], out, tiny, TINY, CONFIG)
+            main(["index", "build", str(corpus), "--out", str(out), "--engine", "ray",
+                  "--model", "clipdex-tiny", "--device", "cpu", "--backend", "torch",
+                  "--shard-size", str(CONFIG.shard_size), "--batch-size",
+                  str(CONFIG.batch_size)])
     assert not (out / "CURRENT").exists()
     [job] = (out / "work").iterdir()
     shards = sorted(job.glob("*.parquet"))
@@ -118,14 +123,15 @@ def test_ray_flags_make_the_ray_config():
                                                      gpus_per_encoder=0.5)
 
 
-def test_the_single_process_build_never_imports_ray(corpus, tmp_path):
+def test_the_single_process_build_never_imports_ray(tmp_path):
+    make_image(tmp_path / "photos" / "red.png", COLOURS["red"])
     script = (f"import sys\nfrom clipdex.main import main\n"
-              f"code = main(['index', 'build', {str(corpus)!r}, '--out', "
+              f"code = main(['index', 'build', {str(tmp_path / 'photos')!r}, '--out', "
               f"{str(tmp_path / 'idx')!r}, '--model', 'clipdex-tiny', '--device', 'cpu', "
-              f"'--workers', '0'])\n"
+              f"'--backend', 'torch', '--workers', '0'])\n"
               f"print(code, 'ray' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             check=False, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
                             timeout=300)
     assert result.stdout.splitlines()[-1] == "0 False", result.stderr[-2000:]
-    assert json.loads("\n".join(result.stdout.splitlines()[:-1]))["images"] == 25
+    assert json.loads("\n".join(result.stdout.splitlines()[:-1]))["images"] == 1

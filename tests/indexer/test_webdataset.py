@@ -11,6 +11,7 @@ import numpy as np
 from clipdex.main import main
 from indexer.build import BuildConfig, Job, build
 from indexer.sources import collect
+from indexer.webdataset import split_key
 from retrieval.encode import encode_images
 from retrieval.store import model_identity, open_generation
 from tests.conftest import COLOURS
@@ -99,3 +100,19 @@ def test_the_job_hash_covers_the_shard_files(tiny, tmp_path):
     before = job_name()
     img2dataset_shard(shard, 0, ["red", "green"])
     assert job_name() != before
+
+
+def test_add_takes_only_new_samples_and_keys_split_at_the_first_dot(tmp_path, capsys):
+    first = img2dataset_shard(tmp_path / "s" / "00000.tar", 0, ["red"])
+    out = tmp_path / "idx"
+    assert main(["index", "build", str(first), "--out", str(out), *TINY]) == 0
+    second = img2dataset_shard(tmp_path / "s" / "00001.tar", 1, ["green", "blue"])
+    capsys.readouterr()
+    assert main(["index", "add", str(tmp_path / "s"), "--index", str(out), *TINY]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 2  # 00000.tar's sample is known
+    with open_generation(out) as generation:
+        assert generation.count("image") == 3
+        paths = {r.path for r in generation.items(range(1, 12)) if r and r.modality == "image"}
+    assert paths == {str(first.resolve() / "000000000.jpg"),
+                     *(str(second.resolve() / f"00000000{n}.jpg") for n in (1, 2))}
+    assert split_key("part/0001.seg.jpg") == ("part/0001", "seg.jpg")

@@ -50,7 +50,11 @@ def _header(title: str, result: dict[str, Any]) -> list[str]:
 
 def _crash_loop_ray(result: dict[str, Any], docs: Path) -> list[str]:
     """The same loop with every build run by `--engine ray` (Ray started in each job)."""
-    return _crash_loop(result, docs, "Crash loop, Ray builds", "soak_crash_loop_ray.png")
+    lines = _crash_loop(result, docs, "Crash loop, Ray builds", "soak_crash_loop_ray.png")
+    note = ("Here every `index build` runs with `--engine ray`, starting Ray on this machine; a "
+            "kill hits the driver, and what is left of Ray's processes is killed after it. Adds "
+            "and deletes run in one process.")
+    return lines[:4] + [note, ""] + lines[4:]
 
 
 def _crash_loop(result: dict[str, Any], docs: Path, title: str = "Crash loop",
