@@ -201,3 +201,14 @@ def test_a_model_on_onnx_runtime_is_refused_for_training(tiny_pair):
     _, onnx_clip = tiny_pair
     with pytest.raises(ModelLoadError, match="backend='torch'"):
         prepare_model(onnx_clip, TrainConfig(out=Path("unused")))
+
+
+def test_a_model_on_onnx_runtime_can_be_sent_to_another_process(tiny_pair):
+    """What a worker pool or an actor receives: sessions reopened from the same files."""
+    import pickle
+
+    _, onnx_clip = tiny_pair
+    copied = pickle.loads(pickle.dumps(onnx_clip.onnx))
+    assert copied.folder == onnx_clip.onnx.folder and copied is not onnx_clip.onnx
+    tokens = onnx_clip.tokenizer(["a red square", "a cat"])
+    np.testing.assert_array_equal(copied.text(tokens), onnx_clip.onnx.text(tokens))
