@@ -1,6 +1,6 @@
 """Indexing throughput on the demo corpus: decode-only, encode-only and end-to-end images/s.
 
-    .venv/bin/python bench/indexing.py --model clipdex-tiny --workers 2 --repeat 5
+    .venv/bin/python bench/indexing.py --model clipdex-tiny --workers 2 --repeat 5 [--backend torch]
 
 decode-only: DataLoader workers decode + preprocess, nothing encoded;
 encode-only: pre-decoded pixel batches through the image tower;
@@ -31,9 +31,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=5, help="passes over the 22 images")
+    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"),
+                        help="what encodes (auto: what `clipdex index build` picks)")
     args = parser.parse_args()
     ensure_demo_corpus()
-    clip = load_model(args.model, "cpu")
+    clip = load_model(args.model, "cpu", backend=args.backend)
     paths = sorted(p for p in DEMO_DIR.iterdir() if p.suffix in (".png", ".jpg")) * args.repeat
 
     started = time.perf_counter()
@@ -58,7 +60,8 @@ def main() -> None:
         started = time.perf_counter()
         summary = build([corpus], Path(temp) / "index", clip, config)
         end_to_end = summary.images / (time.perf_counter() - started)
-    print(json.dumps({"model": args.model, "workers": args.workers, "images": len(paths),
+    print(json.dumps({"model": args.model, "backend": clip.backend, "workers": args.workers,
+                      "images": len(paths),
                       "decode_only_img_s": round(decode, 1), "encode_only_img_s": round(encode, 1),
                       "end_to_end_img_s": round(end_to_end, 1),
                       "end_to_end_images": summary.images, "distinct_images": len(images),

@@ -336,9 +336,23 @@ def _service(s: dict, out: Path) -> list[str]:
             f"Service text QPS ÷ raw encoder texts/s on the same queries "
             f"({s['raw_texts_per_s']} texts/s, batch {s['max_batch']}): "
             f"**{sm['service_over_raw']:.2f}**.", "",
-            *_service_limits(s, sm),
+            *_service_limits(s, sm), *_service_onnx(s),
             "![service](bench_service.png)", "",
             f"Reproduce: `{RUN} service`", ""]
+
+
+def _service_onnx(s: dict) -> list[str]:
+    """batched_onnx: the batched service with `--backend onnx`, against torch's."""
+    if "batched_onnx" not in s["modes"]:
+        return []
+    onnx = s["modes"]["batched_onnx"]["by_concurrency"]
+    eager = s["modes"]["batched"]["by_concurrency"]
+    ratios = ", ".join(f"{onnx[c]['throughput_rps'] / eager[c]['throughput_rps']:.2f}× at "
+                       f"concurrency {c}" for c in sorted(onnx, key=int) if c in eager)
+    low = min(onnx, key=int)
+    return [f"ONNX Runtime (`--backend onnx`, batched) ÷ torch (batched) req/s: {ratios}; "
+            f"p50 at concurrency {low}: {onnx[low]['p50_ms']} ms vs {eager[low]['p50_ms']} ms.",
+            ""]
 
 
 def _scaling(sc: dict, out: Path, tag: str = "") -> list[str]:

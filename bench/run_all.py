@@ -210,10 +210,13 @@ def service_part(args: argparse.Namespace) -> dict:
            "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, index = service.prepare("default", Path(tmp), args.service_items)
-        for mode, max_batch in (("batched", args.max_batch), ("unbatched", 1)):
+        # torch both ways (the batching figures), then batched on ONNX Runtime
+        for mode, max_batch, backend in (("batched", args.max_batch, "torch"),
+                                         ("unbatched", 1, "torch"),
+                                         ("batched_onnx", args.max_batch, "onnx")):
             url = f"http://127.0.0.1:{args.port}"
             process = service.serve(checkpoint, index, args.port, max_batch, args.max_wait_ms,
-                                    queue=max(256, 4 * max(concurrencies)))
+                                    queue=max(256, 4 * max(concurrencies)), backend=backend)
             try:
                 service.wait_ready(url, process)
                 rows = {}
@@ -221,7 +224,7 @@ def service_part(args: argparse.Namespace) -> dict:
                     rows[str(concurrency)] = asyncio.run(
                         service.load(url, concurrency, 10**7, args.service_seconds))
                     print(mode, concurrency, json.dumps(rows[str(concurrency)]), flush=True)
-                out["modes"][mode] = {"max_batch": max_batch, "mean_batch":
+                out["modes"][mode] = {"max_batch": max_batch, "backend": backend, "mean_batch":
                                       service.batch_sizes(url), "by_concurrency": rows}
             finally:
                 process.terminate()

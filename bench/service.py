@@ -100,9 +100,10 @@ async def load(url: str, concurrency: int, requests: int, seconds: float) -> dic
 
 
 def serve(checkpoint: Path, index: Path, port: int, max_batch: int, wait_ms: float,
-          queue: int) -> subprocess.Popen:
+          queue: int, backend: str = "torch") -> subprocess.Popen:
     command = [sys.executable, "-m", "clipdex", "serve", "--index", str(index),
                "--model", str(checkpoint), "--port", str(port), "--max-batch", str(max_batch),
+               "--backend", backend,
                "--max-wait-ms", str(wait_ms), "--queue-size", str(queue), "--device", "cpu",
                # every request is served here; shedding under overload is the soak's subject
                "--max-queue-wait-ms", "0", "--max-in-flight", "0"]

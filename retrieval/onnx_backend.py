@@ -66,6 +66,16 @@ class OnnxTowers:
         array = tokens.detach().to("cpu", torch.int64).contiguous().numpy()
         return self.text_session.run(None, {"tokens": array})[0]
 
+    def __reduce__(self) -> tuple[Any, tuple[Path, bool, bool]]:
+        """Sessions cannot be pickled; a copy sent to another process (a worker, an actor)
+        opens its own from the same files, with that process's session options."""
+        return _reopen, (self.folder, self.exported, self.dynamic_length)
+
+
+def _reopen(folder: Path, exported: bool, dynamic_length: bool) -> OnnxTowers:
+    return OnnxTowers(_session(folder / IMAGE_FILE), _session(folder / TEXT_FILE), folder,
+                      exported, dynamic_length)
+
 
 def available() -> bool:
     """Whether ONNX Runtime and the exporter's `onnx` package are installed."""

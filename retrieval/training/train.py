@@ -56,6 +56,8 @@ def trainable_modules(clip: ClipModel, config: TrainConfig) -> list[torch.nn.Mod
 
 def prepare_model(clip: ClipModel, config: TrainConfig) -> list[torch.nn.Parameter]:
     """Freeze everything, then unfreeze the trainable parts and the temperature."""
+    if clip.onnx is not None:  # its exported towers would not follow the weights trained
+        raise ModelLoadError("training needs a model loaded with backend='torch'")
     model = clip.model
     for parameter in model.parameters():
         parameter.requires_grad = False

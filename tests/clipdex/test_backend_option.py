@@ -65,3 +65,14 @@ def test_training_has_no_backend_flag(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--manifest", "x.csv", "--out", "run", "--backend", "onnx"])
     assert "unrecognized arguments: --backend" in capsys.readouterr().err
+
+
+def test_serve_passes_its_backend_to_the_service_settings():
+    from clipdex.commands.serve import settings_from
+    from clipdex.main import build_parser
+
+    def settings(*flags: str):
+        return settings_from(build_parser().parse_args(["serve", "--index", "idx", *flags]))
+
+    assert settings().backend == "auto"
+    assert settings("--backend", "torch").backend == "torch"

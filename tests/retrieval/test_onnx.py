@@ -192,3 +192,23 @@ def test_auto_falls_back_to_torch_when_the_export_fails_and_onnx_says_why(
     assert clip.backend == "torch" and clip.onnx is None
     with pytest.raises(ModelLoadError, match="unsupported operator"):
         load_model("clipdex-tiny", device="cpu", backend="onnx", onnx_cache=tmp_path)
+
+
+def test_a_model_on_onnx_runtime_is_refused_for_training(tiny_pair):
+    from retrieval.training.config import TrainConfig
+    from retrieval.training.train import prepare_model
+
+    _, onnx_clip = tiny_pair
+    with pytest.raises(ModelLoadError, match="backend='torch'"):
+        prepare_model(onnx_clip, TrainConfig(out=Path("unused")))
+
+
+def test_a_model_on_onnx_runtime_can_be_sent_to_another_process(tiny_pair):
+    """What a worker pool or an actor receives: sessions reopened from the same files."""
+    import pickle
+
+    _, onnx_clip = tiny_pair
+    copied = pickle.loads(pickle.dumps(onnx_clip.onnx))
+    assert copied.folder == onnx_clip.onnx.folder and copied is not onnx_clip.onnx
+    tokens = onnx_clip.tokenizer(["a red square", "a cat"])
+    np.testing.assert_array_equal(copied.text(tokens), onnx_clip.onnx.text(tokens))
