@@ -20,7 +20,7 @@ import numpy as np
 from retrieval import ann
 from retrieval.card import sha256_file
 from retrieval.errors import IndexStoreError
-from retrieval.store import fields, layout, manifest
+from retrieval.store import fields, keywords, layout, manifest
 from retrieval.store.faults import fault_point
 from retrieval.store.layout import MODALITIES, PLURAL
 from retrieval.store.manifest import GenerationManifest, ModelIdentity
@@ -115,11 +115,13 @@ def _write_files(temp: Path, name: str, plan: Plan, tables: dict[str, Table],
     with db:
         fill(db)
         field_types = fields.build(db)
+        worded = keywords.build(db)
     db.close()
     fault_point("mid_generation")
     files = sorted(p for p in temp.iterdir() if p.is_file())
     data = manifest.new(plan.model, sections, plan.next_id, name, plan.parent, plan.build_info,
-                        {p.name: sha256_file(p) for p in files}, field_types)
+                        {p.name: sha256_file(p) for p in files}, field_types,
+                        {"items": worded})
     layout.manifest_file(temp).write_text(json.dumps(data, indent=2) + "\n")
     for path in temp.iterdir():
         _fsync(path)

@@ -55,6 +55,14 @@ CREATE INDEX item_fields_str ON item_fields(field, str_value, id);
 CREATE INDEX item_fields_num ON item_fields(field, num_value, id);
 CREATE INDEX item_fields_id ON item_fields(id);
 """
+# Keyword search (`retrieval.store.keywords`): SQLite FTS5 over each item's words (its text or
+# captions, file name and string metadata), contentless (the words live in `items`), rowid =
+# item id; rebuilt at each commit. Older generations have none.
+KEYWORDS_SCHEMA = """
+DROP TABLE IF EXISTS item_words;
+CREATE VIRTUAL TABLE item_words USING fts5(body, content='',
+                                           tokenize='unicode61 remove_diacritics 2');
+"""
 
 
 # ----------------------------------------------------------------------------- the root

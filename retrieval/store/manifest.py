@@ -8,10 +8,12 @@ or the tuning report).
      "metric": "inner_product", "normalization": "l2", "next_id": n,
      "modalities": {"image"|"text": {"rows", "live", "deleted", "index": IndexSpec, "tuning"}},
      "files": {file name: SHA-256}, "build": {what wrote it},
-     "fields": {name: {"type": "string"|"number"|"boolean"|"datetime", "items": n}}}
+     "fields": {name: {"type": "string"|"number"|"boolean"|"datetime", "items": n}},
+     "keywords": {"items": n}}
 
 `fields` are the filterable metadata fields (`retrieval.fieldtypes`, `store.fields`); a
-generation written before they existed has none, and every filter names its field unknown.
+generation written before they existed has none, and every filter names its field unknown;
+`keywords` says the generation has a keyword (FTS5) index (`store.keywords`).
 
 A generation built from embeddings made elsewhere (`clipdex index build --from-embeddings
 --model external:NAME`) records its model as external: `arch` is NAME and `sha256` a hash of
@@ -106,6 +108,11 @@ class GenerationManifest:
         """The filterable metadata fields and their types ({} for an older generation)."""
         return {name: str(field["type"]) for name, field in self.data.get("fields", {}).items()}
 
+    @property
+    def has_keywords(self) -> bool:
+        """Whether the generation has a keyword index (older ones have none)."""
+        return "keywords" in self.data
+
     def tuning(self) -> dict[str, dict[str, Any]]:
         """The search-parameter tuning report of each modality."""
         return {modality: section["tuning"] for modality, section in
@@ -175,7 +182,8 @@ def check_files(folder: Path, manifest: dict[str, Any]) -> None:
 
 def new(model: ModelIdentity, sections: dict[str, Any], next_id: int, name: str,
         parent: str | None, build_info: dict[str, Any], files: dict[str, str],
-        fields: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        fields: dict[str, dict[str, Any]] | None = None,
+        keywords: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of a generation being committed (`files`: name -> SHA-256)."""
     return {
         "format": layout.FORMAT, "generation": name, "parent": parent,
@@ -185,7 +193,7 @@ def new(model: ModelIdentity, sections: dict[str, Any], next_id: int, name: str,
                   **({"external": True} if model.external else {})},
         "embed_dim": model.embed_dim, "metric": "inner_product", "normalization": "l2",
         "next_id": next_id, "modalities": sections, "files": files, "build": build_info,
-        "fields": fields or {},
+        "fields": fields or {}, **({"keywords": keywords} if keywords is not None else {}),
     }
 
 

@@ -121,3 +121,18 @@ def test_browse_lists_what_a_filter_matches_newest_first_or_by_a_field(client):
     assert {hit["image_id"] for hit in captions.json()["hits"]} == {0}
     assert "'shade'" in problem(client.post("/search/browse", json={"order_by": "shade"}))[
         "detail"]
+
+
+def test_keyword_and_hybrid_modes_answer_with_their_ranks(client):
+    keyword = client.post("/search/text", json={"text": "something coloured blue",
+                                                "mode": "keyword", "k": 3}).json()["hits"]
+    assert keyword[0]["metadata"]["label"] == "blue" and keyword[0]["keyword_rank"] == 1
+    hybrid = client.post("/search/text", json={"text": "a square", "keywords": "purple",
+                                               "mode": "hybrid", "filter": {
+                                                   "field": "label", "ne": "red"}}).json()
+    top = hybrid["hits"][0]
+    assert top["metadata"]["label"] == "purple" and top["keyword_rank"] == 1
+    assert top["vector_rank"] >= 1 and "red" not in [h["metadata"].get("label")
+                                                     for h in hybrid["hits"]]
+    assert "vector mode only" in problem(client.post("/search/text", json={
+        "text": "x", "mode": "hybrid", "threshold": 0.2}))["detail"]
