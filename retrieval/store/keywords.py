@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import PurePath
 from typing import Any
 
@@ -26,16 +26,28 @@ _WORD = re.compile(r"\w+")
 _ROWS = ("SELECT id, modality, path, text, captions, metadata FROM items WHERE deleted = 0")
 
 
-def build(db: sqlite3.Connection) -> int:
-    """(Re)write the keyword index from the items table; returns how many items it holds."""
+def build(db: sqlite3.Connection) -> None:
+    """Write the keyword index from scratch."""
     db.executescript(KEYWORDS_SCHEMA)
-    rows = list(_bodies(db))
-    db.executemany("INSERT INTO item_words (rowid, body) VALUES (?, ?)", rows)
-    return len(rows)
+    db.executemany("INSERT INTO item_words (rowid, body) VALUES (?, ?)", _bodies(db, _ROWS, []))
 
 
-def _bodies(db: sqlite3.Connection) -> Iterator[tuple[int, str]]:
-    for item_id, modality, path, text, captions, metadata in db.cursor().execute(_ROWS):
+def update(db: sqlite3.Connection, added: Sequence[int]) -> None:
+    """Add the words of the items `added` to a copy of the parent's index (one written before
+    keyword search existed is built from scratch). Deleted items keep their words until the
+    next compaction rebuilds it; searches join live items only, so they are never found."""
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'item_words'").fetchone():
+        build(db)
+        return
+    ids = sorted(int(i) for i in added)
+    for start in range(0, len(ids), 900):
+        part = ids[start:start + 900]
+        db.executemany("INSERT INTO item_words (rowid, body) VALUES (?, ?)", list(_bodies(
+            db, f"{_ROWS} AND id IN ({','.join('?' * len(part))})", part)))
+
+
+def _bodies(db: sqlite3.Connection, sql: str, params: list[int]) -> Iterator[tuple[int, str]]:
+    for item_id, modality, path, text, captions, metadata in db.cursor().execute(sql, params):
         words = [text or ""] if modality == "text" else list(json.loads(captions))
         if path:
             words.append(PurePath(path).name)

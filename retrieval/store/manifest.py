@@ -9,7 +9,7 @@ or the tuning report).
      "modalities": {"image"|"text": {"rows", "live", "deleted", "index": IndexSpec, "tuning"}},
      "files": {file name: SHA-256}, "build": {what wrote it},
      "fields": {name: {"type": "string"|"number"|"boolean"|"datetime", "items": n}},
-     "keywords": {"items": n}}
+     "keywords": {"index": "fts5"}}
 
 `fields` are the filterable metadata fields (`retrieval.fieldtypes`, `store.fields`); a
 generation written before they existed has none, and every filter names its field unknown;

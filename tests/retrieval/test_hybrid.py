@@ -116,3 +116,19 @@ def test_mode_mistakes_are_refused(options, words):
 def test_a_query_of_punctuation_only_is_refused(searcher):
     with pytest.raises(InvalidQueryError, match="at least one word"):
         searcher.search(Query.vector([1.0] * DIM, mode="keyword", keywords="!!! ?"))
+
+
+def test_the_keyword_index_follows_appends_deletes_and_compaction(tmp_path):
+    from retrieval.store import append_items, update_generation
+    rng = np.random.default_rng(1)
+    records = [ItemRecord(i, "image", path=f"/p/{i}.png", captions=[caption])
+               for i, caption in enumerate(["a wombat", "a cat", "a dog"])]
+    write_generation(tmp_path, MODEL, records, {"image": unit(rng.normal(size=(3, DIM)))})
+    append_items(tmp_path, MODEL, [ItemRecord(-1, "image", path="/p/x.png",
+                                              captions=["another wombat"])],
+                 {"image": unit(rng.normal(size=(1, DIM)))})
+    query = Query.vector([1.0] * DIM, mode="keyword", keywords="wombat")
+    for compact in (False, True):
+        update_generation(tmp_path, MODEL, delete_ids=[] if compact else [0], compact=compact)
+        with open_generation(tmp_path) as generation:
+            assert [hit.id for hit in Searcher(generation).search(query).hits] == [3]
