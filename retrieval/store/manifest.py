@@ -30,8 +30,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from retrieval import ann
 from retrieval.card import sha256_file
 from retrieval.errors import ExternalModelError, IndexCorruptError, IndexMismatchError
+from retrieval.fieldtypes import TYPES
 from retrieval.store import layout
 
 
@@ -150,7 +152,28 @@ def load(folder: Path) -> dict[str, Any]:
     if manifest.get("format") != layout.FORMAT:
         raise IndexCorruptError(f"{path}: format {manifest.get('format')!r}, "
                                 f"expected {layout.FORMAT}")
+    problem = _shape_problem(manifest)
+    if problem:
+        raise IndexCorruptError(f"{path}: damaged ({problem}); the manifest was changed")
     return manifest
+
+
+def _shape_problem(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with the parts of a manifest that readers act on (nothing checksums
+    the manifest itself, so a flipped byte in a key or a type must not pass)."""
+    try:
+        for modality in layout.MODALITIES:
+            section = manifest["modalities"][modality]
+            spec = ann.IndexSpec(**section["index"])
+            counts = [section[key] for key in ("rows", "live", "deleted")]
+            if spec.kind not in ann.KINDS or not all(isinstance(n, int) for n in counts):
+                return f"modality {modality}: index kind {spec.kind!r}, counts {counts}"
+        for name, field in manifest.get("fields", {}).items():
+            if field["type"] not in TYPES or not isinstance(field["items"], int):
+                return f"field {name!r}: {field}"
+    except (KeyError, TypeError, AttributeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def check_model(manifest: dict[str, Any], model_sha256: str | None,
