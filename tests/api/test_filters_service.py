@@ -136,3 +136,11 @@ def test_keyword_and_hybrid_modes_answer_with_their_ranks(client):
                                                      for h in hybrid["hits"]]
     assert "vector mode only" in problem(client.post("/search/text", json={
         "text": "x", "mode": "hybrid", "threshold": 0.2}))["detail"]
+
+
+def test_knn_service_takes_a_clipdex_filter(client):
+    found = client.post("/knn-service", json={"text": "a square", "num_images": 5,
+                                              "filter": RED}).json()
+    assert [row["label"] for row in found] == ["red"]
+    assert "'shade'" in problem(client.post("/knn-service", json={
+        "text": "a square", "filter": {"field": "shade", "eq": 1}}))["detail"]
