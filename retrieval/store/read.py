@@ -81,6 +81,7 @@ class Generation:
                 return self._matches[key]
         sql, params = fields.matching_sql(modality, where)
         ids = np.array([row[0] for row in self._query(sql, params)], dtype=np.int64)
+        ids.setflags(write=False)  # shared by every search that repeats this filter
         with self._lock:
             self._matches[key] = ids
             while len(self._matches) > MATCH_CACHE:
