@@ -144,3 +144,23 @@ def test_knn_service_takes_a_clipdex_filter(client):
     assert [row["label"] for row in found] == ["red"]
     assert "'shade'" in problem(client.post("/knn-service", json={
         "text": "a square", "filter": {"field": "shade", "eq": 1}}))["detail"]
+
+
+@pytest.mark.parametrize("where,words", [
+    ({"field": "label", "in": ["x"] * 501}, "list of 1 to 500"),
+    ({"or": [{"field": "label", "eq": "red"}] * 65}, "at most 64 conditions"),
+])
+def test_oversized_filters_are_refused_not_run(client, where, words):
+    assert words in problem(client.post("/search/text", json={"text": "x",
+                                                             "filter": where}))["detail"]
+
+
+def test_deeply_nested_filters_are_refused_not_crashed(client, images):
+    deep: dict = {"field": "label", "eq": "red"}
+    for _ in range(200):
+        deep = {"not": deep}
+    assert "nest at most" in problem(client.post("/search/text", json={
+        "text": "x", "filter": deep}))["detail"]
+    files = {"image": ("b.png", images["blue"].read_bytes(), "image/png")}
+    text = '{"not":' * 2000 + "{}" + "}" * 2000  # valid JSON, deeper than json.loads goes
+    assert problem(client.post("/caption", files=files, data={"filter": text}))
