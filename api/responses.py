@@ -19,7 +19,8 @@ def hit_body(hit: Hit, public_url: str) -> SearchHit:
     """A hit as clients see it. Links are built from the configured public URL (relative when
     none is set), never from the request's Host header, which any client can forge."""
     record = hit.item
-    body = SearchHit(id=hit.id, score=hit.score)
+    body = SearchHit(id=hit.id, score=hit.score, vector_rank=hit.vector_rank,
+                     keyword_rank=hit.keyword_rank)
     if record is None:
         return body
     body.modality = record.modality

@@ -69,9 +69,10 @@ async def add_image(state: State, searcher: Leased, image: Annotated[UploadFile,
                     captions: Annotated[list[Caption] | None, Form(max_length=20, description=(
                         f"0 to 20 captions, each up to {MAX_TEXT_CHARS} characters; blank ones "
                         "are dropped"))] = None,
-                    metadata: Annotated[str | None, Form(max_length=MAX_METADATA_CHARS, description=(
-                        "a JSON object: the image's metadata, whose keys become filterable "
-                        "fields"))] = None
+                    metadata: Annotated[str | None, Form(
+                        max_length=MAX_METADATA_CHARS, description=(
+                            "a JSON object: the image's metadata, whose keys become "
+                            "filterable fields"))] = None
                     ) -> WriteResponse:
     data = await image.read()
     fields = form_json(metadata, "metadata") or {}

@@ -2,6 +2,7 @@
 
 ClipClient posts a JSON body (without a content type) to /knn-service and reads a list of
 {"id", "similarity", "url", "caption", ...}; modality "image" searches images, "text" texts.
+A clipdex metadata `filter` may ride along (an extra field ClipClient does not send).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class KnnRequest(BaseModel):
     num_images: Annotated[int, Field(ge=1, le=MAX_K), INTEGRAL] = 40
     num_result_ids: Annotated[int, Field(ge=1, le=MAX_K), INTEGRAL] | None = None
     indice_name: str | None = None
+    filter: dict[str, Any] | None = Field(None, description=(
+        "clipdex's own: a metadata filter, as /search/text takes it (see its schema)"))
 
 
 @router.get("/indices-list", summary="clip-retrieval: the index names served")
@@ -59,7 +62,7 @@ async def knn_service(body: KnnRequest, state: State, searcher: Leased) -> list[
     if body.image_url:
         raise Problem(422, "Bad query", "image_url is not fetched by this service (no outbound "
                       "requests); send the image itself base64-encoded as 'image'")
-    query = Query((_term(body),), target=body.modality, k=body.num_images)
+    query = Query((_term(body),), target=body.modality, k=body.num_images, filter=body.filter)
     result = await state.run(searcher.search, query)
     return [_result(hit_body(hit, state.settings.public_url).model_dump())
             for hit in result.hits]

@@ -157,5 +157,6 @@ async def caption(state: State, searcher: Leased, image: ImageFile,
 def _paging(body: SearchTextRequest | SearchVectorRequest | SearchMultiRequest
             ) -> dict[str, Any]:
     return {"target": body.target, "k": body.k, "threshold": body.threshold,
-            "cursor": body.cursor, "filter": body.filter}
+            "cursor": body.cursor, "filter": body.filter, "mode": body.mode,
+            "keywords": body.keywords}
 

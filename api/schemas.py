@@ -62,6 +62,12 @@ class _Paged(BaseModel):
     threshold: Threshold = None
     cursor: Cursor = None
     filter: MetadataFilter = None
+    mode: Literal["vector", "keyword", "hybrid"] = Field("vector", description=(
+        "vector: by embedding; keyword: BM25 over captions, texts, file names and string "
+        "metadata; hybrid: reciprocal rank fusion of both (k = 60), with both ranks in each "
+        "hit. keyword and hybrid take no threshold"))
+    keywords: str | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS, description=(
+        "the words for keyword and hybrid modes (default: the query's texts)"))
 
 
 class SearchTextRequest(_Paged):
@@ -117,13 +123,16 @@ class SearchMultiRequest(_Paged):
 
 class SearchHit(BaseModel):
     id: int
-    score: float = Field(description="cosine similarity, -1..1")
+    score: float = Field(description="vector mode: cosine similarity, -1..1; keyword: BM25, "
+                                     "higher is better; hybrid: the fused (RRF) score")
     modality: Target | None = None
     text: str | None = Field(None, description="the caption, for a text item")
     captions: list[str] = Field(default_factory=list, description="an image's captions")
     image_id: int | None = Field(None, description="the image a text item belongs to")
     image_url: str | None = Field(None, description="where to GET the image")
     metadata: dict[str, Any] = Field(default_factory=dict)
+    vector_rank: int | None = Field(None, description="hybrid: the rank by embedding")
+    keyword_rank: int | None = Field(None, description="keyword and hybrid: the BM25 rank")
 
 
 class SearchResponse(BaseModel):

@@ -2,7 +2,7 @@
 with an id selector, per index kind: ms per query (one query per call) of each path, at a
 range of match counts, on seeded synthetic unit vectors written through the real store.
 
-    python -m bench.filtered_crossover [--count 100000] [--dim 512]
+    python -m bench.filtered_crossover [--count 100000] [--dim 512] [--search-threads 1]
 
 The numbers chose `retrieval.store.filtered.EXACT_BELOW`.
 """
@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from retrieval.store import (
@@ -40,7 +41,8 @@ def _ms_per_query(search, queries: np.ndarray) -> float:
     return (time.perf_counter() - started) * 1000 / len(queries)
 
 
-def measure(kind: str, count: int, dim: int, folder: Path, queries: int = 30) -> list[dict]:
+def measure(kind: str, count: int, dim: int, folder: Path, queries: int = 30,
+            threads: int = 1) -> list[dict]:
     rng = np.random.default_rng(0)
     vectors = _unit(rng.normal(size=(count, dim)))
     records = [ItemRecord(i, "image") for i in range(count)]
@@ -48,6 +50,7 @@ def measure(kind: str, count: int, dim: int, folder: Path, queries: int = 30) ->
                      {"image": vectors}, StoreOptions(index_kind=kind, max_memory="16GB"))
     asked = _unit(rng.normal(size=(queries, dim)))
     rows = []
+    faiss.omp_set_num_threads(threads)  # for the searches (one query per call), not the build
     with open_generation(folder / kind) as generation:
         stored = generation._stored("image")
         for matches in MATCHES:
@@ -65,10 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--kinds", nargs="+", default=["hnsw", "ivfpq"])
+    parser.add_argument("--search-threads", type=int, default=1,
+                        help="FAISS threads while searching (see bench.filtered)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         for kind in args.kinds:
-            measure(kind, args.count, args.dim, Path(folder))
+            measure(kind, args.count, args.dim, Path(folder), threads=args.search_threads)
     return 0
 
 

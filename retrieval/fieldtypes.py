@@ -23,6 +23,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import lru_cache
 from typing import Any
 
 TYPES = ("string", "number", "boolean", "datetime")
@@ -40,7 +41,14 @@ def scalars(value: Any) -> Iterator[bool | float | str]:
 
 def parse_datetime(text: Any) -> float | None:
     """Seconds since the epoch (UTC) of an ISO-8601 date or date-time string, else None."""
-    if not isinstance(text, str) or not _ISO.fullmatch(text):
+    if not isinstance(text, str):
+        return None
+    return _parse_iso(text)
+
+
+@lru_cache(maxsize=65_536)  # metadata repeats its dates (a folder's photos share days)
+def _parse_iso(text: str) -> float | None:
+    if not _ISO.fullmatch(text):
         return None
     try:
         moment = datetime.fromisoformat(text)

@@ -15,6 +15,7 @@ from PIL import Image
 from retrieval.cursor import query_fingerprint
 from retrieval.errors import InvalidQueryError
 from retrieval.filters import canonical
+from retrieval.hybrid import MODES
 
 TARGETS = ("image", "text")
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
@@ -62,10 +63,19 @@ class Query:
     cursor: str | None = None  # next_cursor of the previous page
     extra: tuple[str, ...] = field(default=())  # more that defines the query (for cursors)
     filter: dict[str, Any] | None = None  # metadata filter as JSON (see retrieval.filters)
+    mode: str = "vector"  # or "keyword" (BM25) or "hybrid" (RRF of both; retrieval.hybrid)
+    keywords: str | None = None  # the words for keyword/hybrid (default: the text terms)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise InvalidQueryError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.mode not in MODES:
+            raise InvalidQueryError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode != "vector" and self.threshold is not None:
+            raise InvalidQueryError("threshold is a cosine cutoff: it applies in vector mode "
+                                    f"only, not {self.mode}")
+        if self.mode != "vector" and not self.keyword_text():
+            raise InvalidQueryError(f"{self.mode} mode needs words: a text term or keywords")
         if not self.terms:
             raise InvalidQueryError("a query needs at least one term")
         if self.k < 1:
@@ -87,14 +97,23 @@ class Query:
     def item(cls, item_id: int, **options) -> Query:
         return cls((Term(item_id=item_id),), **options)
 
+    def keyword_text(self) -> str:
+        """The words a keyword or hybrid search looks for."""
+        if self.keywords is not None:
+            return self.keywords
+        return " ".join(term.text for term in self.terms
+                        if term.text is not None and term.weight > 0)
+
     def fingerprint(self) -> str:
         """Everything that defines the ranking (not k, not the cursor): a cursor issued for one
         query is refused for another."""
         terms = [(term.weight, term.key()) for term in self.terms]
-        if self.filter is None:  # the fingerprint of an unfiltered query is as it always was
-            return query_fingerprint(terms, self.target, self.threshold, self.extra)
-        return query_fingerprint(terms, self.target, self.threshold, self.extra,
-                                 canonical(self.filter))
+        more: tuple[str, ...] = ()  # a plain vector query's fingerprint is as it always was
+        if self.filter is not None:
+            more += (canonical(self.filter),)
+        if self.mode != "vector":
+            more += (self.mode, self.keyword_text())
+        return query_fingerprint(terms, self.target, self.threshold, self.extra, *more)
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,14 @@ from retrieval.errors import (
     TooDeepError,
     UnknownItemError,
 )
-from retrieval.filters import parse_filter
+from retrieval.filters import Filter, parse_filter
+from retrieval.hybrid import HYBRID_DEPTH, fuse
 from retrieval.query import TARGETS, ZERO_SHOT_TEMPLATE, Listing, Query, Term
 from retrieval.store.layout import resolve_stored
 
 MODALITIES = TARGETS
 MAX_DEPTH = 10_000  # deepest hit reachable by paging
+SLACK = 16  # extra hits fetched past a page's end, so float wobble cannot drop one
 Vector = np.ndarray  # (d,) float32, L2-normalised
 
 
@@ -50,6 +52,8 @@ class GenerationLike(Protocol):
     def matching_ids(self, modality: str, where: Any) -> np.ndarray: ...  # a parsed Filter
     def listing(self, modality: str, where: Any, order: tuple[str, str] | None,
                 descending: bool, offset: int, limit: int) -> list[int]: ...
+    def keyword(self, modality: str, text: str, where: Any,
+                limit: int) -> tuple[np.ndarray, np.ndarray]: ...  # BM25 (ids, scores)
     def items(self, ids: Sequence[int]) -> list[Any]: ...
     def vectors(self, modality: str, ids: Sequence[int]) -> np.ndarray: ...
     def ids_for_paths(self, paths: Sequence[str]) -> dict[str, int]: ...  # live images by path
@@ -61,6 +65,8 @@ class Hit:
     id: int
     score: float | None  # None in a listing (`Searcher.browse`), which ranks nothing
     item: Any  # an ItemRecord, or None when the metadata row is gone
+    vector_rank: int | None = None  # 1-based ranks behind a keyword or hybrid score
+    keyword_rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -132,8 +138,9 @@ class Searcher:
     def search(self, query: Query) -> Result:
         """One page of `query`'s hits, continuing from `query.cursor` when given."""
         started = time.perf_counter()
-        within = self.matching(query.target, query.filter)  # a bad filter fails first
-        vector = self.query_vector(query.terms)
+        where = self.parsed_filter(query.filter)  # a bad filter fails before anything runs
+        within = None if where is None else self.generation.matching_ids(query.target, where)
+        vector = None if query.mode == "keyword" else self.query_vector(query.terms)
         fingerprint, name = query.fingerprint(), self.generation.name
         after, served = None, 0
         if query.cursor:
@@ -142,10 +149,33 @@ class Searcher:
         if served + query.k > self.max_depth:
             raise TooDeepError(f"paging stops at {self.max_depth} hits; narrow the query or "
                                "raise the threshold")
-        page = self.page(query.target, vector, query.k, query.threshold, after, served, within)
+        if vector is not None and query.mode == "vector":
+            page = self.page(query.target, vector, query.k, query.threshold, after, served,
+                             within)
+        else:
+            ranked = self.worded(query, vector, where, within, served + query.k + SLACK)
+            page = cut_page(ranked, query.k, after, served)
         token = (encode_cursor(Cursor(name, fingerprint, page.after, page.served))
                  if page.after is not None else None)
         return Result(page.hits, name, token, round((time.perf_counter() - started) * 1000, 3))
+
+    def worded(self, query: Query, vector: Vector | None, where: Filter | None,
+               within: np.ndarray | None, depth: int) -> list[Hit]:
+        """The hits of a keyword (BM25) or hybrid (RRF of BM25 and vector) query, best first,
+        at least `depth` deep (hybrid: the fixed HYBRID_DEPTH of each ranking, fused)."""
+        target, text = query.target, query.keyword_text()
+        if vector is None:
+            ids, scores = self.generation.keyword(target, text, where, depth)
+            records = self.generation.items(ids.tolist()) if len(ids) else []
+            ranked = enumerate(zip(ids, scores, records), start=1)
+            return [Hit(int(i), float(score), record, keyword_rank=rank)
+                    for rank, (i, score, record) in ranked]
+        keyword_ids, _ = self.generation.keyword(target, text, where, HYBRID_DEPTH)
+        vector_hits = self.nearest(target, vector[None, :], HYBRID_DEPTH, None, within)[0]
+        fused = fuse([hit.id for hit in vector_hits], keyword_ids.tolist())
+        records = self.generation.items([hit.id for hit in fused]) if fused else []
+        return [Hit(hit.id, hit.score, record, hit.vector_rank, hit.keyword_rank)
+                for hit, record in zip(fused, records)]
 
     def browse(self, listing: Listing) -> Result:
         """One page of the items a filter matches, newest first or by a field; no query."""
@@ -180,12 +210,14 @@ class Searcher:
         return self.nearest("text", self._encoder().images([image]), k, within=within)[0]
 
     def matching(self, target: str, filter: dict[str, Any] | None) -> np.ndarray | None:
-        """The ascending live ids of `target` that a filter (JSON) matches; None without one.
-        FilterError, before any search runs, for a filter the generation's fields refuse."""
-        if filter is None:
-            return None
-        return self.generation.matching_ids(target, parse_filter(filter,
-                                                                 self.generation.fields()))
+        """The ascending live ids of `target` that a filter (JSON) matches; None without one."""
+        where = self.parsed_filter(filter)
+        return None if where is None else self.generation.matching_ids(target, where)
+
+    def parsed_filter(self, filter: dict[str, Any] | None) -> Filter | None:
+        """A filter (JSON) checked against the generation's fields; FilterError, before any
+        search runs, when they refuse it."""
+        return None if filter is None else parse_filter(filter, self.generation.fields())
 
     def classify(self, image: ImageLike, labels: Sequence[str],
                  template: str = ZERO_SHOT_TEMPLATE) -> list[tuple[str, float]]:
@@ -280,7 +312,7 @@ class Searcher:
 
     def page(self, target: str, query: Vector, k: int, threshold: float | None = None,
              after: tuple[float, int] | None = None, served: int = 0,
-             within: np.ndarray | None = None, slack: int = 16) -> Page:
+             within: np.ndarray | None = None, slack: int = SLACK) -> Page:
         """One page of k hits after the (score, id) of the previous page's last hit.
 
         Keyset paging survives tiny float differences between re-encodings of the same query,
@@ -288,12 +320,7 @@ class Searcher:
         """
         depth = served + k + (slack if after is not None else 0)
         hits = self.nearest(target, query[None, :], depth, threshold, within)[0]
-        if after is not None:
-            last_score, last_id = after
-            hits = [hit for hit in hits if (-hit.score, hit.id) > (-last_score, last_id)]
-        hits = hits[:k]
-        last = (hits[-1].score, hits[-1].id) if hits else after
-        return Page(hits, last if len(hits) == k else None, served + len(hits))
+        return cut_page(hits, k, after, served)
 
     def _encoder(self) -> Encoder:
         if self.encoder is None:
@@ -307,3 +334,13 @@ class Searcher:
 
     def image_to_texts(self, image: ImageLike, k: int = 10) -> list[Hit]:
         return self.search(Query.image(image, target="text", k=k)).hits
+
+
+def cut_page(hits: list[Hit], k: int, after: tuple[float, int] | None, served: int) -> Page:
+    """The k hits (sorted by (-score, id)) after the (score, id) of the previous page's last."""
+    if after is not None:
+        last_score, last_id = after
+        hits = [hit for hit in hits if (-hit.score, hit.id) > (-last_score, last_id)]
+    hits = hits[:k]
+    last = (hits[-1].score, hits[-1].id) if hits else after
+    return Page(hits, last if len(hits) == k else None, served + len(hits))

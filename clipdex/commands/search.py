@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help='a metadata filter, e.g. \'{"field": "folder", "prefix": '
                              '"2024/"}\' (operators eq ne in nin gt gte lt lte exists prefix, '
                              "combined by and, or, not); its fields are shown with each hit")
+    search.add_argument("--mode", choices=("vector", "keyword", "hybrid"), default="vector",
+                        help="vector (embeddings), keyword (BM25 over captions, texts, file "
+                             "names, metadata) or hybrid (both, fused); default: %(default)s")
     search.add_argument("--json", action="store_true", help="print the hits as JSON")
     model_options(search)
     search.set_defaults(func=cmd_search)
@@ -48,7 +51,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     with open_generation(args.index) as generation:
         searcher = Searcher(generation, ModelEncoder(clip))
         result = searcher.search(Query(tuple(terms), target=target, k=args.k,
-                                       threshold=args.threshold, filter=args.filter))
+                                       threshold=args.threshold, filter=args.filter,
+                                       mode=args.mode))
     rows = [_row(rank, hit) for rank, hit in enumerate(result.hits, start=1)]
     if args.json:
         print(json.dumps({"generation": result.generation, "hits": rows}, indent=2))
@@ -88,4 +92,5 @@ def _row(rank: int, hit: Any) -> dict[str, Any]:
     what = (record.path if record.modality == "image" else record.text) if record else None
     return {"rank": rank, "id": hit.id, "score": round(hit.score, 4),
             "modality": record.modality if record else None, "what": what,
-            "metadata": record.metadata if record else {}}
+            "metadata": record.metadata if record else {},
+            "vector_rank": hit.vector_rank, "keyword_rank": hit.keyword_rank}

@@ -20,7 +20,7 @@ import numpy as np
 from retrieval import ann, ondisk
 from retrieval.card import sha256_file
 from retrieval.errors import IndexStoreError
-from retrieval.store import fields, layout, manifest
+from retrieval.store import fields, keywords, layout, manifest
 from retrieval.store.faults import fault_point
 from retrieval.store.layout import MODALITIES, PLURAL
 from retrieval.store.manifest import GenerationManifest, ModelIdentity
@@ -65,6 +65,9 @@ class Plan:
     parent: str | None
     build_info: dict[str, Any]
     options: StoreOptions
+    # (ids added, ids deleted) when the items table is the parent's plus these changes, so
+    # the field and keyword tables are updated; None: they are built from scratch
+    changes: tuple[list[int], list[int]] | None = None
 
 
 def commit(root: Path, plan: Plan, tables: dict[str, Table], fill: Fill) -> GenerationManifest:
@@ -117,13 +120,19 @@ def _write_files(temp: Path, name: str, plan: Plan, tables: dict[str, Table],
     db = sqlite3.connect(layout.items_file(temp))
     with db:
         fill(db)
-        field_types = fields.build(db)
+        if plan.changes is None:
+            field_types = fields.build(db)
+            keywords.build(db)
+        else:
+            field_types = fields.update(db, *plan.changes)
+            keywords.update(db, plan.changes[0])
     db.close()
     fault_point("mid_generation")
     files = sorted(p for p in temp.iterdir() if p.is_file())
     data = manifest.new(plan.model, sections, plan.next_id, name, plan.parent, plan.build_info,
                         {p.name: sha256_file(p) for p in files},
-                        {p.name: p.stat().st_size for p in files}, field_types)
+                        {p.name: p.stat().st_size for p in files}, field_types,
+                        {"index": "fts5"})
     data = manifest.sealed(data)
     layout.manifest_file(temp).write_text(json.dumps(data, indent=2) + "\n")
     for path in temp.iterdir():

@@ -1,7 +1,12 @@
 """A generation's filterable metadata fields: the `fields` and `item_fields` tables (schema in
-`layout.FIELDS_SCHEMA`), rebuilt from the live items' metadata at each commit, so every writer
+`layout.FIELDS_SCHEMA`), written from the live items' metadata at each commit, so every writer
 (the indexer, `index add`, the service's admin writes) gets them the same way. Types follow
 `retrieval.fieldtypes`; the manifest records them too, so a filter is checked before it runs.
+
+A whole generation (and a compacted one) is built from scratch; a derived one updates its
+parent's tables: rows of the added items in, rows of the deleted ones out, and a field
+re-encoded only when a new value changes its type (a deletion never narrows a type until the
+next compaction).
 
 A caption text has no metadata of its own: a filter on texts reads its image's fields.
 """
@@ -10,25 +15,70 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from typing import Any
 
 from retrieval.fieldtypes import Inference, encode, scalars
 from retrieval.filters import Combined, Condition, Filter, Negated
-from retrieval.store.layout import FIELDS_SCHEMA
+from retrieval.store.layout import FIELDS_INDEXES, FIELDS_SCHEMA
 
 _LIVE_METADATA = "SELECT id, metadata FROM items WHERE deleted = 0 AND metadata != '{}'"
+_CHUNK = 900  # ids per IN (...) statement
 # The item whose fields a row of each modality is matched by: a caption text goes by its image.
 OWNER = {"image": "items.id", "text": "COALESCE(items.image_id, items.id)"}
 _COMPARE = {"eq": "=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+Row = tuple[int, str, "str | None", "float | None"]
 
 
 def build(db: sqlite3.Connection) -> dict[str, dict[str, Any]]:
-    """(Re)write the field tables from the items table; returns {name: {"type", "items"}}
-    for the manifest. Two streaming passes (infer, then insert): memory stays O(fields)."""
+    """Write the field tables from scratch; returns {name: {"type", "items"}} for the manifest.
+    Two streaming passes (infer, then insert): memory stays O(fields)."""
     db.executescript(FIELDS_SCHEMA)
     inferred: dict[str, Inference] = {}
-    for _, metadata in _rows(db):
+    _infer(_rows(db, _LIVE_METADATA), inferred)
+    types = {name: inference.type for name, inference in inferred.items()}
+    db.executemany("INSERT INTO item_fields VALUES (?, ?, ?, ?)",
+                   _field_rows(_rows(db, _LIVE_METADATA), types))
+    db.executescript(FIELDS_INDEXES)  # after the bulk insert: one sort instead of n updates
+    return _save(db, inferred)
+
+
+def update(db: sqlite3.Connection, added: Sequence[int],
+           removed: Sequence[int]) -> dict[str, dict[str, Any]]:
+    """Bring a copy of the parent's tables up to date with the items `added` and `removed`
+    (tombstoned); a parent written before fields existed is built from scratch."""
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'fields'").fetchone():
+        return build(db)
+    inferred = {name: Inference(**json.loads(state)) for name, state in
+                db.execute("SELECT name, inference FROM fields")}
+    before = {name: inference.type for name, inference in inferred.items()}
+    for part in _chunks(removed):
+        marks = ",".join("?" * len(part))
+        for name, count in db.execute(f"SELECT field, COUNT(DISTINCT id) FROM item_fields "
+                                      f"WHERE id IN ({marks}) GROUP BY field", part):
+            inferred[name].items -= count
+        db.execute(f"DELETE FROM item_fields WHERE id IN ({marks})", part)
+    new_rows = [row for part in _chunks(added) for row in _rows(
+        db, f"{_LIVE_METADATA} AND id IN ({','.join('?' * len(part))})", part)]
+    _infer(new_rows, inferred)
+    types = {name: inference.type for name, inference in inferred.items()}
+    retyped = {name for name in types if before.get(name, types[name]) != types[name]}
+    for name in retyped:  # a new value widened the type: re-encode that field's values
+        db.execute("DELETE FROM item_fields WHERE field = ?", [name])
+    unchanged = {name: kind for name, kind in types.items() if name not in retyped}
+    db.executemany("INSERT INTO item_fields VALUES (?, ?, ?, ?)",
+                   _field_rows(new_rows, unchanged))
+    if retyped:
+        db.executemany("INSERT INTO item_fields VALUES (?, ?, ?, ?)",
+                       _field_rows(_rows(db, _LIVE_METADATA), types, only=retyped))
+    db.executescript(FIELDS_INDEXES)
+    return _save(db, inferred)
+
+
+def _infer(rows: Iterator[tuple[int, dict[str, Any]]] | list[tuple[int, dict[str, Any]]],
+           inferred: dict[str, Inference]) -> None:
+    for _, metadata in rows:
         for name, value in metadata.items():
             values = list(scalars(value))
             if values:
@@ -36,25 +86,36 @@ def build(db: sqlite3.Connection) -> dict[str, dict[str, Any]]:
                 inference.items += 1
                 for one in values:
                     inference.see(one)
-    types = {name: inference.type for name, inference in sorted(inferred.items())}
-    db.executemany("INSERT INTO item_fields (id, field, str_value, num_value) VALUES "
-                   "(?, ?, ?, ?)", _field_rows(db, types))
-    db.executemany("INSERT INTO fields (name, type, items) VALUES (?, ?, ?)",
-                   ((name, types[name], inferred[name].items) for name in types))
-    return {name: {"type": types[name], "items": inferred[name].items} for name in types}
 
 
-def _rows(db: sqlite3.Connection) -> Iterator[tuple[int, dict[str, Any]]]:
-    for item_id, text in db.cursor().execute(_LIVE_METADATA):
+def _save(db: sqlite3.Connection, inferred: dict[str, Inference]) -> dict[str, dict[str, Any]]:
+    kept = {name: inferred[name] for name in sorted(inferred) if inferred[name].items > 0}
+    db.execute("DELETE FROM fields")
+    db.executemany("INSERT INTO fields (name, type, items, inference) VALUES (?, ?, ?, ?)",
+                   ((name, i.type, i.items, json.dumps(asdict(i))) for name, i in kept.items()))
+    return {name: {"type": i.type, "items": i.items} for name, i in kept.items()}
+
+
+def _rows(db: sqlite3.Connection, sql: str,
+          params: Sequence[Any] = ()) -> Iterator[tuple[int, dict[str, Any]]]:
+    for item_id, text in db.cursor().execute(sql, list(params)):
         metadata = json.loads(text)
         if isinstance(metadata, dict):
             yield item_id, metadata
 
 
-def _field_rows(db: sqlite3.Connection, types: dict[str, str]
-                ) -> Iterator[tuple[int, str, str | None, float | None]]:
-    for item_id, metadata in _rows(db):
+def _chunks(ids: Sequence[int]) -> Iterator[list[int]]:
+    ids = sorted(int(i) for i in ids)
+    for start in range(0, len(ids), _CHUNK):
+        yield ids[start:start + _CHUNK]
+
+
+def _field_rows(rows: Iterator[tuple[int, dict[str, Any]]] | list[tuple[int, dict[str, Any]]],
+                types: dict[str, str], only: set[str] | None = None) -> Iterator[Row]:
+    for item_id, metadata in rows:
         for name, value in metadata.items():
+            if name not in types or (only is not None and name not in only):
+                continue
             encoded = (encode(one, types[name]) for one in scalars(value))
             for stored in dict.fromkeys(encoded):  # a repeated value is one row
                 yield (item_id, name, *stored)

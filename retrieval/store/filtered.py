@@ -7,14 +7,14 @@ widened until every query has min(k, matches) hits; a query still short at the w
 is answered exactly. So a filter that at least k live items match always gets k hits.
 
 Crossover (exact below it), measured with `python -m bench.filtered_crossover --count 100000
---dim 512` (seeded synthetic unit vectors, k = 10, one query per call, ms per query on 2 CPU
-cores shared with other jobs, so the figures are noisy):
+--dim 512` (seeded synthetic unit vectors, k = 10, one query per call, one FAISS thread, ms
+per query on 2 CPU cores shared with other jobs, so the figures are noisy):
 
     matches           500    2,000   5,000   10,000   20,000   50,000
-    exact scan        0.2    8.8     8.4     12.8     24.2     49.8
-    HNSW + selector   48.5   44.1    29.5    23.2     17.1     9.2
-    exact scan        0.3    7.5     13.4    22.7     23.6     70.1
-    IVF-PQ + selector 12.0   12.8    13.7    17.1     7.6      5.4
+    exact scan        0.4    1.8     4.3     8.0      19.3     47.1
+    HNSW + selector   55.7   42.5    26.5    12.9     7.6      4.0
+    exact scan        0.2    1.2     2.9     5.6      14.3     33.4
+    IVF-PQ + selector 1.6    1.7     1.0     1.0      0.8      0.8
 
 The exact scan costs about the number of matches; the index's cost falls as more items match
 (its parameters stretch by 1 / selectivity) and, at a given number of matches, rises with the
@@ -35,7 +35,7 @@ from retrieval import ann
 # Matching items below which an exact scan of their stored vectors beats the index (per kind;
 # a flat index is always exact: a full scan is what it would do anyway, and the gathered one
 # uses BLAS where FAISS's selector path does not).
-EXACT_BELOW = {"flat": math.inf, "hnsw": 15_000, "ivfpq": 5_000, ann.DISK_KIND: 5_000}
+EXACT_BELOW = {"flat": math.inf, "hnsw": 12_000, "ivfpq": 3_000, ann.DISK_KIND: 3_000}
 MAX_EF_SEARCH = 4096
 WIDEN = 4  # each retry multiplies efSearch / nprobe by this
 EXACT_CHUNK = 65_536  # stored rows scored per block, bounding an exact pass's memory
@@ -74,12 +74,22 @@ def exact_within(stored: Stored, queries: np.ndarray, k: int,
     for start in range(0, len(within), EXACT_CHUNK):
         part = rows[start:start + EXACT_CHUNK]
         vectors = np.asarray(stored.vectors[part], dtype=np.float32)  # (m, d)
-        scores = queries @ vectors.T  # (nq, m)
+        scores = _products(queries, vectors)  # (nq, m)
         ids = np.broadcast_to(within[start:start + EXACT_CHUNK], scores.shape)
         best_scores = np.concatenate([best_scores, scores], axis=1)
         best_ids = np.concatenate([best_ids, ids], axis=1)
         best_scores, best_ids = _top(best_scores, best_ids, k)
     return best_scores, best_ids
+
+
+def _products(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """(nq, d) x (m, d) -> (nq, m) inner products. A few queries skip BLAS: its threads' start
+    costs more than the product itself on busy cores (5,000 x 512 for one query: 11-18 ms
+    through BLAS, 1.5-2.8 ms through einsum, on the 2 shared cores the crossover was measured
+    on)."""
+    if len(queries) <= 4:
+        return np.einsum("qd,md->qm", queries, vectors)
+    return queries @ vectors.T
 
 
 def _top(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -45,19 +45,31 @@ CREATE TABLE items (id INTEGER PRIMARY KEY, modality TEXT NOT NULL, path TEXT, t
 CREATE INDEX items_path ON items(path);
 CREATE INDEX items_image ON items(image_id);
 """
-# Filterable metadata (see `retrieval.store.fields`): one row per field with its inferred type,
-# and one row per (item, field, value), rebuilt at each commit. Strings sit in str_value;
-# numbers, booleans (0/1) and date-times (seconds since the epoch, UTC) in num_value. A
-# generation written before fields existed has neither table: it has no fields.
+# Filterable metadata (see `retrieval.store.fields`): one row per field with its inferred type
+# (and the inference's running state, so a derived generation updates it without a rescan),
+# and one row per (item, field, value). Strings sit in str_value; numbers, booleans (0/1) and
+# date-times (seconds since the epoch, UTC) in num_value. A generation written before fields
+# existed has neither table: it has no fields. The indexes are made after a bulk fill.
 FIELDS_SCHEMA = """
 DROP TABLE IF EXISTS item_fields;
 DROP TABLE IF EXISTS fields;
-CREATE TABLE fields (name TEXT PRIMARY KEY, type TEXT NOT NULL, items INTEGER NOT NULL);
+CREATE TABLE fields (name TEXT PRIMARY KEY, type TEXT NOT NULL, items INTEGER NOT NULL,
+                     inference TEXT NOT NULL);
 CREATE TABLE item_fields (id INTEGER NOT NULL, field TEXT NOT NULL, str_value TEXT,
                           num_value REAL);
-CREATE INDEX item_fields_str ON item_fields(field, str_value, id);
-CREATE INDEX item_fields_num ON item_fields(field, num_value, id);
-CREATE INDEX item_fields_id ON item_fields(id);
+"""
+FIELDS_INDEXES = """
+CREATE INDEX IF NOT EXISTS item_fields_str ON item_fields(field, str_value, id);
+CREATE INDEX IF NOT EXISTS item_fields_num ON item_fields(field, num_value, id);
+CREATE INDEX IF NOT EXISTS item_fields_id ON item_fields(id);
+"""
+# Keyword search (`retrieval.store.keywords`): SQLite FTS5 over each item's words (its text or
+# captions, file name and string metadata), contentless (the words live in `items`), rowid =
+# item id; rebuilt at each commit. Older generations have none.
+KEYWORDS_SCHEMA = """
+DROP TABLE IF EXISTS item_words;
+CREATE VIRTUAL TABLE item_words USING fts5(body, content='',
+                                           tokenize='unicode61 remove_diacritics 2');
 """
 
 

@@ -8,10 +8,12 @@ or the tuning report).
      "metric": "inner_product", "normalization": "l2", "next_id": n,
      "modalities": {"image"|"text": {"rows", "live", "deleted", "index": IndexSpec, "tuning"}},
      "files": {file name: SHA-256}, "build": {what wrote it},
-     "fields": {name: {"type": "string"|"number"|"boolean"|"datetime", "items": n}}}
+     "fields": {name: {"type": "string"|"number"|"boolean"|"datetime", "items": n}},
+     "keywords": {"index": "fts5"}}
 
 `fields` are the filterable metadata fields (`retrieval.fieldtypes`, `store.fields`); a
-generation written before they existed has none, and every filter names its field unknown.
+generation written before they existed has none, and every filter names its field unknown;
+`keywords` says the generation has a keyword (FTS5) index (`store.keywords`).
 
 A generation built from embeddings made elsewhere (`clipdex index build --from-embeddings
 --model external:NAME`) records its model as external: `arch` is NAME and `sha256` a hash of
@@ -28,8 +30,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from retrieval import ann
 from retrieval.card import sha256_file
 from retrieval.errors import ExternalModelError, IndexCorruptError, IndexMismatchError
+from retrieval.fieldtypes import TYPES
 from retrieval.store import layout
 
 
@@ -106,6 +110,11 @@ class GenerationManifest:
         """The filterable metadata fields and their types ({} for an older generation)."""
         return {name: str(field["type"]) for name, field in self.data.get("fields", {}).items()}
 
+    @property
+    def has_keywords(self) -> bool:
+        """Whether the generation has a keyword index (older ones have none)."""
+        return "keywords" in self.data
+
     def tuning(self) -> dict[str, dict[str, Any]]:
         """The search-parameter tuning report of each modality."""
         return {modality: section["tuning"] for modality, section in
@@ -146,6 +155,9 @@ def load(folder: Path) -> dict[str, Any]:
     if "checksum" in manifest and manifest["checksum"] != _checksum(manifest):
         raise IndexCorruptError(f"{path}: its content does not match its checksum; the "
                                 "manifest was changed")
+    problem = _shape_problem(manifest)
+    if problem:
+        raise IndexCorruptError(f"{path}: damaged ({problem}); the manifest was changed")
     return manifest
 
 
@@ -158,6 +170,24 @@ def sealed(manifest: dict[str, Any]) -> dict[str, Any]:
 def _checksum(manifest: dict[str, Any]) -> str:
     content = {key: value for key, value in manifest.items() if key != "checksum"}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _shape_problem(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with the parts of a manifest that readers act on (manifests written
+    before they were sealed with a checksum are only checked this way)."""
+    try:
+        for modality in layout.MODALITIES:
+            section = manifest["modalities"][modality]
+            spec = ann.IndexSpec(**section["index"])
+            counts = [section[key] for key in ("rows", "live", "deleted")]
+            if spec.kind not in ann.KINDS or not all(isinstance(n, int) for n in counts):
+                return f"modality {modality}: index kind {spec.kind!r}, counts {counts}"
+        for name, field in manifest.get("fields", {}).items():
+            if field["type"] not in TYPES or not isinstance(field["items"], int):
+                return f"field {name!r}: {field}"
+    except (KeyError, TypeError, AttributeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def check_model(manifest: dict[str, Any], model_sha256: str | None,
@@ -205,10 +235,11 @@ def check_files(folder: Path, manifest: dict[str, Any], full: bool = False) -> N
 
 def new(model: ModelIdentity, sections: dict[str, Any], next_id: int, name: str,
         parent: str | None, build_info: dict[str, Any], files: dict[str, str],
-        sizes: dict[str, int], fields: dict[str, dict[str, Any]] | None = None
-        ) -> dict[str, Any]:
+        sizes: dict[str, int], fields: dict[str, dict[str, Any]] | None = None,
+        keywords: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of a generation being committed (`files`: name -> SHA-256, `sizes`:
-    name -> bytes, `fields`: the filterable metadata fields and their types)."""
+    name -> bytes, `fields`: the filterable metadata fields and their types, `keywords`:
+    the keyword index)."""
     return {
         "format": layout.FORMAT, "generation": name, "parent": parent,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -218,6 +249,7 @@ def new(model: ModelIdentity, sections: dict[str, Any], next_id: int, name: str,
         "embed_dim": model.embed_dim, "metric": "inner_product", "normalization": "l2",
         "next_id": next_id, "modalities": sections, "files": files, "sizes": sizes,
         "build": build_info, "fields": fields or {},
+        **({"keywords": keywords} if keywords is not None else {}),
     }
 
 

@@ -27,7 +27,7 @@ from retrieval.errors import (
     UnknownItemError,
 )
 from retrieval.filters import Filter
-from retrieval.store import fields, layout, manifest
+from retrieval.store import fields, keywords, layout, manifest
 from retrieval.store.filtered import Stored, search_within
 from retrieval.store.layout import MODALITIES
 from retrieval.store.manifest import GenerationManifest
@@ -86,6 +86,7 @@ class Generation:
                 return self._matches[key]
         sql, params = fields.matching_sql(modality, where)
         ids = np.array([row[0] for row in self._query(sql, params)], dtype=np.int64)
+        ids.setflags(write=False)  # shared by every search that repeats this filter
         with self._lock:
             self._matches[key] = ids
             while len(self._matches) > MATCH_CACHE:
@@ -98,6 +99,19 @@ class Generation:
         sql, params = fields.listing_sql(self._modality(modality), where, order, descending,
                                          int(offset), int(limit))
         return [int(row[0]) for row in self._query(sql, params)]
+
+    def keyword(self, modality: str, text: str, where: Filter | None,
+                limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (m,), BM25 scores (m,)) of the live items of `modality` whose words match
+        `text` (any word), best first, among those a checked filter matches."""
+        if not self.info.has_keywords:
+            raise InvalidQueryError(f"generation {self.name} was built before keyword search "
+                                    "existed; rebuild the index, or search in vector mode")
+        sql, params = keywords.keyword_sql(self._modality(modality),
+                                           keywords.match_expression(text), where, limit)
+        rows = self._query(sql, params)
+        return (np.array([r[0] for r in rows], dtype=np.int64),
+                np.array([r[1] for r in rows], dtype=np.float64))
 
     def search(self, modality: str, queries: np.ndarray, k: int,
                within: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

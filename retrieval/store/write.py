@@ -156,7 +156,8 @@ def _commit_derived(root: Path, parent: Generation, model: ModelIdentity,
             db.execute("DELETE FROM items WHERE deleted = 1")
 
     info = {**build_info, "compacted": bool(compact), "deleted_now": len(doomed)}
-    return commit(root, Plan(model, next_id, parent.name, info, options), tables, fill)
+    changes = None if compact else ([r.id for r in add], sorted(doomed))
+    return commit(root, Plan(model, next_id, parent.name, info, options, changes), tables, fill)
 
 
 def _doomed(root: Path, parent: Generation, changes: Changes) -> set[int]:

@@ -51,6 +51,21 @@ class InMemoryGeneration:
         rows = [int(np.flatnonzero(self._ids[modality] == item_id)[0]) for item_id in ids]
         return self._vectors[modality][rows]
 
+    def fields(self) -> dict[str, str]:
+        return {}  # no metadata fields: every filter names its field unknown
+
+    def matching_ids(self, modality: str, where: Any) -> np.ndarray:
+        raise AssertionError("no filter can pass an empty field list")
+
+    def listing(self, modality: str, where: Any, order: Any, descending: bool, offset: int,
+                limit: int) -> list[int]:
+        ids = sorted(self._ids[modality].tolist(), reverse=descending)
+        return ids[offset:offset + limit]
+
+    def keyword(self, modality: str, text: str, where: Any, limit: int) -> Any:
+        from retrieval.errors import InvalidQueryError
+        raise InvalidQueryError("this in-memory generation has no keyword index")
+
     def ids_for_paths(self, paths: Sequence[str]) -> dict[str, int]:
         wanted = set(paths)
         return {r.path: r.id for r in self._records.values() if r.path in wanted}

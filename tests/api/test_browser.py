@@ -29,20 +29,29 @@ def _chromium() -> str:
                 "the browser test needs /usr/bin/chromium")
 
 
+def _dump_dom(browser: str, url: str, profile) -> str:
+    result = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+         "--dump-dom", "--virtual-time-budget=10000", url],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
 def test_page_runs_a_search_from_the_query_string(tiny, tmp_path):
     browser = _chromium()
     images = {name: make_image(tmp_path / "img" / f"{name}.png", rgb)
               for name, rgb in COLOURS.items()}
     root = build_index(tmp_path / "index", tiny, images)
     with ServerThread(create_app(Settings(index=root), clip=tiny)) as server:
-        result = subprocess.run(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}",
-             "--dump-dom", "--virtual-time-budget=10000", f"{server.url}/?q=red"],
-            capture_output=True, text=True, timeout=120, check=False)
-    dom = result.stdout
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert dom.count('class="hit"') == len(COLOURS), dom[-3000:]
-    assert "/items/" in dom and "/image" in dom  # images come from the item image endpoint
-    assert "results from" in dom
+        dom = _dump_dom(browser, f"{server.url}/?q=red", tmp_path / "profile")
+        assert dom.count('class="hit"') == len(COLOURS), dom[-3000:]
+        assert "/items/" in dom and "/image" in dom  # images come from the item image endpoint
+        assert "results from" in dom
+        # the filter box, filled from the query string: one match, its fields shown
+        filtered = _dump_dom(browser, f"{server.url}/?q=blue&field=label&op=eq&value=red",
+                             tmp_path / "profile")
+        assert filtered.count('class="hit"') == 1, filtered[-3000:]
+        assert 'label: "red"' in filtered

@@ -121,3 +121,46 @@ def test_browse_lists_what_a_filter_matches_newest_first_or_by_a_field(client):
     assert {hit["image_id"] for hit in captions.json()["hits"]} == {0}
     assert "'shade'" in problem(client.post("/search/browse", json={"order_by": "shade"}))[
         "detail"]
+
+
+def test_keyword_and_hybrid_modes_answer_with_their_ranks(client):
+    keyword = client.post("/search/text", json={"text": "something coloured blue",
+                                                "mode": "keyword", "k": 3}).json()["hits"]
+    assert keyword[0]["metadata"]["label"] == "blue" and keyword[0]["keyword_rank"] == 1
+    hybrid = client.post("/search/text", json={"text": "a square", "keywords": "purple",
+                                               "mode": "hybrid", "filter": {
+                                                   "field": "label", "ne": "red"}}).json()
+    top = hybrid["hits"][0]
+    assert top["metadata"]["label"] == "purple" and top["keyword_rank"] == 1
+    assert top["vector_rank"] >= 1 and "red" not in [h["metadata"].get("label")
+                                                     for h in hybrid["hits"]]
+    assert "vector mode only" in problem(client.post("/search/text", json={
+        "text": "x", "mode": "hybrid", "threshold": 0.2}))["detail"]
+
+
+def test_knn_service_takes_a_clipdex_filter(client):
+    found = client.post("/knn-service", json={"text": "a square", "num_images": 5,
+                                              "filter": RED}).json()
+    assert [row["label"] for row in found] == ["red"]
+    assert "'shade'" in problem(client.post("/knn-service", json={
+        "text": "a square", "filter": {"field": "shade", "eq": 1}}))["detail"]
+
+
+@pytest.mark.parametrize("where,words", [
+    ({"field": "label", "in": ["x"] * 501}, "list of 1 to 500"),
+    ({"or": [{"field": "label", "eq": "red"}] * 65}, "at most 64 conditions"),
+])
+def test_oversized_filters_are_refused_not_run(client, where, words):
+    assert words in problem(client.post("/search/text", json={"text": "x",
+                                                             "filter": where}))["detail"]
+
+
+def test_deeply_nested_filters_are_refused_not_crashed(client, images):
+    deep: dict = {"field": "label", "eq": "red"}
+    for _ in range(200):
+        deep = {"not": deep}
+    assert "nest at most" in problem(client.post("/search/text", json={
+        "text": "x", "filter": deep}))["detail"]
+    files = {"image": ("b.png", images["blue"].read_bytes(), "image/png")}
+    text = '{"not":' * 2000 + "{}" + "}" * 2000  # valid JSON, deeper than json.loads goes
+    assert problem(client.post("/caption", files=files, data={"filter": text}))

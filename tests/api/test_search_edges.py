@@ -87,3 +87,14 @@ def test_the_default_batch_fits_the_device():
     assert settings_from(args).max_in_flight == 32  # refused at the door beyond 4 batches
     args = build_parser().parse_args(["serve", "--index", "idx", "--max-in-flight", "0"])
     assert settings_from(args).max_in_flight is None
+
+
+def test_a_generation_without_fields_refuses_filters_naming_the_field_and_still_lists():
+    from retrieval.query import Listing, Query
+
+    searcher = Searcher(_generation())
+    with pytest.raises(errors.FilterError, match="unknown field 'n'") as caught:
+        searcher.search(Query.vector([1.0] * 8, filter={"field": "n", "eq": 1}))
+    problem = core_problem(caught.value)
+    assert (problem.status, problem.title) == (422, "Bad filter") and "'n'" in problem.detail
+    assert [hit.id for hit in searcher.browse(Listing(k=3)).hits] == [29, 28, 27]

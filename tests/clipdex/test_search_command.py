@@ -70,3 +70,12 @@ def test_a_bad_filter_is_a_one_line_error_naming_the_field(index, capsys):
     with pytest.raises(SystemExit) as usage:
         main(["search", "--index", str(root), "a dog", "--filter", "[1]"])
     assert usage.value.code == 2 and "JSON object" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["keyword", "hybrid"])
+def test_keyword_and_hybrid_modes_answer(index, mode, capsys):
+    root, _ = index
+    assert main(["search", "--index", str(root), "the purple one", "--model", "clipdex-tiny",
+                 "--mode", mode, "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)["hits"][0]
+    assert top["what"].endswith("purple.png") and top["keyword_rank"] == 1

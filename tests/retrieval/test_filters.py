@@ -228,3 +228,45 @@ def test_a_derived_generation_re_infers_types(tmp_path):
         where = parse_filter({"field": "n", "eq": "many"}, generation.fields())
         assert generation.matching_ids("text", where).tolist() == [appended.ids[0] + 1]
         assert generation.matching_ids("image", where).tolist() == appended.ids
+
+
+def _field_tables(path: Path) -> tuple[list, list]:
+    import sqlite3
+    db = sqlite3.connect(path)
+    try:
+        rows = db.execute("SELECT id, field, str_value, num_value FROM item_fields "
+                          "ORDER BY id, field, str_value, num_value").fetchall()
+        kinds = db.execute("SELECT name, type, items FROM fields ORDER BY name").fetchall()
+    finally:
+        db.close()
+    return rows, kinds
+
+
+def test_a_derived_generation_updates_its_tables_as_a_rebuild_would_write_them(tmp_path):
+    import shutil
+    import sqlite3
+
+    from retrieval.store import fields, update_generation
+    rng = np.random.default_rng(2)
+    records = [ItemRecord(i, "image", path=f"/i/{i}.png", metadata={
+        "n": i, "tag": ["x", "y"][: 1 + i % 2], "day": f"2024-01-{1 + i:02d}"})
+        for i in range(12)]
+    write_generation(tmp_path, MODEL, records, {"image": unit(rng.normal(size=(12, DIM)))})
+    added = [ItemRecord(-2, "image", path="/i/a.png", metadata={"n": 2.5, "new": True}),
+             ItemRecord(-1, "image", path="/i/b.png", metadata={"tag": "z", "n": 7})]
+    append_items(tmp_path, MODEL, added, {"image": unit(rng.normal(size=(2, DIM)))})
+    append_items(tmp_path, MODEL, [ItemRecord(-1, "image", path="/i/c.png",
+                                              metadata={"day": "soon"})],  # retypes "day"
+                 {"image": unit(rng.normal(size=(1, DIM)))})
+    update_generation(tmp_path, MODEL, delete_ids=[3, 4, 12], compact=False)
+    with open_generation(tmp_path) as generation:
+        updated = _field_tables(generation.items_path)
+        copy = tmp_path / "rebuilt.sqlite"
+        shutil.copy(generation.items_path, copy)
+        assert generation.fields() == {"day": "string", "n": "number", "tag": "string"}
+    db = sqlite3.connect(copy)
+    with db:
+        fields.build(db)
+    db.close()
+    assert updated == _field_tables(copy)
+    assert ("new", "boolean", 1) not in updated[1]  # its only item (12) was deleted
