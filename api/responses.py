@@ -20,7 +20,8 @@ def hit_body(hit: Hit, public_url: str) -> SearchHit:
     none is set), never from the request's Host header, which any client can forge."""
     record = hit.item
     body = SearchHit(id=hit.id, score=hit.score, vector_rank=hit.vector_rank,
-                     keyword_rank=hit.keyword_rank)
+                     keyword_rank=hit.keyword_rank, relevance=hit.relevance,
+                     duplicates=list(hit.duplicates))
     if record is None:
         return body
     body.modality = record.modality

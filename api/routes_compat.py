@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import Leased, ReadAccess, State
@@ -44,6 +44,19 @@ class KnnRequest(BaseModel):
     indice_name: str | None = None
     filter: dict[str, Any] | None = Field(None, description=(
         "clipdex's own: a metadata filter, as /search/text takes it (see its schema)"))
+    deduplicate: bool = Field(True, description="collapse near-duplicate results (cosine >= "
+                                                "0.95), as clip-retrieval does")
+    # Accepted so ClipClient's requests validate, without effect here (clipdex has none of
+    # these models); the response's X-Clipdex-Ignored header names those that were asked for.
+    use_safety_model: bool = False
+    use_violence_detector: bool = False
+    use_mclip: bool = False
+    aesthetic_score: Annotated[int, INTEGRAL] | None = None
+    aesthetic_weight: float | None = None
+
+
+IGNORED_OPTIONS = ("use_safety_model", "use_violence_detector", "use_mclip", "aesthetic_score",
+                   "aesthetic_weight")
 
 
 @router.get("/indices-list", summary="clip-retrieval: the index names served")
@@ -55,15 +68,20 @@ async def indices_list(state: State) -> list[str]:
 # router) FastAPI parses such a body as JSON, so the route shares every route's parsing path.
 @router.post("/knn-service", summary="clip-retrieval: nearest neighbours of text/image/vector",
              responses=problem_responses(404, 409, 413, 415, 422))
-async def knn_service(body: KnnRequest, state: State, searcher: Leased) -> list[dict[str, Any]]:
+async def knn_service(body: KnnRequest, state: State, searcher: Leased,
+                      response: Response) -> list[dict[str, Any]]:
     if body.indice_name not in (None, state.settings.index_name):
         raise Problem(404, "Not found", f"no index {body.indice_name!r}; this service serves "
                       f"{state.settings.index_name!r} (see /indices-list)")
     if body.image_url:
         raise Problem(422, "Bad query", "image_url is not fetched by this service (no outbound "
                       "requests); send the image itself base64-encoded as 'image'")
-    query = Query((_term(body),), target=body.modality, k=body.num_images, filter=body.filter)
+    query = Query((_term(body),), target=body.modality, k=body.num_images, filter=body.filter,
+                  dedup=body.deduplicate)
     result = await state.run(searcher.search, query)
+    ignored = [name for name in IGNORED_OPTIONS if getattr(body, name)]
+    if ignored:
+        response.headers["X-Clipdex-Ignored"] = ", ".join(ignored)
     return [_result(hit_body(hit, state.settings.public_url).model_dump())
             for hit in result.hits]
 
@@ -81,5 +99,6 @@ def _term(body: KnnRequest) -> Term:
 
 def _result(hit: dict[str, Any]) -> dict[str, Any]:
     caption = hit["text"] or (hit["captions"][0] if hit["captions"] else None)
+    folded = {"duplicates": hit["duplicates"]} if hit["duplicates"] else {}
     return {**hit["metadata"], "id": hit["id"], "similarity": hit["score"],
-            "url": hit["image_url"], "caption": caption}
+            "url": hit["image_url"], "caption": caption, **folded}

@@ -158,5 +158,5 @@ def _paging(body: SearchTextRequest | SearchVectorRequest | SearchMultiRequest
             ) -> dict[str, Any]:
     return {"target": body.target, "k": body.k, "threshold": body.threshold,
             "cursor": body.cursor, "filter": body.filter, "mode": body.mode,
-            "keywords": body.keywords}
+            "keywords": body.keywords, "dedup": body.dedup, "min_relevance": body.min_relevance}
 

@@ -68,6 +68,12 @@ class _Paged(BaseModel):
         "hit. keyword and hybrid take no threshold"))
     keywords: str | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS, description=(
         "the words for keyword and hybrid modes (default: the query's texts)"))
+    dedup: bool = Field(False, description=(
+        "collapse near-duplicates (cosine >= 0.95) among the page's hits into the best-scoring "
+        "one, which lists the others in 'duplicates'"))
+    min_relevance: float | None = Field(None, ge=0.0, le=1.0, description=(
+        "vector mode, text to image or image to text, with a calibrated model: stop where a "
+        "hit's relevance (the probability it truly matches) falls below this"))
 
 
 class SearchTextRequest(_Paged):
@@ -133,6 +139,11 @@ class SearchHit(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     vector_rank: int | None = Field(None, description="hybrid: the rank by embedding")
     keyword_rank: int | None = Field(None, description="keyword and hybrid: the BM25 rank")
+    relevance: float | None = Field(None, description=(
+        "calibrated probability that the hit truly matches (models with a calibration; "
+        "text to image and image to text queries)"))
+    duplicates: list[int] = Field(default_factory=list, description=(
+        "dedup: ids of the near-duplicates this hit stands for"))
 
 
 class SearchResponse(BaseModel):

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from retrieval.batcher import MicroBatcher
+from retrieval.calibration import DIRECTIONS, Calibration, calibration_of
 from retrieval.encode import encode_image_batch, encode_texts
 from retrieval.errors import ExternalModelError
 from retrieval.images import DecodeLimits, draft_side_of, model_pixels
@@ -31,9 +32,16 @@ ImageLike = bytes | Image.Image  # an encoded file, or a decoded image
 class Encoder(Protocol):
     embed_dim: int
     logit_scale: float  # the model's softmax scale for zero-shot classification
+    calibrations: dict[str, Calibration]  # direction ("text_to_image", ...) -> relevance fit
 
     def texts(self, texts: Sequence[str]) -> np.ndarray: ...  # (n, d)
     def images(self, images: Sequence[ImageLike]) -> np.ndarray: ...  # (n, d)
+
+
+def model_calibrations(clip: ClipModel) -> dict[str, Calibration]:
+    """The relevance fits the model's card holds (retrieval.calibration), by direction."""
+    fits = {d: calibration_of(clip.card, d) for d in DIRECTIONS}
+    return {direction: fit for direction, fit in fits.items() if fit is not None}
 
 
 def model_logit_scale(clip: ClipModel) -> float:
@@ -51,6 +59,7 @@ class ModelEncoder:
         self.limits = limits or DecodeLimits(draft_side=draft_side_of(clip.preprocess))
         self.embed_dim = int(clip.embed_dim)
         self.logit_scale = model_logit_scale(clip)
+        self.calibrations = model_calibrations(clip)
 
     def texts(self, texts: Sequence[str]) -> np.ndarray:
         return encode_texts(self.clip, list(texts))
@@ -70,6 +79,7 @@ class UnavailableEncoder:
 
     def __init__(self, embed_dim: int, reason: str):
         self.embed_dim, self.reason = int(embed_dim), reason
+        self.calibrations: dict[str, Calibration] = {}
 
     def texts(self, texts: Sequence[str]) -> np.ndarray:
         raise ExternalModelError(self.reason)
@@ -93,6 +103,7 @@ class BatchedEncoder:
         self.decodes = threading.BoundedSemaphore(decode_slots)
         self.embed_dim = int(clip.embed_dim)
         self.logit_scale = model_logit_scale(clip)
+        self.calibrations = model_calibrations(clip)
 
     def texts(self, texts: Sequence[str]) -> np.ndarray:
         return self._through(self.text_batcher, list(texts))

@@ -65,6 +65,8 @@ class Query:
     filter: dict[str, Any] | None = None  # metadata filter as JSON (see retrieval.filters)
     mode: str = "vector"  # or "keyword" (BM25) or "hybrid" (RRF of both; retrieval.hybrid)
     keywords: str | None = None  # the words for keyword/hybrid (default: the text terms)
+    dedup: bool = False  # collapse near-duplicates among a page's hits (retrieval.dedup)
+    min_relevance: float | None = None  # cut where the calibrated relevance falls below it
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -80,6 +82,18 @@ class Query:
             raise InvalidQueryError("a query needs at least one term")
         if self.k < 1:
             raise InvalidQueryError(f"k must be at least 1, got {self.k}")
+        if self.min_relevance is not None and not 0.0 <= self.min_relevance <= 1.0:
+            raise InvalidQueryError(f"min_relevance is a probability in [0, 1], got "
+                                    f"{self.min_relevance}")
+        if self.min_relevance is not None and self.mode != "vector":
+            raise InvalidQueryError("min_relevance applies to vector-mode scores only")
+
+    def query_modality(self) -> str | None:
+        """'text' or 'image' when every term is of that kind (what a relevance calibration
+        was fitted for), else None."""
+        kinds = {"text" if term.text is not None else "image" if term.image is not None
+                 else "other" for term in self.terms}
+        return next(iter(kinds)) if len(kinds) == 1 and "other" not in kinds else None
 
     @classmethod
     def text(cls, text: str, **options) -> Query:
@@ -113,6 +127,8 @@ class Query:
             more += (canonical(self.filter),)
         if self.mode != "vector":
             more += (self.mode, self.keyword_text())
+        if self.dedup or self.min_relevance is not None:
+            more += (f"dedup={self.dedup}", f"min_relevance={self.min_relevance}")
         return query_fingerprint(terms, self.target, self.threshold, self.extra, *more)
 
 

@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from retrieval import refine
+from retrieval.calibration import Calibration
 from retrieval.cursor import Cursor, decode_cursor, encode_cursor
 from retrieval.encoders import Encoder, ImageLike
 from retrieval.errors import (
@@ -67,6 +69,8 @@ class Hit:
     item: Any  # an ItemRecord, or None when the metadata row is gone
     vector_rank: int | None = None  # 1-based ranks behind a keyword or hybrid score
     keyword_rank: int | None = None
+    relevance: float | None = None  # calibrated P(true match), when the model has a fit
+    duplicates: tuple[int, ...] = ()  # near-duplicates folded into this hit (Query.dedup)
 
 
 @dataclass(frozen=True)
@@ -155,9 +159,34 @@ class Searcher:
         else:
             ranked = self.worded(query, vector, where, within, served + query.k + SLACK)
             page = cut_page(ranked, query.k, after, served)
+        page = self.refined(query, vector, page)
         token = (encode_cursor(Cursor(name, fingerprint, page.after, page.served))
                  if page.after is not None else None)
         return Result(page.hits, name, token, round((time.perf_counter() - started) * 1000, 3))
+
+    def refined(self, query: Query, vector: Vector | None, page: Page) -> Page:
+        """Relevance (and the min_relevance cut) when the model has a calibration for this
+        query's direction; near-duplicates collapsed when asked. See retrieval/refine.py."""
+        hits, ended = page.hits, False
+        fit = self.calibration_for(query)
+        if query.min_relevance is not None and fit is None:
+            raise InvalidQueryError("min_relevance needs a model with a relevance calibration "
+                                    "for this kind of query (text to image or image to text); "
+                                    "use threshold instead")
+        if fit is not None and vector is not None and query.mode == "vector":
+            ranked = lambda n: self.generation.search(query.target, vector[None, :], n)[0][0]
+            hits, ended = refine.with_relevance(hits, fit, ranked, query.min_relevance)
+        if query.dedup and hits:
+            hits = refine.collapsed(hits, self.generation.vectors(query.target,
+                                                                 [hit.id for hit in hits]))
+        return Page(hits, None if ended else page.after, page.served)
+
+    def calibration_for(self, query: Query) -> Calibration | None:
+        """The encoder's model's fit for this query's direction (None: raw scores only)."""
+        modality = query.query_modality()
+        if self.encoder is None or modality is None or modality == query.target:
+            return None
+        return self.encoder.calibrations.get(f"{modality}_to_{query.target}")
 
     def worded(self, query: Query, vector: Vector | None, where: Filter | None,
                within: np.ndarray | None, depth: int) -> list[Hit]:
