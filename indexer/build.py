@@ -319,10 +319,10 @@ def _concatenate(shards: dict[int, Shard], dim: int
 def _job_hash(identity: ModelIdentity, collection: Collection, config: BuildConfig,
               parent: str | None, engine: str) -> str:
     """Same model, same files (by size and mtime; a tar shard's for its members), same texts
-    and shard size, same decoder and engine: same job (DECODER names the decoding, so shards
-    of an older decoder are not mixed in)."""
+    and shard size, same decoder, engine and precision: same job (DECODER names the decoding,
+    so shards of an older decoder are not mixed in; fp16 shards never join fp32 ones)."""
     digest = hashlib.sha256(json.dumps([identity.sha256, config.max_pixels, config.shard_size,
-                                        parent, DECODER, engine]).encode())
+                                        parent, DECODER, engine, config.precision]).encode())
     stats: dict[Path, os.stat_result | None] = {}  # a tar shard's entries share its stat
     for entry in collection.images:
         if entry.file not in stats:

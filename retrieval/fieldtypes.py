@@ -60,8 +60,20 @@ def _parse_iso(text: str) -> float | None:
 
 
 def as_text(value: bool | float | str) -> str:
-    """A value of a string field as compared: strings as they are, the rest as JSON text."""
-    return value if isinstance(value, str) else json.dumps(value)
+    """A value of a string field as compared: strings as they are (but storable), the rest
+    as JSON text."""
+    return storable(value) if isinstance(value, str) else json.dumps(value)
+
+
+def storable(text: str) -> str:
+    """`text` as SQLite can store it: a lone UTF-16 surrogate (valid in JSON, common in
+    scraped captions) cannot be encoded as UTF-8, so each becomes '?'. Stored values and
+    filter values pass through here alike, so they still compare equal."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 @dataclass

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from retrieval.errors import FilterError
-from retrieval.fieldtypes import parse_datetime
+from retrieval.fieldtypes import parse_datetime, storable
 
 MAX_IN = 500  # values in one in / nin list
 MAX_CONDITIONS = 64
@@ -154,7 +154,7 @@ def _values(value: Any, name: str, kind: str, op: str, where: str) -> tuple[Any,
 def _value(value: Any, name: str, kind: str, where: str) -> Any:
     """One filter value, checked against the field's type and encoded as stored."""
     if kind == "string" and isinstance(value, str):
-        return value
+        return storable(value)
     if kind == "boolean" and isinstance(value, bool):
         return float(value)
     if (kind == "number" and isinstance(value, int | float) and not isinstance(value, bool)

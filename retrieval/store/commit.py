@@ -52,8 +52,11 @@ class Table:
     pending: tuple[np.ndarray, np.ndarray] | None = None
 
     def compacted(self) -> Table:
+        """The live rows only, to be indexed anew; an on-disk index's spec is kept, so the
+        rebuilt index stays on disk (the rows are gathered in RAM: see the README)."""
         keep = ~self.deleted
-        return Table(self.ids[keep], self.vectors[keep], self.deleted[keep])
+        spec = self.spec if self.spec is not None and self.spec.kind == ann.DISK_KIND else None
+        return Table(self.ids[keep], self.vectors[keep], self.deleted[keep], spec=spec)
 
 
 @dataclass(frozen=True)
@@ -83,9 +86,11 @@ def commit(root: Path, plan: Plan, tables: dict[str, Table], fill: Fill) -> Gene
         data = _write_files(temp, name, plan, tables, fill)
         _switch(root, temp, name)
         return GenerationManifest(name, data)
-    # FAISS reports a failed write as RuntimeError and SQLite as sqlite3.Error, not OSError
-    except (OSError, RuntimeError, sqlite3.Error) as error:
-        full = _is_disk_full(error, generations)
+    # FAISS reports a failed write as RuntimeError and SQLite as sqlite3.Error, not OSError;
+    # whatever failed, nothing of the new generation may stay behind
+    except BaseException as error:
+        full = (isinstance(error, (OSError, RuntimeError, sqlite3.Error))
+                and _is_disk_full(error, generations))
         shutil.rmtree(temp, ignore_errors=True)
         layout.current_temp_file(root).unlink(missing_ok=True)
         if layout.current_file(root).is_file() and layout.current_name(root) != name:
@@ -162,10 +167,11 @@ def _write_tables(folder: Path, tables: dict[str, Table],
     for modality, table in tables.items():
         other_modality = MODALITIES[1 - MODALITIES.index(modality)]
         other = tables[other_modality]
-        queries = other.vectors[~other.deleted]
-        if len(queries) > MAX_TUNING_QUERIES:
-            rows = np.random.default_rng(0).choice(len(queries), MAX_TUNING_QUERIES, False)
-            queries = queries[np.sort(rows)]
+        live = np.flatnonzero(~other.deleted)  # sample rows first: the vectors may be mapped
+        if len(live) > MAX_TUNING_QUERIES:
+            rows = np.random.default_rng(0).choice(len(live), MAX_TUNING_QUERIES, False)
+            live = live[np.sort(rows)]
+        queries = np.asarray(other.vectors[live], dtype=np.float32)
         files = layout.modality_files(folder, modality)
         index, spec = _index_for(table, options, ondisk.DiskFiles(files.index, files.lists))
         spec, report = ann.tune(index, spec, table.vectors, table.ids, queries,

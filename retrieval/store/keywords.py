@@ -16,7 +16,7 @@ from pathlib import PurePath
 from typing import Any
 
 from retrieval.errors import InvalidQueryError
-from retrieval.fieldtypes import scalars
+from retrieval.fieldtypes import scalars, storable
 from retrieval.filters import Filter
 from retrieval.store.fields import OWNER, where_sql
 from retrieval.store.layout import KEYWORDS_SCHEMA
@@ -55,7 +55,7 @@ def _bodies(db: sqlite3.Connection, sql: str, params: list[int]) -> Iterator[tup
         if isinstance(data, dict):
             words += [value for raw in data.values() for value in scalars(raw)
                       if isinstance(value, str)]
-        body = "\n".join(word for word in words if word)
+        body = storable("\n".join(word for word in words if word))
         if body:
             yield item_id, body
 

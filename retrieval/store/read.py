@@ -50,8 +50,9 @@ class Generation:
         self._indexes, self._ids, self._vectors, self._db = indexes, ids, vectors, db
         self._lock = threading.Lock()
         self._deleted = {m: self._tombstones(m) for m in MODALITIES}
-        self._selectors: dict[str, Any] = {}
-        self._params = {m: self._search_params(m) for m in MODALITIES}
+        # the tombstone selectors, built once; SearchParameters are made per search, because
+        # IndexIDMap's search swaps their `sel` for a moment (two threads must not share one)
+        self._selectors = {m: self._selector(m) for m in MODALITIES}
         self._matches: OrderedDict[tuple[str, Filter], np.ndarray] = OrderedDict()
 
     @property
@@ -126,8 +127,11 @@ class Generation:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         params = self._section(modality)["index"]["params"]
         lookup = ann.sorted_lookup(self._ids[modality], self._vectors[modality])
+        selector = self._selectors[modality]
+        search_params = ann.search_parameters(self._section(modality)["index"]["kind"], params,
+                                              selector[1] if selector else None)
         scores, ids = ann.search(self._indexes[modality], queries, width, params, lookup,
-                                 self._params[modality])
+                                 search_params)
         short = np.flatnonzero((ids < 0).any(axis=1))
         if len(short):  # IVF with few probes can come back short: answer those rows exactly
             scores[short], ids[short] = self._exact(modality, queries[short], width)
@@ -208,7 +212,7 @@ class Generation:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-        self._indexes, self._params, self._selectors = {}, {}, {}
+        self._indexes, self._selectors, self._vectors = {}, {}, {}  # unmaps the files
         self._matches.clear()
 
     def __enter__(self) -> Self:
@@ -246,20 +250,31 @@ class Generation:
         rows = self._query("SELECT id FROM items WHERE deleted = 1 AND modality = ?", [modality])
         return np.array(sorted(r[0] for r in rows), dtype=np.int64)
 
-    def _search_params(self, modality: str) -> Any:
-        spec = self._section(modality)["index"]
-        selector = None
-        if len(self._deleted[modality]):
-            batch = faiss.IDSelectorBatch(self._deleted[modality])
-            selector = faiss.IDSelectorNot(batch)
-            self._selectors[modality] = (batch, selector)  # keep the C++ objects alive
-        return ann.search_parameters(spec["kind"], spec["params"], selector)
+    def _selector(self, modality: str) -> tuple[Any, Any] | None:
+        """(batch, its negation): the ids not deleted; both kept so the C++ objects live."""
+        if not len(self._deleted[modality]):
+            return None
+        batch = faiss.IDSelectorBatch(self._deleted[modality])
+        return batch, faiss.IDSelectorNot(batch)
 
-    def _exact(self, modality: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        ids, vectors = self.all_vectors(modality)
-        scores = queries @ vectors.T  # (nq, live)
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, top, axis=1), ids[top]
+    def _exact(self, modality: str, queries: np.ndarray, k: int,
+               chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+        """The exact top-k among live rows, a chunk of stored rows at a time (the vectors
+        may be a memory-mapped corpus larger than RAM)."""
+        ids, vectors = self._ids[modality], self._vectors[modality]
+        best = np.full((len(queries), 0), -np.inf, np.float32)
+        found = np.zeros((len(queries), 0), np.int64)
+        for start in range(0, len(ids), chunk):
+            part_ids = ids[start:start + chunk]
+            live = ~np.isin(part_ids, self._deleted[modality])
+            part = np.asarray(vectors[start:start + chunk], dtype=np.float32)[live]
+            best = np.concatenate([best, queries @ part.T], axis=1)  # (nq, kept + rows)
+            found = np.concatenate([found, np.broadcast_to(part_ids[live], (len(queries),
+                                                                            int(live.sum())))],
+                                   axis=1)
+            top = np.argsort(-best, axis=1, kind="stable")[:, :k]
+            best, found = np.take_along_axis(best, top, 1), np.take_along_axis(found, top, 1)
+        return best, found
 
 
 def verify_generation(root: Path, name: str | None = None) -> GenerationManifest:

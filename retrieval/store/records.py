@@ -9,6 +9,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from retrieval.fieldtypes import storable
+
 # Provisional ids of records built for `append_items` count up from here: below every stored
 # id (ids are >= 0), so a link to an item already in the index is never taken for one into
 # the new block.
@@ -88,7 +90,8 @@ def text_records(texts: Sequence[str], image_id: int | None = None,
 def insert(db: sqlite3.Connection, records: Iterable[ItemRecord]) -> None:
     db.executemany(
         f"INSERT INTO items ({COLUMNS}, deleted) VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
-        ((r.id, r.modality, r.path, r.text, json.dumps(r.captions),
+        ((r.id, r.modality, r.path, storable(r.text) if r.text is not None else None,
+          json.dumps(r.captions),
           json.dumps(r.metadata, default=str), r.image_id) for r in records))
 
 

@@ -142,8 +142,9 @@ def _commit_derived(root: Path, parent: Generation, model: ModelIdentity,
                     build_info: dict[str, Any]) -> GenerationManifest:
     rows = sum(len(t.ids) for t in tables.values())
     dead = sum(int(t.deleted.sum()) for t in tables.values())
-    if compact is None:
-        compact = rows > 0 and dead / rows > options.compact_ratio
+    on_disk = any(t.spec is not None and t.spec.kind == ann.DISK_KIND for t in tables.values())
+    if compact is None:  # never on its own for an index on disk: compacting gathers in RAM
+        compact = rows > 0 and dead / rows > options.compact_ratio and not on_disk
     if compact:
         tables = {m: t.compacted() for m, t in tables.items()}
     next_id = max([parent.next_id] + [r.id + 1 for r in add])
@@ -184,8 +185,8 @@ def _grown_table(parent: Generation, modality: str, new: list[ItemRecord],
     spec = parent.index_spec(modality)
     on_disk = spec.kind == ann.DISK_KIND
     table = Table(np.concatenate([ids, new_ids]),
-                  _rows_on_disk(scratch, vectors, new_matrix) if on_disk
-                  else np.concatenate([np.asarray(vectors), new_matrix]),
+                  (_rows_on_disk(scratch, vectors, new_matrix) if len(new) else vectors)
+                  if on_disk else np.concatenate([np.asarray(vectors), new_matrix]),
                   np.concatenate([was_deleted, np.zeros(len(new), bool)]))
     table.deleted |= np.isin(table.ids, np.fromiter(doomed, np.int64, len(doomed)))
     table.spec = spec

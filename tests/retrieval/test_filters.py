@@ -270,3 +270,16 @@ def test_a_derived_generation_updates_its_tables_as_a_rebuild_would_write_them(t
     db.close()
     assert updated == _field_tables(copy)
     assert ("new", "boolean", 1) not in updated[1]  # its only item (12) was deleted
+
+
+def test_a_lone_surrogate_in_metadata_is_stored_and_filtered_without_error(tmp_path):
+    """JSON allows "\\ud83d" alone (scraped captions hold such halves); SQLite cannot store it."""
+    rng = np.random.default_rng(4)
+    records = [ItemRecord(1, "image", path="/i/1.png", metadata={"caption": "smile \ud83d"}),
+               ItemRecord(2, "image", path="/i/2.png", metadata={"caption": "plain"})]
+    write_generation(tmp_path, MODEL, records, {"image": unit(rng.normal(size=(2, DIM)))})
+    with open_generation(tmp_path) as generation:
+        where = parse_filter({"field": "caption", "eq": "smile \ud83d"}, generation.fields())
+        assert generation.matching_ids("image", where).tolist() == [1]
+        where = parse_filter({"field": "caption", "prefix": "\ud800"}, generation.fields())
+        assert generation.matching_ids("image", where).tolist() == []

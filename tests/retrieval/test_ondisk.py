@@ -120,3 +120,26 @@ def test_exact_neighbours_stream_over_chunks_like_one_scan():
     images, captions = modality_gap_data(3000, 40, dim=DIM)
     whole = ann.exact_neighbours(images, captions, 10, chunk=len(images))
     assert (ann.exact_neighbours(images, captions, 10, chunk=700) == whole).all()
+
+
+def test_compacting_keeps_the_index_on_disk_and_deleting_never_compacts_by_itself(
+        tmp_path, small_blocks):
+    images, _ = disk_index(tmp_path, count=2000)
+    many = list(range(1, 800))  # 40 % tombstones: past the automatic compaction ratio
+    update_generation(tmp_path, MODEL, delete_ids=many)
+    with open_generation(tmp_path, MODEL.sha256, DIM) as generation:
+        assert generation.index_spec("image").kind == "ivfpq-disk"
+        assert not generation.manifest["build"]["compacted"]
+    update_generation(tmp_path, MODEL, compact=True)
+    with open_generation(tmp_path, MODEL.sha256, DIM) as generation:
+        assert generation.index_spec("image").kind == "ivfpq-disk"
+        assert generation.manifest["modalities"]["image"]["rows"] == len(images) - len(many)
+
+
+def test_a_refused_budget_leaves_no_half_written_generation(tmp_path):
+    images, _ = modality_gap_data(2000, 1, dim=DIM)
+    records = [ItemRecord(i + 1, "image", path=f"/img/{i}.png") for i in range(len(images))]
+    with pytest.raises(IndexStoreError, match="raise --max-memory"):
+        write_generation(tmp_path, MODEL, records, {"image": images},
+                         StoreOptions(max_memory="1KB"))
+    assert list(layout.generations_dir(tmp_path).iterdir()) == []
