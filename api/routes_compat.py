@@ -21,7 +21,7 @@ from api.settings import MAX_K, MAX_TEXT_CHARS
 from retrieval.query import Query, Term
 
 router = APIRouter(tags=["clip-retrieval compatibility"], dependencies=[ReadAccess],
-                   responses=problem_responses(401, 503), strict_content_type=False)
+                   responses=problem_responses(400, 401, 503), strict_content_type=False)
 
 
 QUERY_FIELDS = ("text", "image", "embedding_input")  # the first one given is used
