@@ -28,7 +28,7 @@ from retrieval.errors import (
 )
 from retrieval.filters import Filter
 from retrieval.store import fields, keywords, layout, manifest
-from retrieval.store.filtered import Stored, search_within
+from retrieval.store.filtered import Stored, exact_within, search_within
 from retrieval.store.layout import MODALITIES
 from retrieval.store.manifest import GenerationManifest
 from retrieval.store.records import COLUMNS, ItemRecord, from_row
@@ -257,24 +257,12 @@ class Generation:
         batch = faiss.IDSelectorBatch(self._deleted[modality])
         return batch, faiss.IDSelectorNot(batch)
 
-    def _exact(self, modality: str, queries: np.ndarray, k: int,
-               chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
-        """The exact top-k among live rows, a chunk of stored rows at a time (the vectors
-        may be a memory-mapped corpus larger than RAM)."""
-        ids, vectors = self._ids[modality], self._vectors[modality]
-        best = np.full((len(queries), 0), -np.inf, np.float32)
-        found = np.zeros((len(queries), 0), np.int64)
-        for start in range(0, len(ids), chunk):
-            part_ids = ids[start:start + chunk]
-            live = ~np.isin(part_ids, self._deleted[modality])
-            part = np.asarray(vectors[start:start + chunk], dtype=np.float32)[live]
-            best = np.concatenate([best, queries @ part.T], axis=1)  # (nq, kept + rows)
-            found = np.concatenate([found, np.broadcast_to(part_ids[live], (len(queries),
-                                                                            int(live.sum())))],
-                                   axis=1)
-            top = np.argsort(-best, axis=1, kind="stable")[:, :k]
-            best, found = np.take_along_axis(best, top, 1), np.take_along_axis(found, top, 1)
-        return best, found
+    def _exact(self, modality: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The exact top-k among live rows, scanned a block of stored rows at a time (the
+        vectors may be a memory-mapped corpus larger than RAM)."""
+        ids = self._ids[modality]
+        live = ids[~np.isin(ids, self._deleted[modality])]
+        return exact_within(self._stored(modality), queries, k, live)
 
 
 def verify_generation(root: Path, name: str | None = None) -> GenerationManifest:
