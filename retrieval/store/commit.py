@@ -178,7 +178,7 @@ def _write_tables(folder: Path, tables: dict[str, Table],
                                 query_source=PLURAL[other_modality])
         if spec.kind != ann.DISK_KIND:  # an on-disk index wrote its own files
             faiss.write_index(index, str(files.index))
-        _save_rows(files.vectors, table.vectors)
+        save_rows(files.vectors, table.vectors)
         np.save(files.ids, table.ids)
         sections[modality] = {"rows": len(table.ids), "live": int((~table.deleted).sum()),
                               "deleted": int(table.deleted.sum()), "index": spec.as_dict(),
@@ -211,14 +211,17 @@ def _index_for(table: Table, options: StoreOptions,
                         ann.OPQ_ITERATIONS), wanted
 
 
-def _save_rows(path: Path, rows: np.ndarray, chunk: int = 1 << 16) -> None:
-    """np.save, a chunk at a time, so memory-mapped (n, d) rows are never loaded whole."""
+def save_rows(path: Path, *parts: np.ndarray, chunk: int = 1 << 16) -> None:
+    """np.save of the parts' (n_i, d) rows one after another, a chunk at a time, so
+    memory-mapped rows are never loaded whole."""
+    dim = next((part.shape[1] for part in parts if part.ndim == 2), 0)
     with open(path, "wb") as handle:
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
-                  "fortran_order": False, "shape": tuple(rows.shape)}
+                  "fortran_order": False, "shape": (sum(len(part) for part in parts), dim)}
         np.lib.format.write_array_header_1_0(handle, header)
-        for start in range(0, len(rows), chunk):
-            np.ascontiguousarray(rows[start:start + chunk], dtype=np.float32).tofile(handle)
+        for rows in parts:
+            for start in range(0, len(rows), chunk):
+                np.ascontiguousarray(rows[start:start + chunk], dtype=np.float32).tofile(handle)
 
 
 def _last_number(generations: Path) -> int:

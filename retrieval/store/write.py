@@ -18,7 +18,7 @@ import numpy as np
 from retrieval import ann
 from retrieval.errors import IndexStoreError, UnknownItemError
 from retrieval.store import layout
-from retrieval.store.commit import Plan, StoreOptions, Table, commit
+from retrieval.store.commit import Plan, StoreOptions, Table, commit, save_rows
 from retrieval.store.layout import MODALITIES, SCHEMA
 from retrieval.store.manifest import GenerationManifest, ModelIdentity
 from retrieval.store.read import Generation, open_generation
@@ -198,19 +198,11 @@ def _grown_table(parent: Generation, modality: str, new: list[ItemRecord],
     return table
 
 
-def _rows_on_disk(path: Path, stored: np.ndarray, added: np.ndarray,
-                  chunk: int = 1 << 16) -> np.ndarray:
-    """`stored` (memory-mapped) then `added` rows, copied a chunk at a time into a scratch
-    .npy and mapped back, so growing an index larger than RAM never loads it."""
+def _rows_on_disk(path: Path, stored: np.ndarray, added: np.ndarray) -> np.ndarray:
+    """`stored` (memory-mapped) then `added` rows, written to a scratch .npy a chunk at a time
+    and mapped back, so growing an index larger than RAM never loads it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
-                                     shape=(len(stored) + len(added), added.shape[1]))
-    for start in range(0, len(stored), chunk):
-        stop = min(start + chunk, len(stored))
-        rows[start:stop] = stored[start:stop]
-    rows[len(stored):] = added
-    rows.flush()
-    del rows
+    save_rows(path, stored, added)
     return np.load(path, mmap_mode="r")
 
 
