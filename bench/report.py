@@ -37,10 +37,16 @@ def goals(r: dict) -> list[tuple[str, str, str, str]]:
         rows.append(("ONNX Runtime / torch eager, single text queries, default model", "≥ 1.5×",
                      f"{d['texts']['1']['ratio']:.2f}×",
                      _met(d["texts"]["1"]["ratio"] >= 1.5, "see §1b")))
+    if "decode" in r:
+        value = r["decode"]["speedup"]
+        rows.append(("decode-only img/s, reduced-size / full, 12 MP JPEGs", "≥ 3×",
+                     f"{value:.2f}×", _met(value >= 3, "see §2b")))
     if "indexing" in r:
-        value = r["indexing"]["ratio"]
-        rows.append(("indexing end-to-end / encode-only img/s", "≥ 0.9", f"{value:.2f}",
-                     _met(value >= 0.9, "decode and encode share 2 cores: see §2")))
+        i = r["indexing"]
+        bound = f" (their bound here: {i['bound']:.2f})" if "bound" in i else ""
+        rows.append(("indexing end-to-end / encode-only img/s", "≥ 0.9", f"{i['ratio']:.2f}",
+                     _met(i["ratio"] >= 0.9, f"decode and encode share 2 cores{bound}: "
+                          "see §2")))
     if "text_trim" in r:
         value = r["text_trim"]["ratio"]
         rows.append(("short queries: real-length / padded texts/s", "≥ 3×", f"{value:.2f}×",
@@ -134,7 +140,8 @@ def write(r: dict, out: Path) -> None:
            f"{m.get('wall_s', '?')} s for parts `{m.get('parts_run', '?')}`. No GPU.", "",
            "## Goals", "", _table(["figure", "goal", "measured", "met?"],
                                   [list(g) for g in goals(r)]), ""]
-    for part, render in (("encoder", _encoder), ("onnx", _onnx), ("indexing", _indexing),
+    for part, render in (("encoder", _encoder), ("onnx", _onnx), ("decode", _decode),
+                         ("indexing", _indexing),
                          ("text_trim", _text_trim), ("ann", _ann), ("ann_at_goal", _ann),
                          ("service", _service), ("scaling", _scaling),
                          ("scaling_at_goal", _scaling)):
@@ -192,7 +199,9 @@ def _indexing(i: dict, out: Path) -> list[str]:
     _save(fig, out / "bench_indexing.png")
     return ["## 2. Indexing pipeline", "",
             f"Default model, demo corpus ×{i['images'] // i['distinct_images']} "
-            f"({i['images']} images), {i['workers']} decode workers (`bench/indexing.py`).", "",
+            f"({i['images']} images), {i['workers']} decode workers, the encoder on "
+            f"{i.get('backend', 'torch')} (what `index build` picks here; `bench/indexing.py`).",
+            "",
             _table(["decode-only img/s", "encode-only img/s", "end-to-end img/s",
                     "end-to-end / encode-only"],
                    [[i["decode_only_img_s"], i["encode_only_img_s"], i["end_to_end_img_s"],
@@ -201,10 +210,36 @@ def _indexing(i: dict, out: Path) -> list[str]:
             f"Reproduce: `{RUN} indexing` (or `{i['command']}`)", "",
             f"The median of three runs is shown; the three ratios were {i.get('ratios')}. "
             "On 2 cores the decode workers and the encoder compete for the same cores "
-            "(decode-only and encode-only each have both cores to themselves), so the ceiling "
-            "here is encode cost ÷ (encode + decode cost), about 0.8 to 0.85 with these "
-            "figures; a machine with a GPU or spare cores removes that competition. Decode "
-            "workers ship uint8 pixels, normalised per batch by the encoder.", ""]
+            "(decode-only and encode-only each have both cores to themselves), so an image "
+            "costs the machine at least 1/encode + 1/decode seconds, and end-to-end / "
+            "encode-only is bounded by decode ÷ (decode + encode)"
+            + (f" = **{i['bound']:.2f}** in this run; the pipeline reaches "
+               f"{i['ratio'] / i['bound']:.0%} of that bound" if "bound" in i else "") + ". "
+            "The goal of 0.9 needs decoding 9× faster than encoding, which these PNGs "
+            "(about 4 ms each in zlib alone, §2b) do not allow on 2 cores; a GPU or spare "
+            "cores remove the competition. How the cores are split: one decode worker per "
+            "core (at most 4) and the encoder's intra-op threads on every core; the decode "
+            "workers run at the lowest priority (`DECODE_NICENESS`) when the encoder is on "
+            "the CPU, so they fill the encoder's gaps and never hold up its parallel ops "
+            "(a straggling thread stalls every op of a parallel encoder). Decode workers "
+            "ship uint8 pixels, normalised per batch by the encoder.", ""]
+
+
+def _decode(d: dict, out: Path) -> list[str]:
+    return ["## 2b. Reduced-size decoding", "",
+            f"{d['images']} demo photographs upscaled to {d['size'][0]}×{d['size'][1]} "
+            "and saved as JPEG quality 90 (12 MP photographs), decoded on one thread: a full "
+            "decode against the reduced-size decode clipdex does (the smallest DCT scale "
+            "whose shortest side still covers the model's input), and the demo photographs "
+            "as they are (mostly PNGs of about 512 px, which have no reduced decode).", "",
+            _table(["corpus", "decode", "images/s"],
+                   [["12 MP JPEGs", "full", d["full_decode_per_s"]],
+                    ["12 MP JPEGs", "reduced-size", d["reduced_decode_per_s"]],
+                    ["demo photographs", "as clipdex decodes", d["demo_decode_per_s"]]]), "",
+            f"Reduced-size / full: **{d['speedup']:.2f}×**. The embeddings of the reduced "
+            f"decodes against the full ones: cosine min {d['cosine_min']}, mean "
+            f"{d['cosine_mean']} (tests/retrieval holds a tolerance on its own images).", "",
+            f"Reproduce: `{RUN} decode` (or `{d['command']}`)", ""]
 
 
 def _onnx(o: dict, out: Path) -> list[str]:

@@ -25,7 +25,7 @@ from retrieval.encode import encode_image_batch, encode_texts
 from retrieval.images import DEFAULT_MAX_PIXELS
 from retrieval.manifest import Problem
 from retrieval.model import ClipModel
-from retrieval.pipeline import iter_image_batches
+from retrieval.pipeline import DECODE_NICENESS, iter_image_batches
 from retrieval.progress import Bar, ProgressFactory, no_progress
 from retrieval.store import (
     Generation,
@@ -227,11 +227,11 @@ class Job:
 
     def _image_steps(self, clip: ClipModel, todo: list[int]) -> Iterator[Step]:
         """Decode in DataLoader workers while this process encodes the previous batch."""
-        images = self.collection.images
+        images, on_cpu = self.collection.images, clip.device.type == "cpu"
         batches = iter_image_batches([images[i].source for i in todo], clip.preprocess,
                                      self.config.batch_size, self.config.workers,
-                                     clip.device.type == "cuda", self.config.max_pixels,
-                                     uint8=True)
+                                     not on_cpu, self.config.max_pixels, uint8=True,
+                                     nice=DECODE_NICENESS if on_cpu else 0)
         for batch in batches:
             kept = [todo[i] for i in batch.indices]
             vectors = (encode_image_batch(clip, batch.pixels, self.config.precision) if kept

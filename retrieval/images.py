@@ -150,7 +150,7 @@ def header_facts(path: str | Path) -> dict[str, Any]:
     try:
         with _open(path) as image:
             width, height = image.size
-            exif = image.getexif()
+            exif = _header_exif(image)
             taken = exif.get_ifd(EXIF_IFD).get(DATE_TIME_ORIGINAL)
             rotated = exif.get(ORIENTATION) in (5, 6, 7, 8)
     except (BadImageError, Image.DecompressionBombError, Image.DecompressionBombWarning,
@@ -165,6 +165,15 @@ def header_facts(path: str | Path) -> dict[str, Any]:
         if parse_datetime(moment) is not None:  # cameras write 0000:00:00 when unset
             facts["taken"] = moment
     return facts
+
+
+def _header_exif(image: Image.Image) -> Image.Exif:
+    """The EXIF that precedes the pixels. Pillow's PNG `getexif` decodes the whole image to
+    look for an eXIf chunk after the pixel data (a second full decode of every PNG during a
+    folder scan); one before them is already in `info`, and that is the one read here."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return Image.Exif()
+    return image.getexif()
 
 
 def _draft(image: Image.Image, side: int | None) -> None:

@@ -58,3 +58,18 @@ def test_a_csv_manifests_extra_columns_become_typed_metadata(tmp_path):
     entry, = collect([tmp_path / "rows.csv"]).images
     assert {k: entry.metadata[k] for k in ("stars", "public", "shot", "album")} == {
         "stars": 4, "public": True, "shot": "2024-06-01", "album": "007"}
+
+
+def test_a_png_is_scanned_from_its_header_without_decoding_its_pixels(tmp_path):
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[36867] = "2023:01:02 03:04:05"
+    exif[0x0112] = 1  # Pillow writes no eXIf chunk for an EXIF with no top-level tag
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(tmp_path / "dated.png", exif=exif)
+    Image.new("RGB", (50, 20), (9, 9, 9)).save(tmp_path / "plain.png")
+    whole = (tmp_path / "plain.png").read_bytes()
+    pixels_at = whole.index(b"IDAT") + 4
+    (tmp_path / "plain.png").write_bytes(  # the pixels' zlib stream destroyed
+        whole[:pixels_at] + bytes(len(whole) - pixels_at))
+    found = {entry.path.name: entry.metadata for entry in collect([tmp_path]).images}
+    assert (found["dated.png"]["width"], found["dated.png"]["taken"]) == (40, "2023-01-02T03:04:05")
+    assert (found["plain.png"]["width"], found["plain.png"]["height"]) == (50, 20)

@@ -1,7 +1,9 @@
 """Decoding workers ship uint8 pixels and the encoder normalises the batch: the embeddings
-are the ones the float path gives, bit for bit."""
+are the ones the float path gives, bit for bit; the workers yield the CPU to the encoder."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -41,3 +43,14 @@ def test_a_preprocess_of_another_shape_keeps_the_float_path(tiny, tmp_path):
     path = make_image(tmp_path / "red.png", COLOURS["red"])
     (batch,) = iter_image_batches([path], preprocess, workers=0, uint8=True)
     assert batch.pixels.dtype == torch.float32
+
+
+def test_decode_workers_step_back_from_the_encoder_and_the_caller_keeps_its_priority(tmp_path):
+    paths = [tmp_path / f"{i}.png" for i in range(4)]
+    for path in paths:
+        make_image(path, (1, 2, 3))
+    own = os.nice(0)
+    niceness = [int(value) for batch in iter_image_batches(
+        paths, lambda _image: torch.tensor([os.nice(0)]), batch_size=2, workers=2, nice=3)
+        for value in batch.pixels]
+    assert niceness == [min(own + 3, 19)] * 4 and os.nice(0) == own
