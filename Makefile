@@ -8,7 +8,7 @@ DEMO_INDEX := data/demo-index
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test install browser bench soak clean
+.PHONY: run test install browser bench bench-scale soak clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ test: $(STAMP) browser
 # All benchmarks in one sequence (~15 min on 2 cores); writes docs/BENCHMARKS.md.
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+# The goal sizes: an index larger than RAM (10,000,000 x 512 under --max-memory 2GB; hours on
+# 2 cores, ~30 GB of scratch disk), filtered search and the ANN at 1,000,000 vectors.
+bench-scale: $(STAMP)
+	$(PY) bench/run_all.py --parts disk,ann,filtered,scaling --disk-count 10000000 \
+	  --disk-memory 2GB --ann-count 1000000 --filtered-count 1000000 \
+	  --scale-sizes 10000,100000,1000000
 
 # The long reliability runs (crash loop with 100 random kills, Schemathesis, 30 s of
 # overload, many Hypothesis examples; ~21 min on 2 cores); writes docs/RELIABILITY.md.

@@ -1,8 +1,9 @@
 """Run every clipdex benchmark on this machine in one sequence; write docs/BENCHMARKS.md.
 
     make bench                                   # all parts, bounded sizes, ~10-15 min on 2 cores
-    .venv/bin/python bench/run_all.py --parts ann,scaling --ann-count 1000000 \
-        --scale-sizes 10000,100000,1000000       # the goal sizes (not run by `make bench`)
+    .venv/bin/python bench/run_all.py --parts ann,filtered,scaling --ann-count 1000000 \
+        --filtered-count 1000000 --scale-sizes 10000,100000,1000000
+                                                 # the goal sizes (not run by `make bench`)
 
 Every headline figure is a ratio of two numbers measured in the same run on the same
 machine (encoder FLOP/s over measured matmul FLOP/s, end-to-end over encode-only, ...), so it
@@ -31,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench sc
 import numpy as np
 import torch
 
-PARTS = ("encoder", "onnx", "decode", "indexing", "text_trim", "ann", "service", "scaling")
+PARTS = ("encoder", "onnx", "decode", "indexing", "text_trim", "ann", "filtered", "service",
+         "scaling")
 TYPICAL_QUERY = "a brown dog running on the beach at sunset"  # ~10 tokens, a typical query
 
 
@@ -211,6 +213,31 @@ def ann_part(args: argparse.Namespace) -> dict:
             "M": spec.params.get("M")}
 
 
+# --- 4b. filtered search and search modes --------------------------------------------------
+
+def filtered_part(args: argparse.Namespace) -> dict:
+    from filtered import measure
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = measure(args.filtered_count, 512, None, args.filtered_queries, Path(tmp),
+                      max_memory=args.max_memory)
+    out["command"] = (f"python -m bench.filtered --count {args.filtered_count} "
+                      f"--queries {args.filtered_queries} --max-memory {args.max_memory}")
+    return out
+
+
+# --- 4c. an index larger than RAM (make bench-scale) ---------------------------------------
+
+def disk_part(args: argparse.Namespace) -> dict:
+    command = [sys.executable, "bench/scale_disk.py", "--count", str(args.disk_count),
+               "--max-memory", args.disk_memory]
+    command += ["--index-type", args.disk_index_type] if args.disk_index_type else []
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+    out = json.loads(result.stdout[result.stdout.index("{"):])
+    out["command"] = " ".join(["python", *command[1:]])
+    return out
+
+
 # --- 5. service ----------------------------------------------------------------------------
 
 def service_part(args: argparse.Namespace) -> dict:
@@ -297,12 +324,14 @@ def scale_child(count: int, kind: str | None, max_memory: str) -> None:
 
 RUNNERS = {"encoder": encoder_part, "onnx": onnx_part, "decode": decode_part,
            "indexing": indexing_part, "text_trim": text_trim_part,
-           "ann": ann_part, "service": service_part, "scaling": scaling_part}
+           "ann": ann_part, "filtered": filtered_part, "disk": disk_part,
+           "service": service_part, "scaling": scaling_part}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"subset of {PARTS}")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"subset of {PARTS}, or disk (make bench-scale)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", default="ViT-B-32,default")
@@ -317,6 +346,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ann-single", type=int, default=200,
                         help="queries timed one per call (as requests arrive)")
     parser.add_argument("--max-memory", default="4GB")
+    parser.add_argument("--filtered-count", type=int, default=100_000,
+                        help="goal size: 1000000")
+    parser.add_argument("--filtered-queries", type=int, default=200)
+    parser.add_argument("--disk-count", type=int, default=10_000_000,
+                        help="the disk part (make bench-scale): vectors to build")
+    parser.add_argument("--disk-memory", default="2GB")
+    parser.add_argument("--disk-index-type", default=None)
     parser.add_argument("--service-items", type=int, default=5000)
     parser.add_argument("--service-seconds", type=float, default=10)
     parser.add_argument("--concurrency", default="1,8,32")
@@ -333,6 +369,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def _at_goal_size(part: str, args: argparse.Namespace) -> bool:
     if part == "ann":
         return args.ann_count >= 1_000_000
+    if part == "filtered":
+        return args.filtered_count >= 1_000_000
     if part == "scaling":
         return max(int(size) for size in args.scale_sizes.split(",")) >= 1_000_000
     return False

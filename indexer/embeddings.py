@@ -17,16 +17,19 @@ partition with text embeddings only (text-only inference) gives free texts.
 clipdex itself has no exported embedding format to read back: its indexing jobs' shards
 (`retrieval.store.work`) hold positions into one job's inputs and are dropped when it ends.
 
-The folder is read twice, one shard at a time: first only the headers (shapes, dtypes, row
-counts), so that a misaligned or mixed-dimension folder fails before any vector is read; then
-each shard's vectors into one preallocated (n, d) float32 matrix per modality, which is what
-the store needs to write a generation.
+The folder is read three times, one shard at a time and never whole: first only the headers
+(shapes, dtypes, row counts), so that a misaligned or mixed-dimension folder fails before any
+vector is read; then each shard's vectors, a chunk at a time, staged as float32 in the
+index's work folder; then its metadata, a batch at a time, as the items table is written.
+A corpus of any size is imported within the memory of one chunk plus what the index being
+built needs (`--max-memory`).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +38,14 @@ import numpy as np
 
 from indexer.build import BuildConfig, ProgressFactory, Summary
 from retrieval.errors import IndexMismatchError, ManifestError, ModelLoadError
-from retrieval.manifest import read_rows
+from retrieval.rowscan import row_chunks
 from retrieval.store import (
+    ItemRecord,
     ModelIdentity,
     NewImage,
-    NewText,
+    StagedRows,
+    StreamedRecords,
     external_identity,
-    linked_records,
     read_generation_manifest,
     write_error_report,
     write_generation,
@@ -74,13 +78,12 @@ class EmbeddingShard:
 
 
 @dataclass
-class _Collected:
-    """Items and their vectors gathered shard by shard, in record order per modality."""
+class _Pass:
+    """What the first pass over the shards kept: per shard, the rows of its img_emb and of
+    its text_emb that become items (their vectors already staged on disk, in this order)."""
 
-    image_vectors: np.ndarray  # (rows of all img_emb files, d), filled from the top
-    text_vectors: np.ndarray  # (rows of all text_emb files, d), filled from the top
-    images: list[NewImage] = field(default_factory=list)
-    texts: list[NewText] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)  # per shard: (kept,) row numbers
+    texts: list[np.ndarray] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)  # by kind
     problems: list[dict[str, Any]] = field(default_factory=list)  # errors.jsonl rows
     rescaled: int = 0
@@ -90,6 +93,9 @@ class _Collected:
             self.skipped[kind] = self.skipped.get(kind, 0) + count
             self.problems.append({"path": str(path), "reason": reason, "kind": kind,
                                   "count": count, **where})
+
+    def counts(self) -> tuple[int, int]:
+        return sum(map(len, self.images)), sum(map(len, self.texts))
 
 
 def find_shards(folder: Path) -> list[EmbeddingShard]:
@@ -185,83 +191,140 @@ def build_from_embeddings(folder: Path, out: Path, model: ModelIdentity | Extern
                           config: BuildConfig = DEFAULT_CONFIG,
                           progress: ProgressFactory | None = None) -> Summary:
     """A new generation of `out` (ids from 1: images, then texts) from clip-retrieval's
-    inference output in `folder`; nothing is encoded."""
+    inference output in `folder`; nothing is encoded.
+
+    Memory stays bounded whatever the corpus size: a first pass stages the usable vectors,
+    a chunk at a time, in the index's work folder (`StagedRows`), which the store then reads
+    memory-mapped; a second pass produces the item records a metadata batch at a time while
+    the items table is written (`StreamedRecords`)."""
     started = time.perf_counter()
     shards = find_shards(folder)
     identity = resolve_model(model, shards[0].dim, Path(folder))
-    collected = _Collected(*(np.empty((sum(s.rows for s in shards if getattr(s, attr)),
-                                       shards[0].dim), np.float32)
-                             for attr in ("images", "texts")))
+    staged = {m: StagedRows(out, f"embeddings-{m}", shards[0].dim, sum(
+        s.rows for s in shards if (s.images if m == "image" else s.texts))) for m in FOLDERS}
+    try:
+        kept = _stage(shards, staged, progress)
+        images, texts = kept.counts()
+        ids = {"image": np.arange(1, images + 1, dtype=np.int64),
+               "text": np.arange(images + 1, images + texts + 1, dtype=np.int64)}
+        records = StreamedRecords(ids, lambda: _records(shards, kept))
+        info = {"action": "build", "from_embeddings": str(Path(folder).resolve()),
+                "layout": "clip-retrieval", "shards": len(shards), "rescaled": kept.rescaled,
+                "skipped": sum(kept.skipped.values())}
+        name = write_generation(out, identity, records, {m: staged[m].rows() for m in staged},
+                                config.store_options(), info)
+    finally:
+        for rows in staged.values():
+            rows.remove()
+    report = write_error_report(out, kept.problems)
+    return Summary(generation=name, images=images, texts=texts, skipped=kept.skipped,
+                   seconds=round(time.perf_counter() - started, 2), errors_file=str(report),
+                   shards_read=len(shards), tuning=read_generation_manifest(out, name).tuning())
+
+
+def _stage(shards: list[EmbeddingShard], staged: dict[str, StagedRows],
+           progress: ProgressFactory | None) -> _Pass:
+    """First pass: each shard's usable vectors appended to the staged rows, the rows kept
+    noted."""
+    kept = _Pass()
     bar = progress("shards", len(shards)) if progress else None
-    for shard in shards:
-        _collect(shard, collected)
-        if bar is not None:
-            bar.update(1)
+    with staged["image"], staged["text"]:
+        for shard in shards:
+            _stage_shard(shard, kept, staged)
+            if bar is not None:
+                bar.update(1)
     if bar is not None:
         bar.close()
-    records = linked_records(collected.images, collected.texts, start_id=1)
-    vectors = {"image": collected.image_vectors[:len(collected.images)],
-               "text": collected.text_vectors[:len(collected.texts)]}
-    info = {"action": "build", "from_embeddings": str(Path(folder).resolve()),
-            "layout": "clip-retrieval", "shards": len(shards), "rescaled": collected.rescaled,
-            "skipped": sum(collected.skipped.values())}
-    name = write_generation(out, identity, records, vectors, config.store_options(), info)
-    report = write_error_report(out, collected.problems)
-    return Summary(generation=name, images=len(collected.images), texts=len(collected.texts),
-                   skipped=collected.skipped, seconds=round(time.perf_counter() - started, 2),
-                   errors_file=str(report), shards_read=len(shards),
-                   tuning=read_generation_manifest(out, name).tuning())
+    return kept
 
 
-def _collect(shard: EmbeddingShard, into: _Collected) -> None:
-    """Add one partition's items and vectors (its files read now, and only its files)."""
-    rows = read_rows(shard.metadata)  # (rows,) dicts: image_path, caption, metadata columns
-    image_vectors, image_ok = _load_unit(shard.images, into)
-    text_vectors, text_ok = _load_unit(shard.texts, into)
-    owners: list[int | None] = [None] * len(rows)  # row -> position of its image item
-    if image_vectors is not None:
-        kept = np.flatnonzero(image_ok)
-        start = len(into.images)
-        into.image_vectors[start:start + len(kept)] = image_vectors[kept]
-        for position, row in enumerate(kept.tolist(), start=start):
-            owners[row] = position
-            into.images.append(_image_item(rows[row]))
-        into.skip("bad_vector", len(rows) - len(kept), shard.images,
-                  "zero or non-finite image embeddings", rows=_few(~image_ok))
-    captions = [_caption(row) for row in rows]
-    if text_vectors is None:
-        into.skip("caption_without_text_embedding", sum(c is not None for c in captions),
-                  shard.metadata, f"captions without text_emb/text_emb_{shard.number}.npy")
+def _stage_shard(shard: EmbeddingShard, kept: _Pass, out: dict[str, StagedRows]) -> None:
+    image_ok = _write_unit(shard.images, out["image"], kept)
+    kept.images.append(np.flatnonzero(image_ok))
+    kept.skip("bad_vector", int((~image_ok).sum()), shard.images,
+              "zero or non-finite image embeddings", rows=_few(~image_ok))
+    has_caption = _caption_mask(shard.metadata)
+    if shard.texts is None:
+        kept.texts.append(np.zeros(0, np.int64))
+        kept.skip("caption_without_text_embedding", int(has_caption.sum()), shard.metadata,
+                  f"captions without text_emb/text_emb_{shard.number}.npy")
         return
-    has_caption = np.array([c is not None for c in captions], bool)
-    usable = has_caption & text_ok
-    into.skip("no_caption", int((text_ok & ~has_caption).sum()), shard.metadata,
+    text_ok = _write_unit(shard.texts, out["text"], kept, has_caption)
+    kept.texts.append(np.flatnonzero(text_ok & has_caption))
+    kept.skip("no_caption", int((text_ok & ~has_caption).sum()), shard.metadata,
               "text embeddings whose row has no caption", rows=_few(text_ok & ~has_caption))
-    into.skip("bad_vector", int((~text_ok).sum()), shard.texts,
+    kept.skip("bad_vector", int((~text_ok).sum()), shard.texts,
               "zero or non-finite text embeddings", rows=_few(~text_ok))
-    kept = np.flatnonzero(usable)
-    start = len(into.texts)
-    into.text_vectors[start:start + len(kept)] = text_vectors[kept]
-    for row in kept.tolist():
-        owner = owners[row]
-        metadata = {} if owner is not None else _metadata(rows[row])
-        into.texts.append(NewText(str(captions[row]), metadata, image=owner))
 
 
-def _load_unit(path: Path | None, into: _Collected) -> tuple[np.ndarray | None, np.ndarray]:
-    """(rows, d) float32 unit rows of one .npy and the mask of usable rows (finite, not zero);
-    rows whose norm is off by more than float16 rounding are rescaled (and counted)."""
+def _write_unit(path: Path | None, out: StagedRows, kept: _Pass,
+                wanted: np.ndarray | None = None) -> np.ndarray:
+    """Append the usable unit rows of one .npy (also in `wanted`, when given) to `out`, a
+    chunk at a time; returns the (rows,) mask of usable rows (finite, not zero). Rows whose
+    norm is off by more than float16 rounding are rescaled (and counted)."""
     if path is None:
-        return None, np.zeros(0, bool)
-    vectors = np.load(path).astype(np.float32, copy=False)
-    with np.errstate(over="ignore", invalid="ignore"):
-        norms = np.linalg.norm(vectors.astype(np.float64), axis=1)  # (rows,)
-    ok = np.isfinite(norms) & (norms > 1e-6)
-    off = ok & (np.abs(norms - 1.0) > NORM_TOLERANCE)
-    if off.any():
-        vectors[off] = (vectors[off] / norms[off, None]).astype(np.float32)
-        into.rescaled += int(off.sum())
-    return vectors, ok
+        return np.zeros(0, bool)
+    rows = np.load(path, mmap_mode="r")
+    ok = np.zeros(len(rows), bool)
+    for start, chunk in row_chunks(rows):
+        with np.errstate(over="ignore", invalid="ignore"):
+            norms = np.linalg.norm(chunk.astype(np.float64), axis=1)
+        good = np.isfinite(norms) & (norms > 1e-6)
+        off = good & (np.abs(norms - 1.0) > NORM_TOLERANCE)
+        if off.any():
+            chunk[off] = (chunk[off] / norms[off, None]).astype(np.float32)
+            kept.rescaled += int(off.sum())
+        ok[start:start + len(chunk)] = good
+        take = good if wanted is None else good & wanted[start:start + len(chunk)]
+        out.write(chunk[take])
+    return ok
+
+
+def _caption_mask(metadata: Path) -> np.ndarray:
+    """(rows,) whether each row of a partition's metadata has a caption (read alone)."""
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(metadata)
+    if "caption" not in table.schema_arrow.names:
+        return np.zeros(table.metadata.num_rows, bool)
+    mask = [np.array([_caption({"caption": c}) is not None for c in batch.column(0).to_pylist()],
+                     bool) for batch in table.iter_batches(columns=["caption"])]
+    return np.concatenate(mask) if mask else np.zeros(0, bool)
+
+
+def _records(shards: list[EmbeddingShard], kept: _Pass) -> Iterator[list[ItemRecord]]:
+    """Second pass: the item records, a metadata batch at a time, ids as `_stage` ordered
+    the vectors (images 1.., then texts)."""
+    images, _ = kept.counts()
+    next_image, next_text = 1, images + 1
+    for shard, image_rows, text_rows in zip(shards, kept.images, kept.texts):
+        image_of = {int(row): next_image + n for n, row in enumerate(image_rows)}
+        text_of = {int(row): next_text + n for n, row in enumerate(text_rows)}
+        next_image, next_text = next_image + len(image_rows), next_text + len(text_rows)
+        for offset, rows in _metadata_batches(shard.metadata):
+            batch = []
+            for number, row in enumerate(rows, start=offset):
+                image, text = image_of.get(number), text_of.get(number)
+                caption = _caption(row) if text is not None else None
+                if image is not None:
+                    item = _image_item(row)
+                    batch.append(ItemRecord(image, "image", path=item.path,
+                                            captions=[caption] if caption else [],
+                                            metadata=item.metadata))
+                if text is not None:
+                    batch.append(ItemRecord(text, "text", text=caption, image_id=image,
+                                            metadata={} if image is not None else _metadata(row)))
+            yield batch
+
+
+def _metadata_batches(path: Path, size: int = 1 << 16) -> Iterator[tuple[int, list[dict]]]:
+    import pyarrow.parquet as pq
+
+    offset = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=size):
+        rows = batch.to_pylist()
+        yield offset, rows
+        offset += len(rows)
 
 
 def _image_item(row: dict[str, Any]) -> NewImage:

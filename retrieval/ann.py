@@ -25,6 +25,7 @@ import numpy as np
 
 from retrieval import ondisk
 from retrieval.errors import IndexStoreError
+from retrieval.rowscan import gather_rows, row_chunks
 
 FLAT_MAX_COUNT = 20_000  # below this an exact scan is fast enough and needs no training
 IVFPQ_MIN_COUNT = 1024  # PQ trains 256 centroids per sub-quantizer: fewer points cannot
@@ -194,7 +195,7 @@ def build_index(spec: IndexSpec, vectors: np.ndarray, ids: np.ndarray,
         max_train = training_size(len(vectors), spec) if max_train is None else max_train
         if len(vectors) > max_train:
             rows = np.random.default_rng(seed).choice(len(vectors), max_train, replace=False)
-            sample = vectors[np.sort(rows)]
+            sample = gather_rows(vectors, np.sort(rows))
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
     add(index, vectors, ids)
     apply_params(index, spec.params)
@@ -202,9 +203,8 @@ def build_index(spec: IndexSpec, vectors: np.ndarray, ids: np.ndarray,
 
 
 def add(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, chunk: int = 65536) -> None:
-    """Add in chunks so a memory-mapped (n, d) array is never copied whole."""
-    for start in range(0, len(ids), chunk):
-        part = np.ascontiguousarray(vectors[start:start + chunk], dtype=np.float32)
+    """Add in chunks so a memory-mapped (n, d) array is never loaded whole."""
+    for start, part in row_chunks(vectors, chunk):
         index.add_with_ids(part, np.ascontiguousarray(ids[start:start + chunk], dtype=np.int64))
 
 
@@ -267,8 +267,7 @@ def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int,
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     best = np.full((len(queries), 0), -np.inf, np.float32)
     rows = np.zeros((len(queries), 0), np.int64)
-    for start in range(0, len(vectors), chunk):
-        part = np.ascontiguousarray(vectors[start:start + chunk], dtype=np.float32)
+    for start, part in row_chunks(vectors, chunk):
         flat = faiss.IndexFlatIP(part.shape[1])
         flat.add(part)
         scores, found = flat.search(queries, min(k, len(part)))

@@ -26,6 +26,7 @@ import faiss
 import numpy as np
 
 from retrieval.errors import IndexStoreError
+from retrieval.rowscan import gather_rows, row_chunks
 
 BLOCK_ROWS = 1 << 18  # vectors a block holds: 128 MiB of float32 at 512 dimensions
 DISK_PQ_BYTES = (64, 48, 32, 24, 16, 8)  # codes on disk cost no RAM: the largest that divides
@@ -113,7 +114,7 @@ def build(factory: str, vectors: np.ndarray, ids: np.ndarray, files: DiskFiles,
     rows = np.random.default_rng(seed).choice(len(vectors), min(sample_rows, len(vectors)),
                                               replace=False)
     trained = files.index.with_name(files.index.name + ".trained")
-    faiss.write_index(train(factory, np.asarray(vectors[np.sort(rows)]), opq_iterations),
+    faiss.write_index(train(factory, gather_rows(vectors, np.sort(rows)), opq_iterations),
                       str(trained))
     return _fill_and_merge(trained, vectors, ids, files, base=None)
 
@@ -146,10 +147,9 @@ def _fill_and_merge(trained: Path, vectors: np.ndarray, ids: np.ndarray, files: 
     files; the trained index and the blocks are scratch files, removed before returning."""
     blocks = []
     try:
-        for number, start in enumerate(range(0, len(ids), BLOCK_ROWS)):
+        for number, (start, part) in enumerate(row_chunks(vectors, BLOCK_ROWS)):
             block = files.index.with_name(f"{files.index.name}.block-{number:05d}")
-            fill_block(trained, vectors[start:start + BLOCK_ROWS], ids[start:start + BLOCK_ROWS],
-                       block)
+            fill_block(trained, part, ids[start:start + BLOCK_ROWS], block)
             blocks.append(block)
         merge_blocks(trained, blocks, files, base)
     finally:

@@ -20,6 +20,7 @@ import numpy as np
 from retrieval import ann, ondisk
 from retrieval.card import sha256_file
 from retrieval.errors import IndexStoreError
+from retrieval.rowscan import row_chunks
 from retrieval.store import fields, keywords, layout, manifest
 from retrieval.store.faults import fault_point
 from retrieval.store.layout import MODALITIES, PLURAL
@@ -213,15 +214,15 @@ def _index_for(table: Table, options: StoreOptions,
 
 def save_rows(path: Path, *parts: np.ndarray, chunk: int = 1 << 16) -> None:
     """np.save of the parts' (n_i, d) rows one after another, a chunk at a time, so
-    memory-mapped rows are never loaded whole."""
+    memory-mapped rows are never loaded whole (nor kept mapped: `retrieval.rowscan`)."""
     dim = next((part.shape[1] for part in parts if part.ndim == 2), 0)
     with open(path, "wb") as handle:
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
                   "fortran_order": False, "shape": (sum(len(part) for part in parts), dim)}
         np.lib.format.write_array_header_1_0(handle, header)
         for rows in parts:
-            for start in range(0, len(rows), chunk):
-                np.ascontiguousarray(rows[start:start + chunk], dtype=np.float32).tofile(handle)
+            for _, part in row_chunks(rows, chunk):
+                part.tofile(handle)
 
 
 def _last_number(generations: Path) -> int:

@@ -15,6 +15,7 @@ that knows where things live. Nothing outside `retrieval.store` joins paths unde
     DIR/work/<job>/                   an indexing job's resumable shards (`store.work`):
                                       .npy + .json in one process, .parquet from Ray
     DIR/work/scratch-*.npy            rows a writer stages while deriving an on-disk index
+    DIR/work/staged-*.npy             vectors an import stages before it writes a generation
     DIR/errors.jsonl                  the inputs the last indexing job skipped, with reasons
     DIR/uploads/<sha256>.<ext>        images added through the service's admin API
 
@@ -109,6 +110,11 @@ def scratch_rows(root: Path, name: str) -> Path:
     """work/scratch-<name>.npy: rows a writer stages on disk while it derives a generation
     larger than RAM (removed when the writer is done)."""
     return work_dir(root) / f"scratch-{name}.npy"
+
+
+def staged_rows(root: Path, name: str) -> Path:
+    """work/staged-<name>.npy: vectors an import stages before the generation is written."""
+    return work_dir(root) / f"staged-{name}.npy"
 
 
 def stale_scratch(root: Path) -> list[Path]:

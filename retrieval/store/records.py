@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from retrieval.fieldtypes import storable
 
@@ -44,6 +46,17 @@ class NewText:
     text: str
     metadata: dict[str, Any] = field(default_factory=dict)
     image: int | None = None  # position in `images` of the image this captions, if any
+
+
+@dataclass(frozen=True)
+class StreamedRecords:
+    """Records too many to hold at once (millions imported from elsewhere): each modality's
+    ids, ascending, known up front, and the records themselves produced batch by batch, in
+    any order, while the generation's items table is written (`write_generation` checks
+    that they were exactly the ids announced)."""
+
+    ids: dict[str, np.ndarray]  # modality -> (n,) ascending int64 ids
+    batches: Callable[[], Iterable[Sequence[ItemRecord]]]
 
 
 def linked_records(images: Sequence[NewImage], texts: Sequence[NewText] = (),

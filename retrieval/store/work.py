@@ -6,6 +6,7 @@ the skipped inputs), each written atomically, the JSON last as the commit mark. 
 run again with the same key finds its finished shards here and encodes only the rest.
 A Ray build writes `images-00012.parquet` instead (`ParquetJobFolder`), one file a shard.
 DIR/errors.jsonl lists what the last job skipped.
+DIR/work/staged-<name>.npy holds vectors an import stages (`StagedRows`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from typing_extensions import Self
 
 from retrieval.errors import IndexStoreError
 from retrieval.manifest import Problem
@@ -165,3 +167,41 @@ def _replace_with(path: Path, write: Any) -> None:
     with open(temp, "wb") as handle:
         write(handle)
     os.replace(temp, path)
+
+
+class StagedRows:
+    """A float32 (capacity, d) .npy in the index's work folder that an import fills front to
+    back through a file handle (the page cache holds what it writes, not the writer's
+    memory), then reads back memory-mapped; removed with `remove`. The header is written for
+    `capacity` rows up front, the unwritten tail left as a hole of zeros."""
+
+    def __init__(self, root: Path, name: str, dim: int, capacity: int) -> None:
+        self.path, self.dim, self.capacity = layout.staged_rows(root, name), dim, capacity
+        self.written = 0
+
+    def __enter__(self) -> Self:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.path, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                  "fortran_order": False, "shape": (self.capacity, self.dim)}
+        np.lib.format.write_array_header_1_0(self._handle, header)
+        self._start = self._handle.tell()
+        return self
+
+    def write(self, rows: np.ndarray) -> None:
+        if self.written + len(rows) > self.capacity:
+            raise IndexStoreError(f"{self.path}: more than {self.capacity} rows staged")
+        np.ascontiguousarray(rows, dtype=np.float32).tofile(self._handle)
+        self.written += len(rows)
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.truncate(self._start + self.capacity * self.dim * 4)
+        self._handle.close()
+
+    def rows(self) -> np.ndarray:
+        """The rows written, memory-mapped read-only."""
+        return np.load(self.path, mmap_mode="r")[:self.written]
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +22,7 @@ from retrieval.store.commit import Plan, StoreOptions, Table, commit, save_rows
 from retrieval.store.layout import MODALITIES, SCHEMA
 from retrieval.store.manifest import GenerationManifest, ModelIdentity
 from retrieval.store.read import Generation, open_generation
-from retrieval.store.records import ItemRecord, insert
+from retrieval.store.records import ItemRecord, StreamedRecords, insert
 
 DEFAULT_OPTIONS = StoreOptions()
 
@@ -46,28 +46,65 @@ class Changes:
     compact: bool | None = None
 
 
-def write_generation(root: Path, model: ModelIdentity, records: Sequence[ItemRecord],
+def write_generation(root: Path, model: ModelIdentity,
+                     records: Sequence[ItemRecord] | StreamedRecords,
                      vectors: dict[str, np.ndarray], options: StoreOptions = DEFAULT_OPTIONS,
                      build_info: dict[str, Any] | None = None) -> str:
     """Write a whole new generation from records and their (n_modality, d) embeddings
-    (rows in record order per modality); returns the generation's name."""
-    tables = {}
-    for modality in MODALITIES:
-        ids = np.array([r.id for r in records if r.modality == modality], dtype=np.int64)
-        matrix = _as_matrix(vectors.get(modality), len(ids), model.embed_dim, modality)
-        order = np.argsort(ids, kind="stable")
-        tables[modality] = Table(ids[order], matrix[order], np.zeros(len(ids), bool))
-    if len({r.id for r in records}) != len(records):
+    (rows in record order per modality; they may be memory-mapped); returns the
+    generation's name. StreamedRecords keep the records out of memory: their rows must be
+    in ascending id order already."""
+    if isinstance(records, StreamedRecords):
+        ids = {m: np.asarray(records.ids.get(m, np.zeros(0)), np.int64) for m in MODALITIES}
+        if any(np.any(np.diff(i) <= 0) for i in ids.values()):
+            raise IndexStoreError("streamed records' ids must be ascending and unique")
+        fill = _streamed_fill(records, ids)
+    else:
+        ids = {m: np.array([r.id for r in records if r.modality == m], dtype=np.int64)
+               for m in MODALITIES}
+        fill = _listed_fill(records)
+    every = np.concatenate(list(ids.values()))
+    if len(np.unique(every)) != len(every):
         raise IndexStoreError("item ids must be unique")
-    next_id = max((r.id for r in records), default=0) + 1
-
-    def fill(db: sqlite3.Connection) -> None:
-        db.executescript(SCHEMA)
-        insert(db, records)
-
+    tables = {m: _new_table(ids[m], _as_matrix(vectors.get(m), len(ids[m]), model.embed_dim, m))
+              for m in MODALITIES}
+    next_id = int(every.max(initial=0)) + 1 if len(every) else 1
     plan = Plan(model, next_id, None, build_info or {}, options)
     with _writer_lock(root):
         return commit(root, plan, tables, fill).name
+
+
+def _new_table(ids: np.ndarray, matrix: np.ndarray) -> Table:
+    """Rows in ascending id order (the store's layout); rows already in order are not
+    copied, so memory-mapped vectors stay on disk."""
+    if np.any(np.diff(ids) <= 0):
+        order = np.argsort(ids, kind="stable")
+        ids, matrix = ids[order], matrix[order]
+    return Table(ids, matrix, np.zeros(len(ids), bool))
+
+
+def _listed_fill(records: Sequence[ItemRecord]) -> Callable[[sqlite3.Connection], None]:
+    def fill(db: sqlite3.Connection) -> None:
+        db.executescript(SCHEMA)
+        insert(db, records)
+    return fill
+
+
+def _streamed_fill(records: StreamedRecords, ids: dict[str, np.ndarray]
+                   ) -> Callable[[sqlite3.Connection], None]:
+    def fill(db: sqlite3.Connection) -> None:
+        db.executescript(SCHEMA)
+        for batch in records.batches():
+            insert(db, batch)
+        for modality, expected in ids.items():
+            count, low, high = db.execute("SELECT COUNT(*), MIN(id), MAX(id) FROM items "
+                                          "WHERE modality = ?", (modality,)).fetchone()
+            if (count, low, high) != (len(expected), *((int(expected[0]), int(expected[-1]))
+                                                       if len(expected) else (None, None))):
+                raise IndexStoreError(f"streamed {modality} records do not match their ids: "
+                                      f"{count} rows, ids {low}..{high}, expected "
+                                      f"{len(expected)}")
+    return fill
 
 
 def update_generation(root: Path, model: ModelIdentity, add: Sequence[ItemRecord] = (),

@@ -1,0 +1,67 @@
+"""Scans over (n, d) row matrices that may be memory-mapped files larger than RAM.
+
+Reading a memory-mapped .npy a slice at a time does not bound a process's memory by itself:
+every page read stays mapped into the process and counts in its resident set until the map
+is closed, so one pass over 20 GB of vectors shows 20 GB of RSS (and an OOM killer or a
+container limit acts on that figure). Each chunk's pages are therefore handed back
+(`madvise(MADV_DONTNEED)`) once the chunk has been copied out; they stay in the page cache,
+where the kernel may reclaim them, and a later read maps them again. For an ordinary array
+the functions are plain slicing.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator
+
+import numpy as np
+
+CHUNK_ROWS = 1 << 16  # 128 MiB of float32 at 512 dimensions
+
+
+def row_chunks(rows: np.ndarray, size: int = CHUNK_ROWS, dtype: type = np.float32
+               ) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, contiguous copy of rows[start:start + size]) for consecutive chunks; a
+    memory-mapped chunk's pages are released before the next is read."""
+    for start in range(0, len(rows), size):
+        view = rows[start:start + size]
+        chunk = np.array(view, dtype=dtype, order="C", copy=True)
+        release(view)
+        yield start, chunk
+
+
+def gather_rows(rows: np.ndarray, positions: np.ndarray, size: int = CHUNK_ROWS,
+                dtype: type = np.float32) -> np.ndarray:
+    """rows[positions] for ascending `positions`, read a chunk of the matrix at a time (a
+    training sample spread over a whole mapped file touches every page of it)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    out = np.empty((len(positions), rows.shape[1]), dtype=dtype)
+    done = 0
+    for start in range(0, len(rows), size):
+        end = done + int(np.searchsorted(positions[done:], start + size))
+        if end > done:
+            view = rows[start:start + size]
+            out[done:end] = view[positions[done:end] - start]
+            release(view)
+            done = end
+    return out
+
+
+def release(view: np.ndarray) -> None:
+    """Unmap from this process the pages of the file `view` lies in, if it is memory-mapped
+    (np.memmap, np.load(mmap_mode=...)); nothing otherwise. The whole mapping is released,
+    not just the view's range: the kernel maps pages around each fault (fault-around,
+    read-ahead), including ones outside the view. Safe for any view of the file: a page is
+    read back from the page cache when it is touched again."""
+    handle = _mapping(view)
+    if handle is not None and not handle.closed:
+        handle.madvise(mmap.MADV_DONTNEED)
+
+
+def _mapping(array: np.ndarray) -> mmap.mmap | None:
+    while array is not None:
+        handle = getattr(array, "_mmap", None)
+        if isinstance(handle, mmap.mmap):  # a copy-on-write map would lose its changes
+            return None if getattr(array, "mode", None) == "c" else handle
+        array = array.base if isinstance(array.base, np.ndarray) else None
+    return None

@@ -1,0 +1,47 @@
+"""Scanning a memory-mapped matrix leaves none of it resident in the process: a build over
+vectors larger than RAM keeps its memory to a chunk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.rowscan import gather_rows, row_chunks
+
+
+def resident_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of `path` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1].isalnum() and "-" in line.split()[0]:  # a mapping's header line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_a_scan_over_a_mapped_file_leaves_none_of_it_resident(tmp_path):
+    path = tmp_path / "rows.npy"
+    values = np.arange(4096 * 256, dtype=np.float32).reshape(4096, 256)  # 4 MiB
+    np.save(path, values)
+    rows = np.load(path, mmap_mode="r")
+    chunks = list(row_chunks(rows, 500))
+    assert [start for start, _ in chunks] == list(range(0, 4096, 500))
+    assert np.array_equal(np.concatenate([chunk for _, chunk in chunks]), values)
+    assert resident_kib(path) == 0
+    assert float(np.asarray(rows).sum()) == float(values.sum())  # a plain read, for contrast
+    assert resident_kib(path) >= 4000
+
+
+def test_gathering_rows_from_a_mapped_file_equals_fancy_indexing(tmp_path):
+    path = tmp_path / "rows.npy"
+    values = np.random.default_rng(0).normal(size=(3000, 8)).astype(np.float16)
+    np.save(path, values)
+    rows = np.load(path, mmap_mode="r")
+    positions = np.sort(np.random.default_rng(1).choice(3000, 700, replace=False))
+    gathered = gather_rows(rows, positions, size=256)
+    assert gathered.dtype == np.float32
+    assert np.array_equal(gathered, values[positions].astype(np.float32))
+    assert resident_kib(path) == 0
+    assert gather_rows(values, np.array([], np.int64)).shape == (0, 8)
