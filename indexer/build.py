@@ -14,15 +14,14 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from indexer.config import BuildConfig, Summary
 from indexer.sources import Collection, collect
 from retrieval.encode import encode_image_batch, encode_texts
-from retrieval.images import DEFAULT_MAX_PIXELS
 from retrieval.manifest import Problem
 from retrieval.model import ClipModel
 from retrieval.pipeline import DECODE_NICENESS, iter_image_batches
@@ -36,7 +35,6 @@ from retrieval.store import (
     NewImage,
     NewText,
     Shard,
-    StoreOptions,
     append_items,
     drop_stale_add_jobs,
     linked_records,
@@ -55,37 +53,6 @@ Step = tuple[list[int], np.ndarray, list[tuple[int, Problem]], int]
 
 # makes the job of a build: (index root, model identity, what to encode, config, parent)
 JobFactory = Callable[[Path, ModelIdentity, Collection, "BuildConfig", "str | None"], "Job"]
-
-
-@dataclass(frozen=True)
-class BuildConfig:
-    batch_size: int = 64
-    workers: int | None = None  # image decoding processes (None: up to 4)
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    shard_size: int = 2048
-    max_memory: str = "4GB"
-    index_kind: str | None = None
-    precision: str = "auto"
-
-    def store_options(self) -> StoreOptions:
-        return StoreOptions(max_memory=self.max_memory, index_kind=self.index_kind)
-
-
-@dataclass
-class Summary:
-    generation: str
-    images: int
-    texts: int
-    skipped: dict[str, int] = field(default_factory=dict)  # by reason
-    shards_resumed: int = 0
-    shards_encoded: int = 0
-    shards_read: int = 0  # shards of precomputed embeddings (--from-embeddings)
-    seconds: float = 0.0
-    errors_file: str | None = None
-    tuning: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def build(sources: Sequence[Path], out: Path, clip: ClipModel, config: BuildConfig = BuildConfig(),

@@ -36,8 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from indexer.build import BuildConfig, ProgressFactory, Summary
+from indexer.config import BuildConfig, Summary
 from retrieval.errors import IndexMismatchError, ManifestError, ModelLoadError
+from retrieval.progress import ProgressFactory
 from retrieval.rowscan import row_chunks
 from retrieval.store import (
     ItemRecord,
@@ -298,23 +299,31 @@ def _records(shards: list[EmbeddingShard], kept: _Pass) -> Iterator[list[ItemRec
     images, _ = kept.counts()
     next_image, next_text = 1, images + 1
     for shard, image_rows, text_rows in zip(shards, kept.images, kept.texts):
-        image_of = {int(row): next_image + n for n, row in enumerate(image_rows)}
-        text_of = {int(row): next_text + n for n, row in enumerate(text_rows)}
-        next_image, next_text = next_image + len(image_rows), next_text + len(text_rows)
         for offset, rows in _metadata_batches(shard.metadata):
+            numbers = np.arange(offset, offset + len(rows))
+            image_ids = _ids_of(numbers, image_rows, next_image)
+            text_ids = _ids_of(numbers, text_rows, next_text)
             batch = []
-            for number, row in enumerate(rows, start=offset):
-                image, text = image_of.get(number), text_of.get(number)
-                caption = _caption(row) if text is not None else None
-                if image is not None:
+            for row, image, text in zip(rows, image_ids.tolist(), text_ids.tolist()):
+                caption = _caption(row) if text else None
+                if image:
                     item = _image_item(row)
                     batch.append(ItemRecord(image, "image", path=item.path,
                                             captions=[caption] if caption else [],
                                             metadata=item.metadata))
-                if text is not None:
-                    batch.append(ItemRecord(text, "text", text=caption, image_id=image,
-                                            metadata={} if image is not None else _metadata(row)))
+                if text:
+                    batch.append(ItemRecord(text, "text", text=caption, image_id=image or None,
+                                            metadata={} if image else _metadata(row)))
             yield batch
+        next_image, next_text = next_image + len(image_rows), next_text + len(text_rows)
+
+
+def _ids_of(numbers: np.ndarray, kept_rows: np.ndarray, first_id: int) -> np.ndarray:
+    """The item id of each row number (0 for a row not kept): kept row i has first_id + i."""
+    at = np.searchsorted(kept_rows, numbers)
+    found = at < len(kept_rows)
+    found[found] = kept_rows[at[found]] == numbers[found]
+    return np.where(found, first_id + at, 0)
 
 
 def _metadata_batches(path: Path, size: int = 1 << 16) -> Iterator[tuple[int, list[dict]]]:

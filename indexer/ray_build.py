@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from indexer.build import BuildConfig, Job, Summary, build
+from indexer.build import Job, build
+from indexer.config import BuildConfig, RayConfig, Summary
 from indexer.sources import Collection
 from retrieval.errors import EngineError, IndexMismatchError, IndexStoreError
 from retrieval.manifest import Problem
@@ -38,16 +39,6 @@ from retrieval.store import ModelIdentity, ParquetJobFolder, Shard, model_identi
 # decode task reserves this plus what one decode may allocate (DecodeLimits.max_bytes).
 WORKER_BYTES = 768 * 2**20
 Batch = dict[str, np.ndarray]  # a Ray Data batch in numpy format: column -> (n, ...) array
-
-
-@dataclass(frozen=True)
-class RayConfig:
-    """Where the encoding runs (the `--engine ray` flags)."""
-
-    ray_address: str | None = None  # None: start Ray here; "auto", "ray://host:port": join
-    num_encoders: int = 1  # encoder actors, each with its own copy of the model
-    gpus_per_encoder: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    cpus_per_encoder: float = 1.0
 
 
 DEFAULT_BUILD, DEFAULT_RAY = BuildConfig(), RayConfig()

@@ -37,6 +37,7 @@ TARGET_RECALL = 0.95
 # the stored float32 vectors. PQ ranking caps recall otherwise (0.82 at 200k x 512). The
 # tuner picks the factor with nprobe; this is the untuned default.
 RERANK_FACTOR = 8
+RERANK_BLOCK = 64  # queries re-ranked at once: 64 x 160 candidates x 512 floats = 21 MB
 # Grids of about 1.5x steps: doubling alone overshoots (at 200k, nprobe 256 gave 0.9494 and
 # the next step, 512, halved queries/s).
 NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768,
@@ -56,6 +57,11 @@ PQ_BYTES = (128, 96, 64, 48, 32, 24, 16, 8, 4, 2, 1)  # code sizes tried, larges
 TRAIN_PER_LIST = 64  # k-means points per inverted list (faiss wants 39 to 256)
 MIN_TRAIN = 100_000  # PQ codebooks: 256 centroids per sub-quantizer want many points
 MAX_TRAIN = 1 << 20  # the training sample's cap (2 GiB of float32 at 512 dimensions)
+# Training holds several copies of its sample at once (the sample, its OPQ rotation, the IVF
+# residuals PQ trains on, k-means' work: ~950 MB for a 200 MB sample of 512-d vectors,
+# measured), so the sample gets a sixth of the memory budget, and the lists follow the sample.
+TRAIN_SHARE = 6
+MIN_TRAIN_POINTS = 10_000  # PQ's 256 centroids a sub-quantizer need 39 points each
 
 
 @dataclass(frozen=True)
@@ -94,23 +100,30 @@ def ivfpq_bytes(count: int, dim: int, pq_m: int, nlist: int) -> int:
     return count * (pq_m + 8 + 8) + nlist * dim * 4 + dim * dim * 4
 
 
-def ivf_nlist(count: int) -> int:
+def ivf_nlist(count: int, max_train: int = MAX_TRAIN) -> int:
     """About 4*sqrt(n) lists (a power of two), each with >= TRAIN_PER_LIST training points
     in the largest sample `training_size` takes (faiss warns below 39 a list)."""
     if count < 39 * 2:
         return 1
     target = 2 ** round(math.log2(max(4 * math.sqrt(count), 1)))
-    most = min(count, MAX_TRAIN) // TRAIN_PER_LIST
+    most = min(count, MAX_TRAIN, max_train) // TRAIN_PER_LIST
     return int(max(1, min(target, 2 ** int(math.log2(max(most, 1))))))
+
+
+def train_cap(dim: int, budget: int) -> int:
+    """The most training vectors a memory budget allows (see TRAIN_SHARE), but never fewer
+    than PQ needs (MIN_TRAIN_POINTS: a budget that small is exceeded while training)."""
+    return max(MIN_TRAIN_POINTS, budget // (TRAIN_SHARE * dim * 4))
 
 
 def training_size(count: int, spec: IndexSpec) -> int:
     """How many vectors train the coarse quantizer and codebooks: TRAIN_PER_LIST a list
     (k-means gains little past ~256 a list and costs time in proportion), at least enough
-    for PQ's 256 centroids a sub-quantizer, at most MAX_TRAIN."""
+    for PQ's 256 centroids a sub-quantizer, at most MAX_TRAIN and what the budget allows
+    (`max_train`, set by `choose_index`)."""
     lists = int(spec.params.get("nlist", 1))
     wanted = max(TRAIN_PER_LIST * lists, MIN_TRAIN)
-    return min(count, wanted, max(MAX_TRAIN, MIN_TRAIN))
+    return min(count, wanted, max(MAX_TRAIN, MIN_TRAIN), spec.params.get("max_train", MAX_TRAIN))
 
 
 def choose_index(count: int, dim: int, max_memory: int | str = "4GB",
@@ -140,7 +153,8 @@ def choose_index(count: int, dim: int, max_memory: int | str = "4GB",
 def _disk_spec(count: int, dim: int, budget: int) -> IndexSpec:
     """IVF-PQ with its lists on disk: RAM holds the centroids and the rotation only, so the
     code can be as large as recall wants (disk is cheap); refused when even those do not fit."""
-    nlist, pq_m = ivf_nlist(count), ondisk.disk_pq_bytes(dim)
+    cap = train_cap(dim, budget)
+    nlist, pq_m = ivf_nlist(count, cap), ondisk.disk_pq_bytes(dim)
     opq = dim // pq_m >= 8
     resident = ondisk.resident_bytes(dim, nlist, opq)
     if resident > budget:
@@ -151,7 +165,8 @@ def _disk_spec(count: int, dim: int, budget: int) -> IndexSpec:
     prefix = f"OPQ{pq_m}," if opq else ""
     return IndexSpec(DISK_KIND, f"{prefix}IVF{nlist},PQ{pq_m}np", resident,
                      {"nlist": nlist, "pq_m": pq_m, "opq": opq, "nprobe": min(16, nlist),
-                      "rerank": RERANK_FACTOR, "lists_bytes": ondisk.lists_bytes(count, pq_m)})
+                      "rerank": RERANK_FACTOR, "lists_bytes": ondisk.lists_bytes(count, pq_m),
+                      "max_train": cap})
 
 
 def _auto_kind(count: int, dim: int, budget: int) -> str:
@@ -163,7 +178,8 @@ def _auto_kind(count: int, dim: int, budget: int) -> str:
 def _ivfpq_spec(count: int, dim: int, budget: int) -> IndexSpec:
     """The largest PQ code (best recall) that fits the budget, up to 128 bytes; OPQ when each
     sub-vector is long."""
-    nlist = ivf_nlist(count)
+    cap = train_cap(dim, budget)
+    nlist = ivf_nlist(count, cap)
     divisors = [m for m in PQ_BYTES if dim % m == 0 and m <= dim
                 and m >= min(MIN_PQ_BYTES, dim)]
     pq_m = next((m for m in divisors if ivfpq_bytes(count, dim, m, nlist) <= budget), None)
@@ -175,7 +191,7 @@ def _ivfpq_spec(count: int, dim: int, budget: int) -> IndexSpec:
     return IndexSpec("ivfpq", f"IDMap2,{prefix}IVF{nlist},PQ{pq_m}np",
                      ivfpq_bytes(count, dim, pq_m, nlist),
                      {"nlist": nlist, "pq_m": pq_m, "opq": opq, "nprobe": min(16, nlist),
-                      "rerank": RERANK_FACTOR})
+                      "rerank": RERANK_FACTOR, "max_train": cap})
 
 
 def build_index(spec: IndexSpec, vectors: np.ndarray, ids: np.ndarray,
@@ -243,9 +259,12 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, params: dict[str, An
         return index.search(queries, k, params=search_params)
     _, candidates = index.search(queries, k * factor, params=search_params)  # (nq, k*f)
     valid = candidates >= 0
-    vectors = lookup(np.where(valid, candidates, candidates.max(initial=0)).reshape(-1))
-    vectors = vectors.reshape(*candidates.shape, -1)  # (nq, k*f, d)
-    scores = np.einsum("qd,qcd->qc", queries, vectors)
+    scores = np.empty(candidates.shape, np.float32)
+    for start in range(0, len(queries), RERANK_BLOCK):  # bounds the gathered vectors
+        part = slice(start, start + RERANK_BLOCK)
+        wanted = np.where(valid[part], candidates[part], candidates.max(initial=0))
+        vectors = lookup(wanted.reshape(-1)).reshape(*wanted.shape, -1)  # (b, k*f, d)
+        scores[part] = np.einsum("qd,qcd->qc", queries[part], vectors)
     scores[~valid] = -np.inf
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     ids = np.take_along_axis(candidates, top, axis=1)
@@ -255,13 +274,17 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, params: dict[str, An
 
 
 def sorted_lookup(ids: np.ndarray, vectors: np.ndarray) -> VectorLookup:
-    """A lookup over vectors stored in ascending-id order (the store's .npy layout)."""
-    return lambda wanted: np.asarray(vectors[np.searchsorted(ids, wanted).clip(0, len(ids) - 1)],
-                                     dtype=np.float32)
+    """A lookup over vectors stored in ascending-id order (the store's .npy layout). Rows of
+    memory-mapped vectors are gathered a chunk of the file at a time: re-ranking a batch of
+    tuning queries touches rows all over it, which would otherwise make a whole corpus
+    larger than RAM resident in the process."""
+    def lookup(wanted: np.ndarray) -> np.ndarray:
+        return gather_rows(vectors, np.searchsorted(ids, wanted).clip(0, len(ids) - 1))
+    return lookup
 
 
 def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int,
-                     chunk: int = 1 << 18) -> np.ndarray:
+                     chunk: int = 1 << 16) -> np.ndarray:
     """(nq, k) row positions of the true top-k by inner product (the oracle), streaming over
     `vectors` a chunk at a time so a memory-mapped corpus is never loaded whole."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)

@@ -7,7 +7,6 @@ made, how well it did, and the SHA-256 of the weights file so a swapped file is 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from retrieval.digest import sha256_file
 from retrieval.errors import ModelLoadError
 
 CARD_FORMAT = "clipdex-model-card/1"
@@ -24,14 +24,6 @@ REQUIRED_FIELDS = ("format", "arch", "init", "weights", "embed_dim", "sha256")
 
 def card_path(weights_path: Path) -> Path:
     return Path(weights_path).with_suffix(".card.json")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_checkpoint(path: Path, state: dict[str, torch.Tensor], card: dict[str, Any]) -> dict:

@@ -12,14 +12,16 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from retrieval.errors import BadImageError, ImageTooLargeError, UnsupportedImageError
 from retrieval.fieldtypes import parse_datetime
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: decoding alone needs none
+    import torch
 
 DEFAULT_MAX_PIXELS = 50_000_000
 # Peak bytes one decode may allocate: the decoded raster plus its RGB conversion. Pillow keeps
@@ -283,6 +285,8 @@ def split_tensor_tail(preprocess: Any) -> tuple[Callable, tuple[float, ...], tup
     head = steps[:-2]
 
     def to_uint8(image: Image.Image) -> torch.Tensor:
+        import torch
+
         for step in head:
             image = step(image)
         if not isinstance(image, Image.Image) or image.mode != "RGB":
@@ -296,6 +300,8 @@ def split_tensor_tail(preprocess: Any) -> tuple[Callable, tuple[float, ...], tup
 def normalise_uint8(pixels: torch.Tensor, mean: Sequence[float],
                     std: Sequence[float]) -> torch.Tensor:
     """(n, 3, H, W) uint8 -> float32, exactly as ToTensor then Normalize would compute it."""
+    import torch
+
     values = pixels.float().div_(255)
     shape = (1, -1, 1, 1)
     mean_t = torch.as_tensor(mean, dtype=values.dtype, device=values.device).view(shape)

@@ -28,7 +28,7 @@ import numpy as np
 from retrieval.errors import IndexStoreError
 from retrieval.rowscan import gather_rows, row_chunks
 
-BLOCK_ROWS = 1 << 18  # vectors a block holds: 128 MiB of float32 at 512 dimensions
+BLOCK_ROWS = 1 << 16  # vectors a block holds: 128 MiB of float32 at 512 dimensions
 DISK_PQ_BYTES = (64, 48, 32, 24, 16, 8)  # codes on disk cost no RAM: the largest that divides
 
 

@@ -32,18 +32,22 @@ def row_chunks(rows: np.ndarray, size: int = CHUNK_ROWS, dtype: type = np.float3
 
 def gather_rows(rows: np.ndarray, positions: np.ndarray, size: int = CHUNK_ROWS,
                 dtype: type = np.float32) -> np.ndarray:
-    """rows[positions] for ascending `positions`, read a chunk of the matrix at a time (a
-    training sample spread over a whole mapped file touches every page of it)."""
+    """rows[positions] (any order, repeats allowed), read one chunk of the matrix at a time,
+    each chunk's pages handed back before the next: rows spread over a whole mapped file (a
+    training sample, the candidates of a batch of re-ranked queries) would otherwise make all
+    of it resident at once."""
     positions = np.asarray(positions, dtype=np.int64)
+    order = np.argsort(positions, kind="stable")
+    ordered = positions[order]
     out = np.empty((len(positions), rows.shape[1]), dtype=dtype)
-    done = 0
-    for start in range(0, len(rows), size):
-        end = done + int(np.searchsorted(positions[done:], start + size))
-        if end > done:
-            view = rows[start:start + size]
-            out[done:end] = view[positions[done:end] - start]
-            release(view)
-            done = end
+    bounds = np.flatnonzero(np.diff(ordered // size)) + 1
+    for part in np.split(np.arange(len(ordered)), bounds):
+        if len(part) == 0:
+            continue
+        start = int(ordered[part[0]] // size) * size
+        view = rows[start:start + size]
+        out[order[part]] = view[ordered[part] - start]
+        release(view)
     return out
 
 

@@ -47,8 +47,7 @@ BUILD_MODEL_HELP = (MODEL_HELP.replace(" (default: %(default)s)", "") +
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `index` and its actions to the `clipdex` parser."""
-    from indexer.build import BuildConfig
-    from indexer.ray_build import RayConfig  # its dataclasses only: Ray loads when it runs
+    from indexer.config import BuildConfig, RayConfig
 
     index = subparsers.add_parser("index", help="build and update image/text search indexes")
     actions = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
@@ -109,7 +108,7 @@ def _register_inspection(actions: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from indexer.build import BuildConfig
+    from indexer.config import BuildConfig
     from retrieval.ann import parse_memory
 
     parse_memory(args.max_memory)  # fail early on "4 gallons"
@@ -145,11 +144,11 @@ def _report(summary) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from indexer.build import build
-    from indexer.ray_build import RayConfig
-
-    if args.from_embeddings is not None:
+    if args.from_embeddings is not None:  # no model code: an import needs none
         return _build_from_embeddings(args)
+    from indexer.build import build
+    from indexer.config import RayConfig
+
     if not args.sources:
         raise ManifestError("give the sources to index, or --from-embeddings DIR")
     args.model = args.model or "default"
@@ -202,7 +201,8 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from indexer.build import BuildConfig, delete
+    from indexer.build import delete
+    from indexer.config import BuildConfig
 
     name = delete(args.index, ids=args.ids or (), paths=args.paths or (),
                   config=BuildConfig(max_memory=args.max_memory))
@@ -211,7 +211,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
-    from indexer.build import BuildConfig, compact
+    from indexer.build import compact
+    from indexer.config import BuildConfig
 
     name = compact(args.index, BuildConfig(max_memory=args.max_memory))
     log(f"generation {name}: compacted")

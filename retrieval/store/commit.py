@@ -18,9 +18,9 @@ import faiss
 import numpy as np
 
 from retrieval import ann, ondisk
-from retrieval.card import sha256_file
+from retrieval.digest import sha256_file
 from retrieval.errors import IndexStoreError
-from retrieval.rowscan import row_chunks
+from retrieval.rowscan import gather_rows, row_chunks
 from retrieval.store import fields, keywords, layout, manifest
 from retrieval.store.faults import fault_point
 from retrieval.store.layout import MODALITIES, PLURAL
@@ -172,7 +172,7 @@ def _write_tables(folder: Path, tables: dict[str, Table],
         if len(live) > MAX_TUNING_QUERIES:
             rows = np.random.default_rng(0).choice(len(live), MAX_TUNING_QUERIES, False)
             live = live[np.sort(rows)]
-        queries = np.asarray(other.vectors[live], dtype=np.float32)
+        queries = gather_rows(other.vectors, live)  # never fancy-index a mapped file
         files = layout.modality_files(folder, modality)
         index, spec = _index_for(table, options, ondisk.DiskFiles(files.index, files.lists))
         spec, report = ann.tune(index, spec, table.vectors, table.ids, queries,

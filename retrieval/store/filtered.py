@@ -31,6 +31,7 @@ import faiss
 import numpy as np
 
 from retrieval import ann
+from retrieval.rowscan import gather_rows
 
 # Matching items below which an exact scan of their stored vectors beats the index (per kind;
 # a flat index is always exact: a full scan is what it would do anyway, and the gathered one
@@ -73,7 +74,7 @@ def exact_within(stored: Stored, queries: np.ndarray, k: int,
     rows = np.searchsorted(stored.ids, within)
     for start in range(0, len(within), EXACT_CHUNK):
         part = rows[start:start + EXACT_CHUNK]
-        vectors = np.asarray(stored.vectors[part], dtype=np.float32)  # (m, d)
+        vectors = gather_rows(stored.vectors, part)  # (m, d)
         scores = _products(queries, vectors)  # (nq, m)
         ids = np.broadcast_to(within[start:start + EXACT_CHUNK], scores.shape)
         best_scores = np.concatenate([best_scores, scores], axis=1)

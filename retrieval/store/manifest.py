@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from retrieval import ann
-from retrieval.card import sha256_file
+from retrieval.digest import sha256_file
 from retrieval.errors import ExternalModelError, IndexCorruptError, IndexMismatchError
 from retrieval.fieldtypes import TYPES
 from retrieval.store import layout

@@ -27,6 +27,7 @@ from retrieval.errors import (
     UnknownItemError,
 )
 from retrieval.filters import Filter
+from retrieval.rowscan import gather_rows
 from retrieval.store import fields, keywords, layout, manifest
 from retrieval.store.filtered import Stored, exact_within, search_within
 from retrieval.store.layout import MODALITIES
@@ -187,7 +188,7 @@ class Generation:
             ok = (known[rows] == ids) & ~np.isin(ids, self._deleted[modality])
         if not ok.all():
             raise UnknownItemError(f"no live {modality} items with ids {ids[~ok][:10].tolist()}")
-        return np.asarray(self._vectors[modality][rows], dtype=np.float32)
+        return gather_rows(self._vectors[modality], rows)
 
     def all_vectors(self, modality: str, live_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(ids (n,), vectors (n, d)) of a modality, e.g. to rebuild or export."""

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from retrieval.training.loss import INIT_LOGIT_SCALE
+INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature 0.07, stored as a log
+# (here, not in loss.py: the command line reads this config without importing torch)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ generation without encoding; every vector stored is the one given."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +149,17 @@ def test_misaligned_or_mixed_folders_are_refused_naming_the_file(tmp_path):
     np.save(orphan / "img_emb" / "img_emb_1.npy", np.ones((2, DIM), np.float16))
     with pytest.raises(ManifestError, match=r"img_emb_1\.npy has no metadata"):
         find_shards(orphan)
+
+
+def test_an_import_loads_no_model_code(tmp_path):
+    """A corpus of embeddings needs no encoder: the import runs without torch (~130 MB
+    resident instead of ~800 MB before an index is even opened)."""
+    folder = write_clip_retrieval(tmp_path / "embeddings", sample_partitions(DIM, sizes=(3,)))
+    script = ("import sys\nfrom clipdex.main import main\n"
+              f"code = main(['index', 'build', '--from-embeddings', {str(folder)!r}, '--out', "
+              f"{str(tmp_path / 'idx')!r}, '--model', 'external:x'])\n"
+              "assert code == 0\nprint(sorted(m for m in ('torch', 'open_clip', 'onnxruntime') "
+              "if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -3,7 +3,8 @@ import math
 
 import torch
 
-from retrieval.training.loss import INIT_LOGIT_SCALE, clip_loss
+from retrieval.training.config import INIT_LOGIT_SCALE
+from retrieval.training.loss import clip_loss
 
 
 def test_loss_matches_hand_computation_on_3x3():

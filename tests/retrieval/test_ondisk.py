@@ -52,7 +52,7 @@ def test_a_budget_below_any_in_memory_index_chooses_lists_on_disk():
     assert spec.params["lists_bytes"] > ann.parse_memory("200MB")  # the codes live on disk
     assert ann.choose_index(10_000_000, 512, "300MB").kind == "ivfpq"
     with pytest.raises(IndexStoreError, match="even an index with its lists on disk"):
-        ann.choose_index(10_000_000, 512, "5MB")
+        ann.choose_index(10_000_000, 512, "1MB")
 
 
 def test_an_on_disk_index_is_built_in_blocks_and_answers_like_exact_search(tmp_path,

@@ -45,3 +45,24 @@ def test_gathering_rows_from_a_mapped_file_equals_fancy_indexing(tmp_path):
     assert np.array_equal(gathered, values[positions].astype(np.float32))
     assert resident_kib(path) == 0
     assert gather_rows(values, np.array([], np.int64)).shape == (0, 8)
+
+
+def test_re_ranking_lookups_leave_a_mapped_corpus_unresident(tmp_path):
+    from retrieval.ann import sorted_lookup
+
+    path = tmp_path / "rows.npy"
+    values = np.arange(2048 * 256, dtype=np.float32).reshape(2048, 256)
+    np.save(path, values)
+    lookup = sorted_lookup(np.arange(10, 2058), np.load(path, mmap_mode="r"))
+    wanted = np.random.default_rng(0).choice(np.arange(10, 2058), 500)
+    assert np.array_equal(lookup(wanted), values[wanted - 10])
+    assert resident_kib(path) == 0
+
+
+def test_gathering_in_any_order_with_repeats(tmp_path):
+    path = tmp_path / "rows.npy"
+    values = np.random.default_rng(2).normal(size=(1000, 4)).astype(np.float32)
+    np.save(path, values)
+    positions = np.array([999, 3, 500, 3, 0, 998, 257])
+    assert np.array_equal(gather_rows(np.load(path, mmap_mode="r"), positions, size=256),
+                          values[positions])

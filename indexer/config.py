@@ -1,0 +1,55 @@
+"""What an indexing job is asked to do (`BuildConfig`, and `RayConfig` for where it encodes)
+and what it reports (`Summary`).
+
+Their own module, free of torch and the model code, so that importing precomputed embeddings
+(`indexer.embeddings`) never loads what only encoding needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from retrieval.images import DEFAULT_MAX_PIXELS
+from retrieval.store import StoreOptions
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    batch_size: int = 64
+    workers: int | None = None  # image decoding processes (None: up to 4)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    shard_size: int = 2048
+    max_memory: str = "4GB"
+    index_kind: str | None = None
+    precision: str = "auto"
+
+    def store_options(self) -> StoreOptions:
+        return StoreOptions(max_memory=self.max_memory, index_kind=self.index_kind)
+
+
+@dataclass
+class Summary:
+    generation: str
+    images: int
+    texts: int
+    skipped: dict[str, int] = field(default_factory=dict)  # by reason
+    shards_resumed: int = 0
+    shards_encoded: int = 0
+    shards_read: int = 0  # shards of precomputed embeddings (--from-embeddings)
+    seconds: float = 0.0
+    errors_file: str | None = None
+    tuning: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where the encoding runs (the `--engine ray` flags)."""
+
+    ray_address: str | None = None  # None: start Ray here; "auto", "ray://host:port": join
+    num_encoders: int = 1  # encoder actors, each with its own copy of the model
+    gpus_per_encoder: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_encoder: float = 1.0
