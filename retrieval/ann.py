@@ -25,7 +25,7 @@ import numpy as np
 
 from retrieval import ondisk
 from retrieval.errors import IndexStoreError
-from retrieval.rowscan import gather_rows, row_chunks
+from retrieval.rowscan import exact_neighbours, gather_rows, row_chunks
 
 FLAT_MAX_COUNT = 20_000  # below this an exact scan is fast enough and needs no training
 IVFPQ_MIN_COUNT = 1024  # PQ trains 256 centroids per sub-quantizer: fewer points cannot
@@ -281,24 +281,6 @@ def sorted_lookup(ids: np.ndarray, vectors: np.ndarray) -> VectorLookup:
     def lookup(wanted: np.ndarray) -> np.ndarray:
         return gather_rows(vectors, np.searchsorted(ids, wanted).clip(0, len(ids) - 1))
     return lookup
-
-
-def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int,
-                     chunk: int = 1 << 16) -> np.ndarray:
-    """(nq, k) row positions of the true top-k by inner product (the oracle), streaming over
-    `vectors` a chunk at a time so a memory-mapped corpus is never loaded whole."""
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    best = np.full((len(queries), 0), -np.inf, np.float32)
-    rows = np.zeros((len(queries), 0), np.int64)
-    for start, part in row_chunks(vectors, chunk):
-        flat = faiss.IndexFlatIP(part.shape[1])
-        flat.add(part)
-        scores, found = flat.search(queries, min(k, len(part)))
-        best = np.concatenate([best, scores], axis=1)
-        rows = np.concatenate([rows, found + start], axis=1)
-        keep = np.argsort(-best, axis=1, kind="stable")[:, :k]
-        best, rows = np.take_along_axis(best, keep, 1), np.take_along_axis(rows, keep, 1)
-    return rows
 
 
 def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
