@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -32,9 +31,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.service import wait_ready  # noqa: E402
-from retrieval import ann  # noqa: E402
-from retrieval.store import open_generation  # noqa: E402
+from bench.service import wait_ready
+from retrieval import ann
+from retrieval.store import open_generation
 
 LATENT, TUNING_TEXTS, QUERIES, K = 32, 2000, 100, 10
 
@@ -83,19 +82,37 @@ def _unit(rows: np.ndarray) -> np.ndarray:
 
 
 def build(corpus: Path, out: Path, max_memory: str, index_type: str | None) -> dict:
-    """Run the build as its own process; its peak RSS from the kernel's accounting."""
+    """Run the build as its own process; its peak RSS is its VmHWM, read until it exits.
+    (getrusage's RUSAGE_CHILDREN will not do: the kernel counts a child's pre-exec copy of
+    this process, so a child looks as big as its parent was when it was started.)"""
     command = [sys.executable, "-m", "clipdex", "index", "build", "--from-embeddings",
                str(corpus), "--out", str(out), "--model", "external:synthetic",
                "--max-memory", max_memory]
     command += ["--index-type", index_type] if index_type else []
     started = time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if result.returncode:
-        raise RuntimeError(f"build failed: {result.stderr[-3000:]}")
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the build: 1st child
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=stdout, stderr=stderr, text=True)
+        peak_kib = 0
+        while process.poll() is None:
+            peak_kib = max(peak_kib, _high_water_kib(process.pid))
+            time.sleep(0.1)
+        seconds = time.perf_counter() - started
+        stdout.seek(0), stderr.seek(0)
+        if process.returncode:
+            raise RuntimeError(f"build failed: {stderr.read()[-3000:]}")
+        text = stdout.read()
     return {"build_s": round(seconds, 1), "build_peak_rss_mib": round(peak_kib / 1024, 1),
-            "summary": json.loads(result.stdout[result.stdout.index("{"):])}
+            "summary": json.loads(text[text.index("{"):])}
+
+
+def _high_water_kib(pid: int) -> int:
+    """VmHWM of a live process (0 once it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in status.splitlines()
+                 if line.startswith("VmHWM:")), 0)
 
 
 def serve(out: Path, queries: np.ndarray, port: int) -> dict:
@@ -116,9 +133,7 @@ def serve(out: Path, queries: np.ndarray, port: int) -> dict:
                 response.raise_for_status()
                 found.append([hit["id"] for hit in response.json()["hits"]])
             seconds = time.perf_counter() - started
-        status = Path(f"/proc/{process.pid}/status").read_text()
-        peak = next(int(line.split()[1]) for line in status.splitlines()
-                    if line.startswith("VmHWM:"))
+        peak = _high_water_kib(process.pid)
     finally:
         process.terminate()
         process.wait(timeout=60)

@@ -19,6 +19,7 @@ import faiss
 import numpy as np
 
 CHUNK_ROWS = 1 << 16  # 128 MiB of float32 at 512 dimensions
+RELEASE_MARGIN = 4 << 20
 
 
 def row_chunks(rows: np.ndarray, size: int = CHUNK_ROWS, dtype: type = np.float32
@@ -72,14 +73,21 @@ def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int,
 
 
 def release(view: np.ndarray) -> None:
-    """Unmap from this process the pages of the file `view` lies in, if it is memory-mapped
-    (np.memmap, np.load(mmap_mode=...)); nothing otherwise. The whole mapping is released,
-    not just the view's range: the kernel maps pages around each fault (fault-around,
-    read-ahead), including ones outside the view. Safe for any view of the file: a page is
-    read back from the page cache when it is touched again."""
+    """Unmap from this process the pages under `view`, plus RELEASE_MARGIN either side, if it
+    lies in a memory-mapped file (np.memmap, np.load(mmap_mode=...)); nothing otherwise. The
+    margin covers what the kernel maps around each fault (fault-around, large page-cache
+    folios). Safe for any view of the file: a page is read back from the page cache when it
+    is touched again. Releasing only this range, not the whole mapping, keeps the cost of a
+    call independent of the file's size (it runs on every re-ranked query)."""
     handle = _mapping(view)
-    if handle is not None and not handle.closed:
-        handle.madvise(mmap.MADV_DONTNEED)
+    if handle is None or handle.closed or view.size == 0:
+        return
+    base = np.frombuffer(handle, dtype=np.uint8).ctypes.data
+    first = max(view.ctypes.data - base - RELEASE_MARGIN, 0)
+    first -= first % mmap.PAGESIZE
+    last = min(view.ctypes.data - base + view.nbytes + RELEASE_MARGIN, len(handle))
+    if last > first:
+        handle.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def _mapping(array: np.ndarray) -> mmap.mmap | None:
