@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from indexer.config import BuildConfig, Summary
+from indexer.config import DEFAULT_CONFIG, BuildConfig, Summary
 from indexer.sources import Collection, collect
 from retrieval.encode import encode_image_batch, encode_texts
 from retrieval.manifest import Problem
 from retrieval.model import ClipModel
-from retrieval.pipeline import DECODE_NICENESS, iter_image_batches
+from retrieval.pipeline import decode_niceness, iter_image_batches
 from retrieval.progress import Bar, ProgressFactory, no_progress
 from retrieval.store import (
     Generation,
@@ -55,7 +55,9 @@ Step = tuple[list[int], np.ndarray, list[tuple[int, Problem]], int]
 JobFactory = Callable[[Path, ModelIdentity, Collection, "BuildConfig", "str | None"], "Job"]
 
 
-def build(sources: Sequence[Path], out: Path, clip: ClipModel, config: BuildConfig = BuildConfig(),
+
+def build(sources: Sequence[Path], out: Path, clip: ClipModel,
+          config: BuildConfig = DEFAULT_CONFIG,
           progress: ProgressFactory | None = None, engine: JobFactory | None = None) -> Summary:
     """Index `sources` into a new generation of `out` (a fresh id space starting at 1);
     `engine` makes the job that encodes (default: this process, `Job`)."""
@@ -70,7 +72,7 @@ def build(sources: Sequence[Path], out: Path, clip: ClipModel, config: BuildConf
 
 
 def add(sources: Sequence[Path], index: Path, clip: ClipModel,
-        config: BuildConfig = BuildConfig(), progress: ProgressFactory | None = None) -> Summary:
+        config: BuildConfig = DEFAULT_CONFIG, progress: ProgressFactory | None = None) -> Summary:
     """Add what is new in `sources` (images by path, free texts by content) to the index."""
     started = time.perf_counter()
     identity = model_identity(clip)
@@ -87,7 +89,7 @@ def add(sources: Sequence[Path], index: Path, clip: ClipModel,
 
 
 def delete(index: Path, ids: Sequence[int] = (), paths: Sequence[Path] = (),
-           config: BuildConfig = BuildConfig()) -> str:
+           config: BuildConfig = DEFAULT_CONFIG) -> str:
     """Tombstone items by id or image path into a new generation (captions go too); the
     store resolves the paths under its writer lock."""
     identity = read_generation_manifest(index).model
@@ -96,7 +98,7 @@ def delete(index: Path, ids: Sequence[int] = (), paths: Sequence[Path] = (),
                              options=config.store_options(), build_info={"action": "delete"})
 
 
-def compact(index: Path, config: BuildConfig = BuildConfig()) -> str:
+def compact(index: Path, config: BuildConfig = DEFAULT_CONFIG) -> str:
     """Rewrite the index without tombstones (and re-choose the index type for its size)."""
     identity = read_generation_manifest(index).model
     return update_generation(index, identity, options=config.store_options(), compact=True,
@@ -194,11 +196,11 @@ class Job:
 
     def _image_steps(self, clip: ClipModel, todo: list[int]) -> Iterator[Step]:
         """Decode in DataLoader workers while this process encodes the previous batch."""
-        images, on_cpu = self.collection.images, clip.device.type == "cpu"
+        images = self.collection.images
         batches = iter_image_batches([images[i].source for i in todo], clip.preprocess,
                                      self.config.batch_size, self.config.workers,
-                                     not on_cpu, self.config.max_pixels, uint8=True,
-                                     nice=DECODE_NICENESS if on_cpu else 0)
+                                     clip.device.type == "cuda", self.config.max_pixels,
+                                     uint8=True, nice=decode_niceness(clip))
         for batch in batches:
             kept = [todo[i] for i in batch.indices]
             vectors = (encode_image_batch(clip, batch.pixels, self.config.precision) if kept

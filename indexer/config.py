@@ -28,6 +28,9 @@ class BuildConfig:
         return StoreOptions(max_memory=self.max_memory, index_kind=self.index_kind)
 
 
+DEFAULT_CONFIG = BuildConfig()  # frozen: one shared default for every job's signature
+
+
 @dataclass
 class Summary:
     generation: str

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from indexer.config import BuildConfig, Summary
+from indexer.config import DEFAULT_CONFIG, BuildConfig, Summary
 from retrieval.errors import IndexMismatchError, ManifestError, ModelLoadError
 from retrieval.progress import ProgressFactory
 from retrieval.rowscan import row_chunks
@@ -44,9 +44,11 @@ from retrieval.store import (
     ItemRecord,
     ModelIdentity,
     NewImage,
+    NewText,
     StagedRows,
     StreamedRecords,
     external_identity,
+    linked_records,
     read_generation_manifest,
     write_error_report,
     write_generation,
@@ -56,7 +58,6 @@ FOLDERS = {"image": ("img_emb", "img_emb_"), "text": ("text_emb", "text_emb_")}
 OWN_COLUMNS = ("image_path", "caption")  # the rest of a metadata row is the item's metadata
 # float16 rounding moves a unit vector's norm by ~1e-3; rows further off are rescaled
 NORM_TOLERANCE = 1e-2
-DEFAULT_CONFIG = BuildConfig()  # only its store options (memory budget, index type) are used
 
 
 @dataclass(frozen=True)
@@ -288,14 +289,15 @@ def _caption_mask(metadata: Path) -> np.ndarray:
     table = pq.ParquetFile(metadata)
     if "caption" not in table.schema_arrow.names:
         return np.zeros(table.metadata.num_rows, bool)
-    mask = [np.array([_caption({"caption": c}) is not None for c in batch.column(0).to_pylist()],
-                     bool) for batch in table.iter_batches(columns=["caption"])]
+    mask = [np.array([_caption(c) is not None for c in batch.column(0).to_pylist()], bool)
+            for batch in table.iter_batches(columns=["caption"])]
     return np.concatenate(mask) if mask else np.zeros(0, bool)
 
 
 def _records(shards: list[EmbeddingShard], kept: _Pass) -> Iterator[list[ItemRecord]]:
     """Second pass: the item records, a metadata batch at a time, ids as `_stage` ordered
-    the vectors (images 1.., then texts)."""
+    the vectors (images 1.., then texts). A batch's kept images, and its kept texts, have
+    consecutive ids, so `linked_records` links each caption to its row's image."""
     images, _ = kept.counts()
     next_image, next_text = 1, images + 1
     for shard, image_rows, text_rows in zip(shards, kept.images, kept.texts):
@@ -303,18 +305,16 @@ def _records(shards: list[EmbeddingShard], kept: _Pass) -> Iterator[list[ItemRec
             numbers = np.arange(offset, offset + len(rows))
             image_ids = _ids_of(numbers, image_rows, next_image)
             text_ids = _ids_of(numbers, text_rows, next_text)
-            batch = []
-            for row, image, text in zip(rows, image_ids.tolist(), text_ids.tolist()):
-                caption = _caption(row) if text else None
-                if image:
-                    item = _image_item(row)
-                    batch.append(ItemRecord(image, "image", path=item.path,
-                                            captions=[caption] if caption else [],
-                                            metadata=item.metadata))
-                if text:
-                    batch.append(ItemRecord(text, "text", text=caption, image_id=image or None,
-                                            metadata={} if image else _metadata(row)))
-            yield batch
+            has_image, has_text = image_ids > 0, text_ids > 0
+            position = np.cumsum(has_image) - 1  # each row's image among the batch's images
+            new_images = [_image_item(rows[i]) for i in np.flatnonzero(has_image).tolist()]
+            new_texts = [NewText(str(_caption(rows[i].get("caption"))), _metadata(rows[i]),
+                                 image=int(position[i]) if has_image[i] else None)
+                         for i in np.flatnonzero(has_text).tolist()]
+            yield linked_records(new_images, new_texts,
+                                 start_id=int(image_ids[has_image][0]) if has_image.any() else 0,
+                                 text_start_id=int(text_ids[has_text][0]) if has_text.any()
+                                 else 0)
         next_image, next_text = next_image + len(image_rows), next_text + len(text_rows)
 
 
@@ -352,8 +352,8 @@ def _metadata(row: dict[str, Any]) -> dict[str, Any]:
             and value is not None and not (isinstance(value, float) and math.isnan(value))}
 
 
-def _caption(row: dict[str, Any]) -> str | None:
-    caption = row.get("caption")
+def _caption(caption: Any) -> str | None:
+    """A metadata row's caption cell as text, or None when it has none."""
     if caption is None or (isinstance(caption, float) and math.isnan(caption)):
         return None
     text = str(caption).strip()

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from indexer.build import Job, build
-from indexer.config import BuildConfig, RayConfig, Summary
+from indexer.config import DEFAULT_CONFIG, BuildConfig, RayConfig, Summary
 from indexer.sources import Collection
 from retrieval.errors import EngineError, IndexMismatchError, IndexStoreError
 from retrieval.manifest import Problem
@@ -41,7 +41,7 @@ WORKER_BYTES = 768 * 2**20
 Batch = dict[str, np.ndarray]  # a Ray Data batch in numpy format: column -> (n, ...) array
 
 
-DEFAULT_BUILD, DEFAULT_RAY = BuildConfig(), RayConfig()
+DEFAULT_RAY = RayConfig()
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class ModelSpec:
 
 
 def build_on_ray(sources: Sequence[Path], out: Path, clip: ClipModel, model: ModelSpec,
-                 config: BuildConfig = DEFAULT_BUILD, ray_config: RayConfig = DEFAULT_RAY,
+                 config: BuildConfig = DEFAULT_CONFIG, ray_config: RayConfig = DEFAULT_RAY,
                  progress: ProgressFactory | None = None) -> Summary:
     """`indexer.build.build` with the encoding on Ray; `clip` is the driver's copy of the
     model `model` names (its fingerprint is the index's, and every actor's is checked)."""

@@ -119,6 +119,11 @@ def _collate(samples: list[tuple[int, torch.Tensor | None, str | None]]) -> Imag
 DECODE_NICENESS = 19
 
 
+def decode_niceness(clip: ClipModel) -> int:
+    """DECODE_NICENESS when `clip` encodes on the CPU the decode workers share, else 0."""
+    return DECODE_NICENESS if clip.device.type == "cpu" else 0
+
+
 def _step_back(niceness: int, _worker: int) -> None:
     os.nice(niceness)
 
@@ -160,9 +165,8 @@ def encode_image_files(clip: ClipModel, paths: Sequence[Path], batch_size: int =
     """Encode image files; returns (embeddings (m, d), kept input positions (m,), problems)."""
     pin = clip.device.type == "cuda"
     chunks, kept, problems = [], [], []
-    nice = DECODE_NICENESS if clip.device.type == "cpu" else 0
     for batch in iter_image_batches(paths, clip.preprocess, batch_size, workers, pin,
-                                    uint8=True, nice=nice):
+                                    uint8=True, nice=decode_niceness(clip)):
         if batch.indices:
             chunks.append(encode_image_batch(clip, batch.pixels, precision))
             kept.extend(batch.indices)

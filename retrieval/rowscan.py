@@ -1,5 +1,6 @@
 """Scans over (n, d) row matrices that may be memory-mapped files larger than RAM: chunks,
-gathered rows, and the exact top-k (the oracle every approximate index is measured against).
+gathered rows, the exact top-k (the oracle every approximate index is measured against), and
+the one writer of such files (`RowWriter`).
 
 Reading a memory-mapped .npy a slice at a time does not bound a process's memory by itself:
 every page read stays mapped into the process and counts in its resident set until the map
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import mmap
 from collections.abc import Iterator
+from pathlib import Path
 
 import faiss
 import numpy as np
+from typing_extensions import Self
 
 CHUNK_ROWS = 1 << 16  # 128 MiB of float32 at 512 dimensions
 RELEASE_MARGIN = 4 << 20
@@ -55,7 +58,7 @@ def gather_rows(rows: np.ndarray, positions: np.ndarray, size: int = CHUNK_ROWS,
 
 
 def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int,
-                     chunk: int = 1 << 16) -> np.ndarray:
+                     chunk: int = CHUNK_ROWS) -> np.ndarray:
     """(nq, k) row positions of the true top-k by inner product (the oracle), streaming over
     `vectors` a chunk at a time so a memory-mapped corpus is never loaded whole."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -70,6 +73,40 @@ def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int,
         keep = np.argsort(-best, axis=1, kind="stable")[:, :k]
         best, rows = np.take_along_axis(best, keep, 1), np.take_along_axis(rows, keep, 1)
     return rows
+
+
+class RowWriter:
+    """A float32 (capacity, d) .npy written front to back through a file handle (the page
+    cache holds what it writes, not the writer's memory), its header sized up front; rows
+    left unwritten read as zeros (the file is extended as a hole)."""
+
+    def __init__(self, path: Path, dim: int, capacity: int) -> None:
+        self.path, self.dim, self.capacity = Path(path), dim, capacity
+        self.written = 0
+
+    def __enter__(self) -> Self:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.path, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                  "fortran_order": False, "shape": (self.capacity, self.dim)}
+        np.lib.format.write_array_header_1_0(self._handle, header)
+        self._start = self._handle.tell()
+        return self
+
+    def write(self, rows: np.ndarray) -> None:
+        if self.written + len(rows) > self.capacity:
+            raise ValueError(f"{self.path}: more than {self.capacity} rows given, the "
+                             "capacity its header was written for")
+        np.ascontiguousarray(rows, dtype=np.float32).tofile(self._handle)
+        self.written += len(rows)
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.truncate(self._start + self.capacity * self.dim * 4)
+        self._handle.close()
+
+    def rows(self) -> np.ndarray:
+        """The rows written, memory-mapped read-only."""
+        return np.load(self.path, mmap_mode="r")[:self.written]
 
 
 def release(view: np.ndarray) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from retrieval import ann, ondisk
 from retrieval.digest import sha256_file
 from retrieval.errors import IndexStoreError
-from retrieval.rowscan import gather_rows, row_chunks
+from retrieval.rowscan import RowWriter, gather_rows, row_chunks
 from retrieval.store import fields, keywords, layout, manifest
 from retrieval.store.faults import fault_point
 from retrieval.store.layout import MODALITIES, PLURAL
@@ -216,13 +216,10 @@ def save_rows(path: Path, *parts: np.ndarray, chunk: int = 1 << 16) -> None:
     """np.save of the parts' (n_i, d) rows one after another, a chunk at a time, so
     memory-mapped rows are never loaded whole (nor kept mapped: `retrieval.rowscan`)."""
     dim = next((part.shape[1] for part in parts if part.ndim == 2), 0)
-    with open(path, "wb") as handle:
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
-                  "fortran_order": False, "shape": (sum(len(part) for part in parts), dim)}
-        np.lib.format.write_array_header_1_0(handle, header)
+    with RowWriter(path, dim, sum(len(part) for part in parts)) as out:
         for rows in parts:
             for _, part in row_chunks(rows, chunk):
-                part.tofile(handle)
+                out.write(part)
 
 
 def _last_number(generations: Path) -> int:

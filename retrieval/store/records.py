@@ -60,9 +60,11 @@ class StreamedRecords:
 
 
 def linked_records(images: Sequence[NewImage], texts: Sequence[NewText] = (),
-                   start_id: int | None = None) -> list[ItemRecord]:
+                   start_id: int | None = None,
+                   text_start_id: int | None = None) -> list[ItemRecord]:
     """Records with ids from `start_id` (None: provisional ids, for `append_items` to
-    allocate) in input order, images first, then texts. A text
+    allocate) in input order, images first, then texts (from `text_start_id` when given: a
+    batch of an import whose texts are numbered after all its images). A text
     naming an image's position is its caption: linked by `image_id`, and listed (in text
     order) in the image record's `captions`. Captions carry no metadata of their own, since
     item metadata reaches clients and must not show the server's layout."""
@@ -73,7 +75,7 @@ def linked_records(images: Sequence[NewImage], texts: Sequence[NewText] = (),
             captions[text.image].append(text.text)
     records = [ItemRecord(start_id + n, "image", path=image.path, captions=captions[n],
                           metadata=image.metadata) for n, image in enumerate(images)]
-    first_text = start_id + len(images)
+    first_text = start_id + len(images) if text_start_id is None else text_start_id
     records += [ItemRecord(first_text + n, "text", text=text.text,
                            metadata={} if text.image is not None else text.metadata,
                            image_id=None if text.image is None else start_id + text.image)

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from typing_extensions import Self
 
 from retrieval.errors import IndexStoreError
 from retrieval.manifest import Problem
+from retrieval.rowscan import RowWriter
 from retrieval.store import layout
 from retrieval.store.faults import fault_point
 
@@ -169,39 +169,18 @@ def _replace_with(path: Path, write: Any) -> None:
     os.replace(temp, path)
 
 
-class StagedRows:
-    """A float32 (capacity, d) .npy in the index's work folder that an import fills front to
-    back through a file handle (the page cache holds what it writes, not the writer's
-    memory), then reads back memory-mapped; removed with `remove`. The header is written for
-    `capacity` rows up front, the unwritten tail left as a hole of zeros."""
+class StagedRows(RowWriter):
+    """Vectors an import stages in the index's work folder (work/staged-<name>.npy): written
+    front to back, then read back memory-mapped (`rows`); removed with `remove`."""
 
     def __init__(self, root: Path, name: str, dim: int, capacity: int) -> None:
-        self.path, self.dim, self.capacity = layout.staged_rows(root, name), dim, capacity
-        self.written = 0
-
-    def __enter__(self) -> Self:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(self.path, "wb")
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
-                  "fortran_order": False, "shape": (self.capacity, self.dim)}
-        np.lib.format.write_array_header_1_0(self._handle, header)
-        self._start = self._handle.tell()
-        return self
+        super().__init__(layout.staged_rows(root, name), dim, capacity)
 
     def write(self, rows: np.ndarray) -> None:
-        if self.written + len(rows) > self.capacity:
-            raise IndexStoreError(f"{self.path}: more than {self.capacity} rows staged")
-        np.ascontiguousarray(rows, dtype=np.float32).tofile(self._handle)
-        self.written += len(rows)
-
-    def __exit__(self, *exc: object) -> None:
-        self._handle.truncate(self._start + self.capacity * self.dim * 4)
-        self._handle.close()
-
-    def rows(self) -> np.ndarray:
-        """The rows written, memory-mapped read-only."""
-        return np.load(self.path, mmap_mode="r")[:self.written]
+        try:
+            super().write(rows)
+        except ValueError as error:  # the store's typed error for its callers
+            raise IndexStoreError(str(error)) from None
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
-
