@@ -115,6 +115,7 @@ def measure(count: int, dim: int, kind: str | None, queries: int, folder: Path,
     with open_generation(folder) as generation:
         searcher = Searcher(generation)
         chosen = generation.index_spec("image").kind
+        copy = generation.manifest["modalities"]["image"].get("reduced")
         found, unfiltered_qps = _run(searcher, asked, None)
         truth = np.argsort(-(asked @ vectors.T), axis=1)[:, :K]
         unfiltered_recall = np.mean([len(set(f) & set(t)) / K for f, t in zip(found, truth)])
@@ -133,7 +134,7 @@ def measure(count: int, dim: int, kind: str | None, queries: int, folder: Path,
             print(json.dumps(rows[-1]), flush=True)
         modes = _modes(searcher, asked, rng)
     return {"kind": chosen, "count": count, "build_s": round(build_s, 1), "rows": rows,
-            "modes": modes}
+            "modes": modes, "reduced": copy}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -230,8 +230,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         lists = section.get("lists_file")
         where = (f"inverted lists on disk, memory-mapped ({lists}, "
                  f"{sizes.get(lists, 0) / 2**20:,.1f} MiB)" if lists else "held in memory")
+        copy = section.get("reduced")
+        scan = (f"; filters scan {copy['components']} principal components, re-rank "
+                f"{copy['rerank']}" if copy else "")
         log(f"{modality}: {spec['kind']} index ({spec['factory']}), {where}; "
-            f"{section['live']} live, {section['deleted']} deleted")
+            f"{section['live']} live, {section['deleted']} deleted{scan}")
     print(json.dumps(manifest.data, indent=2))
     return 0
 

@@ -21,7 +21,7 @@ from retrieval import ann, ondisk
 from retrieval.digest import sha256_file
 from retrieval.errors import IndexStoreError
 from retrieval.rowscan import RowWriter, gather_rows, row_chunks
-from retrieval.store import fields, keywords, layout, manifest
+from retrieval.store import fields, keywords, layout, manifest, reduced
 from retrieval.store.faults import fault_point
 from retrieval.store.layout import MODALITIES, PLURAL
 from retrieval.store.manifest import GenerationManifest, ModelIdentity
@@ -184,6 +184,11 @@ def _write_tables(folder: Path, tables: dict[str, Table],
         sections[modality] = {"rows": len(table.ids), "live": int((~table.deleted).sum()),
                               "deleted": int(table.deleted.sum()), "index": spec.as_dict(),
                               "tuning": report}
+        spare = ann.parse_memory(options.max_memory) - spec.memory_bytes
+        copy = reduced.build(table.vectors, np.flatnonzero(~table.deleted), queries,
+                             spec.kind, (files.projection, files.reduced), spare)
+        if copy is not None:
+            sections[modality]["reduced"] = copy
         if spec.kind == ann.DISK_KIND:
             sections[modality]["lists_file"] = files.lists.name
     return sections

@@ -153,12 +153,15 @@ class ModalityFiles(NamedTuple):
     vectors: Path  # <plural>.npy
     ids: Path  # <plural>.ids.npy
     lists: Path  # <plural>.ivfdata (only an index with its lists on disk has one)
+    projection: Path  # <plural>.pca.npz (`retrieval.store.reduced`; HNSW generations)
+    reduced: Path  # <plural>.reduced.npy, the rows' principal components
 
 
 def modality_files(folder: Path, modality: str) -> ModalityFiles:
     folder, plural = Path(folder), PLURAL[modality]
     return ModalityFiles(folder / f"{plural}.faiss", folder / f"{plural}.npy",
-                         folder / f"{plural}.ids.npy", folder / f"{plural}.ivfdata")
+                         folder / f"{plural}.ids.npy", folder / f"{plural}.ivfdata",
+                         folder / f"{plural}.pca.npz", folder / f"{plural}.reduced.npy")
 
 
 def manifest_file(folder: Path) -> Path:

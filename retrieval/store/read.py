@@ -28,7 +28,7 @@ from retrieval.errors import (
 )
 from retrieval.filters import Filter
 from retrieval.rowscan import gather_rows
-from retrieval.store import fields, keywords, layout, manifest
+from retrieval.store import fields, keywords, layout, manifest, reduced
 from retrieval.store.filtered import Stored, exact_within, search_within
 from retrieval.store.layout import MODALITIES
 from retrieval.store.manifest import GenerationManifest
@@ -54,6 +54,9 @@ class Generation:
         # the tombstone selectors, built once; SearchParameters are made per search, because
         # IndexIDMap's search swaps their `sel` for a moment (two threads must not share one)
         self._selectors = {m: self._selector(m) for m in MODALITIES}
+        files = {m: layout.modality_files(self.path, m) for m in MODALITIES}
+        self._reduced = {m: reduced.load((files[m].projection, files[m].reduced),
+                                         self._section(m).get("reduced")) for m in MODALITIES}
         self._matches: OrderedDict[tuple[str, Filter], np.ndarray] = OrderedDict()
 
     @property
@@ -214,6 +217,7 @@ class Generation:
         with self._lock:
             self._db.close()
         self._indexes, self._selectors, self._vectors = {}, {}, {}  # unmaps the files
+        self._reduced = {}
         self._matches.clear()
 
     def __enter__(self) -> Self:
@@ -225,7 +229,7 @@ class Generation:
     def _stored(self, modality: str) -> Stored:
         spec = self._section(modality)["index"]
         return Stored(self._indexes[modality], spec["kind"], spec["params"], self._ids[modality],
-                      self._vectors[modality], self.count(modality))
+                      self._vectors[modality], self.count(modality), self._reduced[modality])
 
     def _section(self, modality: str) -> dict[str, Any]:
         return self.manifest["modalities"][self._modality(modality)]
