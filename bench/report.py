@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from retrieval.ann import parse_memory
+from retrieval.store.filtered import REDUCED_SCAN
 
 RUN = ".venv/bin/python bench/run_all.py --parts"
 
@@ -153,7 +154,7 @@ def _reading(copy: dict | None) -> str:
             f"(`retrieval/store/reduced.py`: {copy['components']} principal components, "
             f"re-rank depth {copy['rerank']}, chosen when it was written for recall@10 "
             f"{copy['recall_at_10']} on {copy['held_out_queries']} held-out queries). Filters "
-            "whose matches' reduced vectors hold up to 6,400,000 floats are answered by "
+            f"whose matches' reduced vectors hold up to {REDUCED_SCAN:,} floats are answered by "
             "scanning them and re-ranking the best exactly; above that, the index searches "
             "with a bitmap selector, efSearch stretched by 1/√selectivity. These vectors "
             "hold 32-dimensional concepts, so few components suffice; for embeddings spread "
@@ -206,9 +207,8 @@ def _disk(d: dict, out: Path) -> list[str]:
             f"Reproduce: `make bench-scale` (or `{d['command']}`)", ""]
 
 
-def _disk_beside_hnsw(d: dict, out: Path, results: dict | None = None) -> list[str]:
+def _disk_beside_hnsw(d: dict, hnsw: dict | None) -> list[str]:
     """The on-disk index at 1,000,000 vectors next to the in-memory HNSW index of §4."""
-    hnsw = (results or {}).get("ann_at_goal")
     rows = [[f"{d['factory']} (lists on disk)", d["build_s"],
              f"{d['serve_peak_rss_mib']:,.0f} (serving process)", d["recall_at_10"],
              f"{d['qps']} (HTTP)"]]
@@ -274,12 +274,11 @@ def write(r: dict, out: Path) -> None:
                          ("indexing", _indexing),
                          ("text_trim", _text_trim), ("ann", _ann), ("ann_at_goal", _ann),
                          ("filtered", _filtered), ("filtered_at_goal", _filtered),
-                         ("disk", _disk), ("disk_1m", _disk_beside_hnsw),
+                         ("disk", _disk),
+                         ("disk_1m", lambda d, out: _disk_beside_hnsw(d, r.get("ann_at_goal"))),
                          ("service", _service), ("scaling", _scaling),
                          ("scaling_at_goal", _scaling)):
-        if part == "disk_1m" and part in r:
-            doc += _disk_beside_hnsw(r[part], out, r)
-        elif part in r:
+        if part in r:
             doc += (render(r[part], out, "_1m") if part.endswith(GOAL_SUFFIX)
                     else render(r[part], out))
     (out / "BENCHMARKS.md").write_text("\n".join(doc) + "\n")

@@ -25,7 +25,7 @@ import numpy as np
 
 from retrieval import ondisk
 from retrieval.errors import IndexStoreError
-from retrieval.rowscan import exact_neighbours, gather_rows, row_chunks
+from retrieval.rowscan import exact_neighbours, gather_rows, row_chunks, rows_of
 
 FLAT_MAX_COUNT = 20_000  # below this an exact scan is fast enough and needs no training
 IVFPQ_MIN_COUNT = 1024  # PQ trains 256 centroids per sub-quantizer: fewer points cannot
@@ -279,7 +279,7 @@ def sorted_lookup(ids: np.ndarray, vectors: np.ndarray) -> VectorLookup:
     tuning queries touches rows all over it, which would otherwise make a whole corpus
     larger than RAM resident in the process."""
     def lookup(wanted: np.ndarray) -> np.ndarray:
-        return gather_rows(vectors, np.searchsorted(ids, wanted).clip(0, len(ids) - 1))
+        return gather_rows(vectors, rows_of(ids, wanted))
     return lookup
 
 

@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from retrieval.errors import InvalidQueryError
+from retrieval.rowscan import rows_of
 
 DEFAULT_THRESHOLD = 0.95  # cosine; re-encoded or resized copies of a photo score above 0.97
 EXACT_MAX_ITEMS = 20_000
@@ -135,7 +136,7 @@ def _index_pairs(generation: _Stored, modality: str, ids: np.ndarray, vectors: n
     for start in range(0, len(ids), BLOCK_ROWS):
         queries = np.asarray(vectors[start:start + BLOCK_ROWS], dtype=np.float32)
         scores, found = generation.search(modality, queries, NEIGHBOURS)  # (b, k) each
-        rows = np.searchsorted(ids, found).clip(0, len(ids) - 1)
+        rows = rows_of(ids, found)
         for i, j in zip(*np.nonzero((scores >= threshold) & (ids[rows] == found))):
             a, b = start + int(i), int(rows[i, j])
             if a != b:

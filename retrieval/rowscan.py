@@ -57,6 +57,18 @@ def gather_rows(rows: np.ndarray, positions: np.ndarray, size: int = CHUNK_ROWS,
     return out
 
 
+def rows_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """The rows of `wanted` ids (any shape) among stored ascending `ids`, clipped into range:
+    a caller that may ask for an absent id checks ids[rows] == wanted. A modality's ids are
+    usually one unbroken run (deletes keep their rows), and then a row is an offset: a binary
+    search of 50,000 ids among 1,000,000 costs 2.5 ms, more than a filtered scan it feeds."""
+    if len(ids) and int(ids[-1]) - int(ids[0]) == len(ids) - 1:
+        rows = np.asarray(wanted, dtype=np.int64) - int(ids[0])
+    else:
+        rows = np.searchsorted(ids, wanted)
+    return rows.clip(0, max(len(ids) - 1, 0))
+
+
 def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int,
                      chunk: int = CHUNK_ROWS) -> np.ndarray:
     """(nq, k) row positions of the true top-k by inner product (the oracle), streaming over

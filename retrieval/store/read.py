@@ -27,12 +27,13 @@ from retrieval.errors import (
     UnknownItemError,
 )
 from retrieval.filters import Filter
-from retrieval.rowscan import gather_rows
+from retrieval.rowscan import gather_rows, rows_of
 from retrieval.store import fields, keywords, layout, manifest, reduced
 from retrieval.store.filtered import Stored, exact_within, search_within
 from retrieval.store.layout import MODALITIES
 from retrieval.store.manifest import GenerationManifest
 from retrieval.store.records import COLUMNS, ItemRecord, from_row
+from retrieval.store.reduced import Reduced
 
 SQLITE_MAX_PARAMS = 900  # bound parameters per statement, under SQLite's limit
 MATCH_CACHE = 16  # filters whose matching ids a generation remembers (paging repeats them)
@@ -43,7 +44,7 @@ class Generation:
 
     def __init__(self, root: Path, info: GenerationManifest, indexes: dict[str, faiss.Index],
                  ids: dict[str, np.ndarray], vectors: dict[str, np.ndarray],
-                 db: sqlite3.Connection):
+                 copies: dict[str, Reduced | None], db: sqlite3.Connection):
         self.root, self.info, self.name = root, info, info.name
         self.manifest = info.data  # the manifest.json object
         self.embed_dim = info.embed_dim
@@ -54,9 +55,7 @@ class Generation:
         # the tombstone selectors, built once; SearchParameters are made per search, because
         # IndexIDMap's search swaps their `sel` for a moment (two threads must not share one)
         self._selectors = {m: self._selector(m) for m in MODALITIES}
-        files = {m: layout.modality_files(self.path, m) for m in MODALITIES}
-        self._reduced = {m: reduced.load((files[m].projection, files[m].reduced),
-                                         self._section(m).get("reduced")) for m in MODALITIES}
+        self._reduced = copies  # HNSW generations' reduced vectors, for filtered searches
         self._matches: OrderedDict[tuple[str, Filter], np.ndarray] = OrderedDict()
 
     @property
@@ -187,7 +186,7 @@ class Generation:
         rows = np.zeros(len(ids), np.int64)
         ok = np.zeros(len(ids), bool)
         if len(known):
-            rows = np.searchsorted(known, ids).clip(0, len(known) - 1)
+            rows = rows_of(known, ids)
             ok = (known[rows] == ids) & ~np.isin(ids, self._deleted[modality])
         if not ok.all():
             raise UnknownItemError(f"no live {modality} items with ids {ids[~ok][:10].tolist()}")
@@ -293,14 +292,14 @@ def open_generation(root: Path, model_sha256: str | None = None, embed_dim: int 
     manifest.check_model(info.data, model_sha256, embed_dim)
     if verify_checksums:
         manifest.check_files(folder, info.data)
-    indexes, ids, vectors = {}, {}, {}
+    indexes, ids, vectors, copies = {}, {}, {}, {}
     for modality in MODALITIES:
-        indexes[modality], ids[modality], vectors[modality] = _load_modality(folder, info,
-                                                                             modality)
+        (indexes[modality], ids[modality], vectors[modality],
+         copies[modality]) = _load_modality(folder, info, modality)
     path = layout.items_file(folder)
     db = sqlite3.connect(layout.read_only_uri(path), uri=True, check_same_thread=False)
     try:
-        generation = Generation(root, info, indexes, ids, vectors, db)
+        generation = Generation(root, info, indexes, ids, vectors, copies, db)
     except sqlite3.DatabaseError as error:  # reached when checksums were not verified
         db.close()
         raise IndexCorruptError(f"{path}: unreadable ({error})") from None
@@ -308,8 +307,8 @@ def open_generation(root: Path, model_sha256: str | None = None, embed_dim: int 
     return generation
 
 
-def _load_modality(folder: Path, info: GenerationManifest,
-                   modality: str) -> tuple[faiss.Index, np.ndarray, np.ndarray]:
+def _load_modality(folder: Path, info: GenerationManifest, modality: str
+                   ) -> tuple[faiss.Index, np.ndarray, np.ndarray, Reduced | None]:
     files, section = layout.modality_files(folder, modality), info.section(modality)
     path = files.index
     try:  # `path` names the file that failed
@@ -320,6 +319,8 @@ def _load_modality(folder: Path, info: GenerationManifest,
         ids = np.load(path)
         path = files.vectors
         vectors = np.load(path, mmap_mode="r")
+        path = files.reduced
+        copy = reduced.load((files.projection, files.reduced), section.get("reduced"))
     except (RuntimeError, OSError, ValueError, IndexStoreError) as error:
         raise IndexCorruptError(f"{path}: unreadable ({error})") from None
     rows, dim = int(section["rows"]), info.embed_dim
@@ -327,12 +328,14 @@ def _load_modality(folder: Path, info: GenerationManifest,
                 f"{files.index.name} has dimension {index.d}" if index.d != dim else "",
                 f"{files.vectors.name} has shape {vectors.shape}"
                 if vectors.shape != (rows, dim) else "",
-                f"{files.ids.name} has {len(ids)} ids" if len(ids) != rows else ""]
+                f"{files.ids.name} has {len(ids)} ids" if len(ids) != rows else "",
+                f"{files.reduced.name} has {len(copy.rows)} rows"
+                if copy is not None and len(copy.rows) != rows else ""]
     problems = [p for p in problems if p]
     if problems:
         raise IndexCorruptError(f"{folder}: {'; '.join(problems)}, manifest says {rows} x {dim}")
     ann.apply_params(index, section["index"]["params"])
-    return index, ids, vectors
+    return index, ids, vectors, copy
 
 
 def _check_rows(generation: Generation) -> None:

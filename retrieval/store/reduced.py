@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 
 from retrieval import ann
-from retrieval.errors import IndexCorruptError
 from retrieval.rowscan import exact_neighbours, gather_rows, row_chunks
 
 KINDS = ("hnsw",)  # IVF indexes search a filter's matches list by list already
@@ -96,7 +95,8 @@ def build(vectors: np.ndarray, live: np.ndarray, queries: np.ndarray, kind: str,
              for part, mine in zip((tuning, held_out), ann.split_queries(own))]
     for count in dims:
         reduced = _project(vectors, mean, components[:count])
-        ranks = [_ranks(reduced[live], components[:count], part, known)
+        scanned = reduced[live] if len(live) < len(reduced) else reduced
+        ranks = [_ranks(scanned, components[:count], part, known)
                  for part, known in zip((tuning, held_out), truth)]
         rerank = next((r for r in RERANK_GRID if (ranks[0] < r).mean() >= target), None)
         if rerank is not None:
@@ -112,19 +112,17 @@ def build(vectors: np.ndarray, live: np.ndarray, queries: np.ndarray, kind: str,
 
 def load(files: tuple[Path, Path], section: dict[str, Any] | None) -> Reduced | None:
     """The reduced copy a manifest section describes (read into RAM: an eighth or less of
-    the vectors an HNSW index holds anyway), or None when the generation has none."""
+    the vectors an HNSW index holds anyway), or None when the generation has none. A file
+    that cannot be read raises OSError or ValueError; the store reports it as corrupt."""
     if not section:
         return None
-    try:
-        with np.load(files[0], allow_pickle=False) as parts:
-            mean, components = parts["mean"], parts["components"]
-        rows = np.load(files[1], allow_pickle=False)
-    except (OSError, ValueError, KeyError) as error:
-        raise IndexCorruptError(f"{files[0].parent}: reduced vectors unreadable ({error})"
-                                ) from None
+    with np.load(files[0], allow_pickle=False) as parts:
+        if not {"mean", "components"} <= set(parts.files):
+            raise ValueError(f"{files[0].name} holds {parts.files}, not mean and components")
+        mean, components = parts["mean"], parts["components"]
+    rows = np.load(files[1], allow_pickle=False)
     if rows.shape[1:] != (len(components),) or components.shape[1:] != mean.shape:
-        raise IndexCorruptError(f"{files[1]}: shape {rows.shape} does not fit components "
-                                f"{components.shape}")
+        raise ValueError(f"shape {rows.shape} does not fit components {components.shape}")
     return Reduced(mean, components, rows, int(section["rerank"]))
 
 

@@ -4,11 +4,21 @@ force over the filtered subset, like every other filtered path."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
+from retrieval.errors import IndexCorruptError
 from retrieval.filters import parse_filter
-from retrieval.store import ItemRecord, ModelIdentity, StoreOptions, open_generation, reduced
+from retrieval.store import (
+    ItemRecord,
+    ModelIdentity,
+    StoreOptions,
+    layout,
+    open_generation,
+    reduced,
+)
 from retrieval.store import write_generation as write
 
 DIM, COUNT, K = 64, 20_000, 10
@@ -117,3 +127,16 @@ def test_no_copy_beyond_what_the_memory_budget_leaves_beside_the_index(data, tmp
     assert reduced.build(images, np.arange(COUNT), texts, "hnsw", files, smallest - 1) is None
     section = reduced.build(images, np.arange(COUNT), texts, "hnsw", files, smallest)
     assert section is not None and section["components"] == reduced.DIMS[0]
+
+
+def test_a_reduced_copy_that_does_not_fit_its_generation_is_reported_as_corrupt(generation,
+                                                                               tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(generation.root, root)
+    path = layout.modality_files(layout.generation_dir(root, generation.name), "image").reduced
+    np.save(path, np.load(path)[:-1])  # one row short
+    with pytest.raises(IndexCorruptError, match="images.reduced.npy has 19999 rows"):
+        open_generation(root, verify_checksums=False)
+    path.write_bytes(b"not an array")
+    with pytest.raises(IndexCorruptError, match="images.reduced.npy: unreadable"):
+        open_generation(root, verify_checksums=False)
