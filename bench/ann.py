@@ -16,7 +16,7 @@ import time
 import faiss
 import numpy as np
 
-from retrieval import ann
+from retrieval import ann, rowscan, tuning
 
 
 def gap_data(count: int, queries: int, dim: int, latent: int = 32,
@@ -55,7 +55,7 @@ def main() -> None:
                "threads": faiss.omp_get_max_threads(),
                "auto_choice": ann.choose_index(args.count, args.dim, args.max_memory).factory}
     started = time.perf_counter()
-    ann.exact_neighbours(images, captions, 10)
+    rowscan.exact_neighbours(images, captions, 10)
     results["flat"] = {"recall_at_10": 1.0,
                        "qps": round(args.queries / (time.perf_counter() - started), 1)}
     print(json.dumps({"flat": results["flat"]}), flush=True)
@@ -64,7 +64,7 @@ def main() -> None:
         started = time.perf_counter()
         index = ann.build_index(spec, images, ids, max_train=args.max_train)
         built = time.perf_counter() - started
-        _, report = ann.tune(index, spec, images, ids, captions, query_source="captions")
+        _, report = tuning.tune(index, spec, images, ids, captions, query_source="captions")
         results[kind] = {"factory": spec.factory, "build_s": round(built, 1),
                          "memory_estimate_mb": round(spec.memory_bytes / 1e6, 1), **report}
         print(json.dumps({kind: results[kind]}), flush=True)

@@ -175,7 +175,7 @@ def ann_part(args: argparse.Namespace) -> dict:
     import faiss
     from ann import gap_data
 
-    from retrieval import ann
+    from retrieval import ann, tuning
 
     dim = 512
     images, captions = gap_data(args.ann_count, args.ann_queries, dim)
@@ -192,7 +192,7 @@ def ann_part(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     index = ann.build_index(spec, images, ids)
     build_s = time.perf_counter() - started
-    tuned, report = ann.tune(index, spec, images, ids, captions, query_source="captions")
+    tuned, report = tuning.tune(index, spec, images, ids, captions, query_source="captions")
     lookup = ann.sorted_lookup(ids, images)
     single_qps = len(singles) / _timed(
         lambda: [ann.search(index, q, 10, tuned.params, lookup) for q in singles])

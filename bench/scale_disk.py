@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.service import wait_ready
-from retrieval import ann
+from retrieval import rowscan
 from retrieval.store import open_generation
 
 LATENT, TUNING_TEXTS, QUERIES, K = 32, 2000, 100, 10
@@ -145,7 +145,7 @@ def exact(out: Path, queries: np.ndarray) -> list[list[int]]:
     """The true top-k ids, streaming over the stored image vectors (never loaded whole)."""
     with open_generation(out) as generation:
         ids, vectors = generation.all_vectors("image")
-        return ids[ann.exact_neighbours(vectors, queries, K)].tolist()
+        return ids[rowscan.exact_neighbours(vectors, queries, K)].tolist()
 
 
 def measure(count: int, dim: int, max_memory: str, index_type: str | None, partition: int,

@@ -35,6 +35,7 @@ from retrieval.store import (
     NewImage,
     NewText,
     Shard,
+    StoreOptions,
     append_items,
     drop_stale_add_jobs,
     linked_records,
@@ -67,7 +68,7 @@ def build(sources: Sequence[Path], out: Path, clip: ClipModel,
     job = (engine or Job)(out, identity, collection, config, None)
     records, vectors, problems = job.run(clip, start_id=1, progress=progress)
     info = {**_build_info(sources, collection, problems, clip), "engine": job.ENGINE}
-    name = write_generation(out, identity, records, vectors, config.store_options(), info)
+    name = write_generation(out, identity, records, vectors, job.store_options(), info)
     return job.finish(read_generation_manifest(out, name), records, problems, started)
 
 
@@ -163,6 +164,10 @@ class Job:
         # missing files and unreadable sidecars found while reading sources come first
         problems = self.collection.problems + problems
         return records, {"image": image_vectors, "text": text_vectors}, problems
+
+    def store_options(self) -> StoreOptions:
+        """How the store writes this job's generation (an engine may fill index blocks)."""
+        return self.config.store_options()
 
     def finish(self, written: GenerationManifest, records: list[ItemRecord],
                problems: list[Problem], started: float) -> Summary:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from retrieval.images import DEFAULT_MAX_PIXELS
+from retrieval.ondisk import BlockFiller, fill_here
 from retrieval.store import StoreOptions
 
 
@@ -24,8 +25,11 @@ class BuildConfig:
     index_kind: str | None = None
     precision: str = "auto"
 
-    def store_options(self) -> StoreOptions:
-        return StoreOptions(max_memory=self.max_memory, index_kind=self.index_kind)
+    def store_options(self, fill_blocks: BlockFiller = fill_here) -> StoreOptions:
+        """The store's options; `fill_blocks` runs an on-disk index's blocks (`--engine ray`:
+        `indexer.ray_build.fill_on_ray`)."""
+        return StoreOptions(max_memory=self.max_memory, index_kind=self.index_kind,
+                            fill_blocks=fill_blocks)
 
 
 DEFAULT_CONFIG = BuildConfig()  # frozen: one shared default for every job's signature

@@ -38,6 +38,7 @@ import numpy as np
 
 from indexer.config import DEFAULT_CONFIG, BuildConfig, Summary
 from retrieval.errors import IndexMismatchError, ManifestError, ModelLoadError
+from retrieval.ondisk import BlockFiller, fill_here
 from retrieval.progress import ProgressFactory
 from retrieval.rowscan import row_chunks
 from retrieval.store import (
@@ -191,7 +192,8 @@ def resolve_model(model: ModelIdentity | ExternalModel, dim: int, folder: Path) 
 
 def build_from_embeddings(folder: Path, out: Path, model: ModelIdentity | ExternalModel,
                           config: BuildConfig = DEFAULT_CONFIG,
-                          progress: ProgressFactory | None = None) -> Summary:
+                          progress: ProgressFactory | None = None,
+                          fill_blocks: BlockFiller = fill_here) -> Summary:
     """A new generation of `out` (ids from 1: images, then texts) from clip-retrieval's
     inference output in `folder`; nothing is encoded.
 
@@ -214,7 +216,7 @@ def build_from_embeddings(folder: Path, out: Path, model: ModelIdentity | Extern
                 "layout": "clip-retrieval", "shards": len(shards), "rescaled": kept.rescaled,
                 "skipped": sum(kept.skipped.values())}
         name = write_generation(out, identity, records, {m: staged[m].rows() for m in staged},
-                                config.store_options(), info)
+                                config.store_options(fill_blocks), info)
     finally:
         for rows in staged.values():
             rows.remove()

@@ -6,6 +6,8 @@ on Ray Data, on this machine or across a cluster.
     actors  `Encoder`: the model loaded once per actor, the single-process batch functions
     driver  rows -> parquet shards in the index's work folder (the store writes them)
             -> the same records (`Job._records`) -> `write_generation`
+    tasks   an on-disk IVF index's blocks of lists (`fill_on_ray`), merged on the driver;
+            also for `--from-embeddings` imports (`import_on_ray`)
 
 Ids, skipped files and embeddings equal the single-process build's: the same listing, the
 same decoder and batch functions, the same record builder; only where the work runs differs.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import functools
 import socket
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +29,21 @@ import numpy as np
 
 from indexer.build import Job, build
 from indexer.config import DEFAULT_CONFIG, BuildConfig, RayConfig, Summary
+from indexer.embeddings import ExternalModel, build_from_embeddings
 from indexer.sources import Collection
 from retrieval.errors import EngineError, IndexMismatchError, IndexStoreError
 from retrieval.manifest import Problem
 from retrieval.model import ClipModel
+from retrieval.ondisk import BlockJob, fill_block
 from retrieval.pipeline import ImageFile, TarMember, decode_image, decode_limits
 from retrieval.progress import Bar, ProgressFactory
-from retrieval.store import ModelIdentity, ParquetJobFolder, Shard, model_identity
+from retrieval.store import (
+    ModelIdentity,
+    ParquetJobFolder,
+    Shard,
+    StoreOptions,
+    model_identity,
+)
 
 # A Ray worker's own memory once torch and the decoder are imported (535 MiB measured): a
 # decode task reserves this plus what one decode may allocate (DecodeLimits.max_bytes).
@@ -88,6 +98,39 @@ def ray_session(config: RayConfig) -> Iterator[None]:
             ray.shutdown()
 
 
+def fill_on_ray(trained: Path, jobs: Iterable[BlockJob]) -> None:
+    """An on-disk index's blocks filled by Ray tasks in parallel (`ondisk.fill_block`, one
+    core each, at most one task a CPU in flight, so the driver holds that many chunks); the
+    store merges them on the driver. The trained index and the blocks are files in the
+    generation being written: on a cluster the index folder is on shared storage (README)."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(fill_block)
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    pending: list[Any] = []
+    try:
+        for job in jobs:
+            if len(pending) >= slots:
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)
+            pending.append(task.remote(trained, job.vectors, job.ids, job.out, threads=1))
+        ray.get(pending)
+    except ray.exceptions.RayError as error:
+        cause = str(error).strip().splitlines()
+        raise EngineError(f"filling the index's lists on Ray failed: "
+                          f"{cause[-1] if cause else error!r}") from None
+
+
+def import_on_ray(folder: Path, out: Path, model: ModelIdentity | ExternalModel,
+                  config: BuildConfig = DEFAULT_CONFIG, ray_config: RayConfig = DEFAULT_RAY,
+                  progress: ProgressFactory | None = None) -> Summary:
+    """`build_from_embeddings` with an on-disk index's lists filled on Ray (nothing is
+    encoded, so only that step runs there)."""
+    with ray_session(ray_config):
+        return build_from_embeddings(folder, out, model, config, progress,
+                                     fill_blocks=fill_on_ray)
+
+
 class RayJob(Job):
     """A `Job` whose pending shards are encoded by a Ray Data pipeline."""
 
@@ -100,6 +143,9 @@ class RayJob(Job):
         super().__init__(out, identity, collection, config, parent)
         self.model, self.ray_config = model, ray_config
         self.fingerprint = identity.sha256  # every actor's model must have it
+
+    def store_options(self) -> StoreOptions:
+        return self.config.store_options(fill_on_ray)
 
     def _encode(self, todo: dict[str, list[int]], clip: ClipModel, bars: dict[str, Bar]
                 ) -> dict[str, dict[int, Shard]]:

@@ -1,9 +1,8 @@
-"""Approximate nearest-neighbour indexes: choose a FAISS index by size and memory, build, tune.
+"""Approximate nearest-neighbour indexes: choose a FAISS index by size and memory, build, search
+(`retrieval.tuning` sets their search knobs against exact search).
 
 Every index is inner product over L2-normalised float32 vectors, wrapped in IndexIDMap2 so
-FAISS returns the store's stable item ids. Search parameters (nprobe, efSearch) are tuned with
-queries from the *other* modality, because that is what the index will be asked at serving
-time: captions look for images, images look for captions, and the two clouds sit apart.
+FAISS returns the store's stable item ids (an on-disk index holds them in its lists).
 
 The memory budget (`--max-memory`) counts what the index itself holds in RAM. IVF-PQ's
 re-ranking reads the stored float32 vectors, which the store opens memory-mapped (its
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,26 +23,18 @@ import numpy as np
 
 from retrieval import ondisk
 from retrieval.errors import IndexStoreError
-from retrieval.rowscan import exact_neighbours, gather_rows, row_chunks, rows_of
+from retrieval.rowscan import gather_rows, row_chunks, rows_of
 
 FLAT_MAX_COUNT = 20_000  # below this an exact scan is fast enough and needs no training
 IVFPQ_MIN_COUNT = 1024  # PQ trains 256 centroids per sub-quantizer: fewer points cannot
 HNSW_M = 32
 OPQ_ITERATIONS = 10
-MIN_TUNING_QUERIES = 50
-TARGET_RECALL = 0.95
 # IVF-PQ codes are lossy: fetch this many times k candidates, then score them exactly with
 # the stored float32 vectors. PQ ranking caps recall otherwise (0.82 at 200k x 512). The
 # tuner picks the factor with nprobe; this is the untuned default.
 RERANK_FACTOR = 8
 RERANK_BLOCK = 64  # queries re-ranked at once: 64 x 160 candidates x 512 floats = 21 MB
-# Grids of about 1.5x steps: doubling alone overshoots (at 200k, nprobe 256 gave 0.9494 and
-# the next step, 512, halved queries/s).
-NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768,
-               1024, 1536, 2048)
-EF_SEARCH_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-RERANK_GRID = (16, 8, 4, 2, 1)  # largest first (see _Probe.best)
-HOLD_OUT_EVERY = 5  # one tuning query in five is held out to report recall honestly
+IVF_PARALLEL_OVER_LISTS = 1  # faiss IndexIVF.parallel_mode (see apply_params)
 KINDS = ("flat", "hnsw", "ivfpq", "ivfpq-disk")
 DISK_KIND = "ivfpq-disk"  # inverted lists in a file beside the index (retrieval.ondisk)
 # KB/MB/GB are decimal, KiB/MiB/GiB binary; a bare K/M/G/T is binary, as autofaiss reads
@@ -61,6 +51,10 @@ MAX_TRAIN = 1 << 20  # the training sample's cap (2 GiB of float32 at 512 dimens
 # residuals PQ trains on, k-means' work: ~950 MB for a 200 MB sample of 512-d vectors,
 # measured), so the sample gets a sixth of the memory budget, and the lists follow the sample.
 TRAIN_SHARE = 6
+# IndexIDMap2 keeps each id twice: an int64 array and a reverse hash map (52 bytes a vector
+# in all at 1,000,000, measured: 67 bytes a vector of RSS over IndexFlatIP's 4 floats)
+ID_MAP_BYTES = 52
+OPQ_MAX_TRAIN = 65_536  # faiss's OPQMatrix.max_train_points
 MIN_TRAIN_POINTS = 10_000  # PQ's 256 centroids a sub-quantizer need 39 points each
 
 
@@ -88,16 +82,17 @@ def parse_memory(text: str | int) -> int:
 
 
 def flat_bytes(count: int, dim: int) -> int:
-    return count * (4 * dim + 8)  # vectors + the IDMap2 id arrays
+    return count * (4 * dim + ID_MAP_BYTES)
 
 
 def hnsw_bytes(count: int, dim: int, m: int = HNSW_M) -> int:
     # level 0 keeps 2*M int32 links per vector; upper levels add about 1/M of that again
-    return count * (4 * dim + 8 + int(2 * m * 4 * (1 + 1 / m)) + 8)
+    return count * (4 * dim + int(2 * m * 4 * (1 + 1 / m)) + 8 + ID_MAP_BYTES)
 
 
 def ivfpq_bytes(count: int, dim: int, pq_m: int, nlist: int) -> int:
-    return count * (pq_m + 8 + 8) + nlist * dim * 4 + dim * dim * 4
+    # a code and an int64 id in the lists, plus IndexIDMap2's maps
+    return count * (pq_m + 8 + ID_MAP_BYTES) + nlist * dim * 4 + dim * dim * 4
 
 
 def ivf_nlist(count: int, max_train: int = MAX_TRAIN) -> int:
@@ -126,6 +121,23 @@ def training_size(count: int, spec: IndexSpec) -> int:
     return min(count, wanted, max(MAX_TRAIN, MIN_TRAIN), spec.params.get("max_train", MAX_TRAIN))
 
 
+def disk_training(count: int, spec: IndexSpec) -> ondisk.Training:
+    """How many rows train an on-disk index: the sample of `training_size`; TRAIN_PER_LIST a
+    list for the coarse centroids (more than the sample when the budget caps it: see
+    `retrieval.coarse`); OPQ's subsample sized to the budget too (`opq_training_size`)."""
+    return ondisk.Training(training_size(count, spec),
+                           min(count, TRAIN_PER_LIST * int(spec.params.get("nlist", 1))),
+                           opq_training_size(spec), OPQ_ITERATIONS)
+
+
+def opq_training_size(spec: IndexSpec) -> int:
+    """OPQ trains on its own subsample (faiss's default: 65,536 rows) and holds about seven
+    copies of it (880 MB at 512 dimensions, measured), the largest peak of a build: a third of
+    the budget's sample (`train_cap`), at least what 256 centroids a sub-quantizer need."""
+    cap = int(spec.params.get("max_train", MAX_TRAIN))
+    return int(min(OPQ_MAX_TRAIN, max(MIN_TRAIN_POINTS, cap // 3)))
+
+
 def choose_index(count: int, dim: int, max_memory: int | str = "4GB",
                  kind: str | None = None) -> IndexSpec:
     """Flat for small corpora, HNSW when its graph fits the budget, IVF-PQ when its codes
@@ -152,9 +164,11 @@ def choose_index(count: int, dim: int, max_memory: int | str = "4GB",
 
 def _disk_spec(count: int, dim: int, budget: int) -> IndexSpec:
     """IVF-PQ with its lists on disk: RAM holds the centroids and the rotation only, so the
-    code can be as large as recall wants (disk is cheap); refused when even those do not fit."""
+    code can be as large as recall wants (disk is cheap); refused when even those do not fit.
+    The lists are not capped by the sample the budget allows: their centroids are trained by
+    two-level k-means over more rows (`coarse_training_size`, `retrieval.coarse`)."""
     cap = train_cap(dim, budget)
-    nlist, pq_m = ivf_nlist(count, cap), ondisk.disk_pq_bytes(dim)
+    nlist, pq_m = ivf_nlist(count), ondisk.disk_pq_bytes(dim)
     opq = dim // pq_m >= 8
     resident = ondisk.resident_bytes(dim, nlist, opq)
     if resident > budget:
@@ -205,7 +219,8 @@ def build_index(spec: IndexSpec, vectors: np.ndarray, ids: np.ndarray,
     if spec.params.get("opq"):
         # faiss's default 50 OPQ rounds cost minutes on a few cores for little recall
         chain = faiss.downcast_index(index.index).chain
-        faiss.downcast_VectorTransform(chain.at(0)).niter = OPQ_ITERATIONS
+        rotation = faiss.downcast_VectorTransform(chain.at(0))
+        rotation.niter, rotation.max_train_points = OPQ_ITERATIONS, opq_training_size(spec)
     if not index.is_trained:
         sample = vectors
         max_train = training_size(len(vectors), spec) if max_train is None else max_train
@@ -225,11 +240,18 @@ def add(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, chunk: int = 6
 
 
 def apply_params(index: faiss.Index, params: dict[str, Any]) -> None:
-    """Set the query-time knobs (nprobe / efSearch) that `params` names."""
+    """Set the query-time knobs (nprobe / efSearch) that `params` names.
+
+    An IVF index searches its probed lists in parallel (faiss's parallel_mode 1) rather than
+    its queries: the service mostly asks one query per call, which mode 0 runs on one core
+    (at 300k vectors, nprobe 192: 3.1 ms -> 1.6 ms a query on 2 cores), while batches of
+    queries lose about 3 %."""
     space = faiss.ParameterSpace()
     for name in ("nprobe", "efSearch"):
         if name in params:
             space.set_index_parameter(index, name, int(params[name]))
+    if "nprobe" in params:
+        faiss.extract_index_ivf(index).parallel_mode = IVF_PARALLEL_OVER_LISTS
 
 
 def search_parameters(spec_kind: str, params: dict[str, Any],
@@ -281,111 +303,3 @@ def sorted_lookup(ids: np.ndarray, vectors: np.ndarray) -> VectorLookup:
     def lookup(wanted: np.ndarray) -> np.ndarray:
         return gather_rows(vectors, rows_of(ids, wanted))
     return lookup
-
-
-def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
-    """Fraction of the true top-k ids found in the returned top-k, averaged over queries."""
-    hits = sum(len(set(row[row >= 0]) & set(true)) for row, true in zip(found, truth))
-    return hits / max(truth.size, 1)
-
-
-def split_queries(queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(tuning, held-out) queries: every HOLD_OUT_EVERY-th query is kept apart, so the recall
-    a generation reports was measured on queries the tuner never saw."""
-    held = np.zeros(len(queries), dtype=bool)
-    held[HOLD_OUT_EVERY - 1::HOLD_OUT_EVERY] = True
-    return queries[~held], queries[held]
-
-
-def tune(index: faiss.Index, spec: IndexSpec, vectors: np.ndarray, ids: np.ndarray,
-         queries: np.ndarray, query_source: str, k: int = 10,
-         target: float = TARGET_RECALL) -> tuple[IndexSpec, dict[str, Any]]:
-    """Pick the fastest search parameters whose recall@k against exact search reaches `target`.
-
-    `queries` (nq, d) come from the other modality; a fifth of them are held out and the
-    report's `recall_at_k` is measured on those at the chosen parameters (`tuning_recall_at_k`
-    on the rest). HNSW turns efSearch; IVF-PQ turns nprobe and the re-rank factor together.
-    With too few queries tuning is skipped.
-    """
-    if len(queries) < MIN_TUNING_QUERIES or len(ids) == 0:
-        return spec, {"skipped": f"{len(queries)} cross-modal queries "
-                                 f"(< {MIN_TUNING_QUERIES}); {spec.kind} left at defaults",
-                      "query_source": query_source}
-    k = min(k, len(ids))
-    tuning, held_out = split_queries(np.ascontiguousarray(queries, dtype=np.float32))
-    lookup = sorted_lookup(ids, vectors)
-    probe = _Probe(index, spec, tuning, ids[exact_neighbours(vectors, tuning, k)], k, lookup)
-    params, recall, qps = probe.best(target)
-    held_truth = ids[exact_neighbours(vectors, held_out, k)]
-    held_recall, _ = _measure(index, params, held_out, held_truth, k, lookup)
-    apply_params(index, params)
-    name = probe.name
-    report = {"query_source": query_source, "queries": len(queries), "k": k,
-              f"recall_at_{k}": round(held_recall, 4), "held_out_queries": len(held_out),
-              f"tuning_recall_at_{k}": round(recall, 4), "qps": round(qps, 1),
-              "target": target, "param": name, "value": params.get(name) if name else 0,
-              "rerank": int(params.get("rerank", 1)), "curve": probe.curve}
-    return IndexSpec(spec.kind, spec.factory, spec.memory_bytes, params), report
-
-
-class _Probe:
-    """Measures parameter settings on the tuning queries and remembers the curve."""
-
-    def __init__(self, index: faiss.Index, spec: IndexSpec, queries: np.ndarray,
-                 truth: np.ndarray, k: int, lookup: VectorLookup):
-        self.index, self.spec, self.queries, self.truth, self.k = index, spec, queries, truth, k
-        self.lookup = lookup
-        self.name, self.values = _knob(spec)
-        self.curve: list[dict[str, Any]] = []
-
-    def measure(self, value: int, rerank: int | None) -> tuple[dict[str, Any], float, float]:
-        params = dict(self.spec.params)
-        if self.name:
-            params[self.name] = value
-        if rerank is not None:
-            params["rerank"] = rerank
-        recall, qps = _measure(self.index, params, self.queries, self.truth, self.k, self.lookup)
-        point = {self.name or "exact": value, "recall": round(recall, 4), "qps": round(qps, 1)}
-        self.curve.append(point if rerank is None else {**point, "rerank": rerank})
-        return params, recall, qps
-
-    def best(self, target: float) -> tuple[dict[str, Any], float, float]:
-        """The fastest setting reaching `target`, else the most accurate one measured.
-
-        Re-rank factors are tried from the largest down; a smaller factor needs at least the
-        nprobe a larger one needed, so each scan starts where the last one stopped and the
-        whole grid costs about one pass over nprobe plus one point per factor."""
-        factors = RERANK_GRID if self.spec.kind in ("ivfpq", DISK_KIND) else (None,)
-        met: list[tuple[dict[str, Any], float, float]] = []
-        fallback, start = None, 0
-        for factor in factors:
-            for position in range(start, len(self.values)):
-                measured = self.measure(self.values[position], factor)
-                if fallback is None or measured[1] > fallback[1]:
-                    fallback = measured
-                if measured[1] >= target:
-                    met.append(measured)
-                    start = position
-                    break
-            else:
-                break  # even the widest search misses: smaller factors will too
-        chosen = max(met, key=lambda m: m[2]) if met else fallback
-        assert chosen is not None  # the grids are never empty
-        return chosen
-
-
-def _knob(spec: IndexSpec) -> tuple[str | None, list[int]]:
-    if spec.kind in ("ivfpq", DISK_KIND):
-        return "nprobe", [p for p in NPROBE_GRID if p <= spec.params["nlist"]]
-    if spec.kind == "hnsw":
-        return "efSearch", list(EF_SEARCH_GRID)
-    return None, [0]
-
-
-def _measure(index: faiss.Index, params: dict[str, Any], queries: np.ndarray,
-             truth: np.ndarray, k: int, lookup: VectorLookup) -> tuple[float, float]:
-    apply_params(index, params)
-    started = time.perf_counter()
-    found = search(index, np.ascontiguousarray(queries, dtype=np.float32), k, params, lookup)[1]
-    elapsed = max(time.perf_counter() - started, 1e-9)
-    return recall_at(found, truth), len(queries) / elapsed

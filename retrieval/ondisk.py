@@ -1,13 +1,15 @@
 """IVF-PQ indexes whose inverted lists live on disk, for corpora larger than RAM.
 
 Built the way faiss's on-disk merge demo and autofaiss build them: train the coarse quantizer
-and the PQ codebooks (and OPQ's rotation) on a sample, fill one *block* of lists per chunk of
-vectors from an empty copy of the trained index, then merge every block into one lists file
-(`faiss.OnDiskInvertedLists`) that the search opens memory-mapped. What stays in RAM while
-serving is the quantizer's centroids and the rotation (`resident_bytes`); the codes are paged
-in by the OS as probes touch them. Building needs memory for one chunk plus the trained index,
-never for the corpus, and the blocks can be filled anywhere (`fill_block` is a plain function
-over files, so Ray tasks can run it in parallel).
+and the PQ codebooks (and OPQ's rotation) on a sample (the coarse centroids on more rows by
+two-level k-means when the lists outnumber what the sample feeds: `retrieval.coarse`), fill
+one *block* of lists per chunk of vectors from an empty copy of the trained index, then merge
+every block into one lists file (`faiss.OnDiskInvertedLists`) that the search opens
+memory-mapped. What stays in RAM while serving is the quantizer's centroids and the rotation
+(`resident_bytes`); the codes are paged in by the OS as probes touch them. Building needs
+memory for one chunk plus the trained index, never for the corpus, and the blocks can be
+filled anywhere: `fill_block` is a plain function over files, run here (`fill_here`) or in
+Ray tasks in parallel (`indexer.ray_build.fill_on_ray`).
 
 The index holds the store's item ids itself (IVF lists store ids), so it is not wrapped in
 IndexIDMap2, whose id map would grow with the corpus in RAM.
@@ -15,9 +17,10 @@ IndexIDMap2, whose id map would grow with the corpus in RAM.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -25,11 +28,21 @@ from typing import NamedTuple
 import faiss
 import numpy as np
 
+from retrieval import coarse
 from retrieval.errors import IndexStoreError
 from retrieval.rowscan import gather_rows, row_chunks
 
 BLOCK_ROWS = 1 << 16  # vectors a block holds: 128 MiB of float32 at 512 dimensions
 DISK_PQ_BYTES = (64, 48, 32, 24, 16, 8)  # codes on disk cost no RAM: the largest that divides
+
+
+class Training(NamedTuple):
+    """How many rows train each part of an on-disk index (chosen by `ann` from the budget)."""
+
+    sample: int  # the in-memory sample: PQ codebooks, and the coarse centroids by default
+    coarse: int = 0  # more than `sample`: coarse centroids by two-level k-means over these
+    rotation: int = 65_536  # OPQ's own subsample (faiss's default), the largest copy it holds
+    rotation_iterations: int = 10
 
 
 class DiskFiles(NamedTuple):
@@ -51,25 +64,77 @@ def lists_bytes(count: int, pq_m: int) -> int:
     return count * (pq_m + 8)
 
 
-def train(factory: str, sample: np.ndarray, opq_iterations: int) -> faiss.Index:
-    """An empty, trained index from `sample` (m, d) unit vectors."""
+# given what maps vectors before the lists (OPQ's rotation, else nothing), the mapped sample
+# and nlist: the (nlist, d) coarse centroids, trained on more rows than the sample
+CoarseTrainer = Callable[[coarse.Transform, np.ndarray, int], np.ndarray]
+
+
+def train(factory: str, sample: np.ndarray, sizes: Training,
+          trainer: CoarseTrainer | None = None) -> faiss.Index:
+    """An empty, trained index from `sample` (m, d) unit vectors; with a `trainer`, its coarse
+    centroids come from that instead of the sample (`retrieval.coarse`), the rotation and the
+    PQ codebooks still from the sample."""
     index = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    transform: coarse.Transform = np.asarray
     if isinstance(index, faiss.IndexPreTransform):
-        faiss.downcast_VectorTransform(index.chain.at(0)).niter = opq_iterations
-    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        rotation = faiss.downcast_VectorTransform(index.chain.at(0))
+        rotation.niter, rotation.max_train_points = sizes.rotation_iterations, sizes.rotation
+        if trainer is not None:  # the lists live in the rotated space: rotate first
+            rotation.train(sample)
+            transform = rotation.apply
+    if trainer is not None:
+        ivf = faiss.extract_index_ivf(index)
+        ivf.quantizer.add(trainer(transform, transform(sample), ivf.nlist))  # then not retrained
+    index.train(sample)
     return index
 
 
-def fill_block(trained: Path, vectors: np.ndarray, ids: np.ndarray, out: Path) -> int:
+class BlockJob(NamedTuple):
+    """One block to fill: a chunk of vectors (n, d), their ids (n,), the block file."""
+
+    vectors: np.ndarray
+    ids: np.ndarray
+    out: Path
+
+
+# fills every job's block from the trained index's file (this process: `fill_here`; Ray
+# tasks: `indexer.ray_build.fill_on_ray`); the jobs are produced lazily, a chunk at a time
+BlockFiller = Callable[[Path, Iterable[BlockJob]], None]
+
+
+def fill_here(trained: Path, jobs: Iterable[BlockJob]) -> None:
+    for job in jobs:
+        fill_block(trained, *job)
+
+
+def fill_block(trained: Path, vectors: np.ndarray, ids: np.ndarray, out: Path,
+               threads: int | None = None) -> int:
     """Encode one chunk (n, d) under `ids` (n,) into a block file; returns n. Reads the trained
-    index from a file, so it runs the same in this process or a worker elsewhere."""
+    index from a file, so it runs the same in this process or a worker elsewhere (`threads`:
+    the cores faiss may use there, when a worker shares its machine with others)."""
+    if threads is not None:
+        faiss.omp_set_num_threads(threads)
     index = faiss.read_index(str(trained))
     index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
                        np.ascontiguousarray(ids, dtype=np.int64))
     temp = out.with_name(out.name + ".tmp")
-    faiss.write_index(index, str(temp))
+    writer = faiss.FileIOWriter(str(temp))  # the lists alone: the merge needs no quantizer
+    faiss.write_InvertedLists(faiss.extract_index_ivf(index).invlists, writer)
+    del writer  # closes the file
     os.replace(temp, out)
     return len(ids)
+
+
+def _block_lists(path: Path) -> faiss.Index:
+    """A block's lists, memory-mapped (pages are read as the merge copies them), held by a
+    small IVF index that owns them, so they are unmapped when it is freed (faiss's Python
+    wrapper cannot own an InvertedLists itself)."""
+    lists = faiss.read_InvertedLists(faiss.FileIOReader(str(path)), faiss.IO_FLAG_MMAP)
+    size = lists.code_size
+    holder = faiss.IndexIVFPQ(faiss.IndexFlatIP(size), size, lists.nlist, size, 8)
+    holder.replace_invlists(lists, True)  # (the wrapper keeps its empty quantizer alive)
+    return holder
 
 
 def merge_blocks(trained: Path, blocks: Sequence[Path], files: DiskFiles,
@@ -82,7 +147,7 @@ def merge_blocks(trained: Path, blocks: Sequence[Path], files: DiskFiles,
     index = faiss.read_index(str(trained))
     ivf = faiss.extract_index_ivf(index)
     lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(files.lists))
-    opened = [faiss.read_index(str(block), faiss.IO_FLAG_MMAP) for block in blocks]
+    opened = [_block_lists(block) for block in blocks]
     pointers = faiss.InvertedListsPtrVector()
     for source in ([base] if base is not None else []) + opened:
         pointers.push_back(faiss.extract_index_ivf(source).invlists)
@@ -108,25 +173,45 @@ def _stdout_to_stderr() -> Iterator[None]:
 
 
 def build(factory: str, vectors: np.ndarray, ids: np.ndarray, files: DiskFiles,
-          sample_rows: int, opq_iterations: int, seed: int = 0) -> faiss.Index:
-    """Train on a seeded sample, fill blocks chunk by chunk, merge into `files`; returns the
-    index, loaded as `load` does."""
-    rows = np.random.default_rng(seed).choice(len(vectors), min(sample_rows, len(vectors)),
-                                              replace=False)
+          sizes: Training, seed: int = 0, fill: BlockFiller = fill_here) -> faiss.Index:
+    """Train on a seeded sample, fill blocks chunk by chunk (with `fill`), merge into `files`;
+    returns the index, loaded as `load` does. When `sizes.coarse` is more than the sample,
+    the coarse centroids are trained on that many rows by two-level k-means
+    (`retrieval.coarse`), which needs no more memory than the sample does."""
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(vectors), min(sizes.sample, len(vectors)), replace=False)
+    wide = min(sizes.coarse, len(vectors))
+    picked = np.sort(rng.choice(len(vectors), wide, replace=False)) if wide > len(rows) else None
+    scratch = files.index.with_name(files.index.name + ".coarse.npy")
+
+    def two_level(transform: coarse.Transform, mapped: np.ndarray, nlist: int) -> np.ndarray:
+        return coarse.centroids(vectors, picked, nlist, mapped, transform, scratch, seed)
+
     trained = files.index.with_name(files.index.name + ".trained")
-    faiss.write_index(train(factory, gather_rows(vectors, np.sort(rows)), opq_iterations),
-                      str(trained))
-    return _fill_and_merge(trained, vectors, ids, files, base=None)
+    faiss.write_index(train(factory, gather_rows(vectors, np.sort(rows)), sizes,
+                            two_level if picked is not None else None), str(trained))
+    _return_freed_heap()  # the sample and training's copies: the rest of the build is small
+    return _fill_and_merge(trained, vectors, ids, files, None, fill)
+
+
+def _return_freed_heap() -> None:
+    """Hand the heap that training freed back to the kernel: glibc keeps freed blocks in its
+    arenas otherwise, and they count in the process's resident memory for the rest of the
+    build (a no-op where the C library is not glibc)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def extend(base: faiss.Index, vectors: np.ndarray, ids: np.ndarray,
-           files: DiskFiles) -> faiss.Index:
+           files: DiskFiles, fill: BlockFiller = fill_here) -> faiss.Index:
     """A new on-disk index in `files` holding `base`'s lists plus `vectors` (n, d) under
     `ids`, encoded with `base`'s own quantizer and codebooks (nothing is retrained, and what
     `base` holds is copied list by list, never loaded whole)."""
     trained = files.index.with_name(files.index.name + ".trained")
     faiss.write_index(_emptied(base), str(trained))
-    return _fill_and_merge(trained, vectors, ids, files, base=base)
+    return _fill_and_merge(trained, vectors, ids, files, base, fill)
 
 
 def _emptied(index: faiss.Index) -> faiss.Index:
@@ -142,15 +227,14 @@ def _emptied(index: faiss.Index) -> faiss.Index:
 
 
 def _fill_and_merge(trained: Path, vectors: np.ndarray, ids: np.ndarray, files: DiskFiles,
-                    base: faiss.Index | None) -> faiss.Index:
+                    base: faiss.Index | None, fill: BlockFiller) -> faiss.Index:
     """Blocks of BLOCK_ROWS vectors from `trained`, merged (after `base`) into the final
     files; the trained index and the blocks are scratch files, removed before returning."""
-    blocks = []
+    blocks = [files.index.with_name(f"{files.index.name}.block-{number:05d}")
+              for number in range(-(-len(vectors) // BLOCK_ROWS))]
     try:
-        for number, (start, part) in enumerate(row_chunks(vectors, BLOCK_ROWS)):
-            block = files.index.with_name(f"{files.index.name}.block-{number:05d}")
-            fill_block(trained, part, ids[start:start + BLOCK_ROWS], block)
-            blocks.append(block)
+        fill(trained, (BlockJob(part, ids[start:start + BLOCK_ROWS], blocks[number])
+                       for number, (start, part) in enumerate(row_chunks(vectors, BLOCK_ROWS))))
         merge_blocks(trained, blocks, files, base)
     finally:
         for scratch in [trained, *blocks]:
@@ -173,6 +257,9 @@ def load(files: DiskFiles) -> faiss.Index:
     lists.filename = str(files.lists)
     lists.read_only = True
     lists.do_mmap()
+    # faiss starts prefetch threads on every search to touch the probed lists first; with the
+    # lists in the page cache that costs more than it saves (nprobe 192: 4.2 -> 2.8 ms)
+    lists.prefetch_nthread = 0
     return index
 
 

@@ -64,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     config_flags(build_parser, BuildConfig, BUILD_FLAGS)
     build_parser.add_argument("--engine", choices=("local", "ray"), default="local",
                               help="encode in this process, or on Ray Data (this machine, or "
-                                   "a cluster with --ray-address) (default: %(default)s)")
+                                   "a cluster with --ray-address); an on-disk index's lists "
+                                   "are then filled in Ray tasks too (default: %(default)s)")
     config_flags(build_parser, RayConfig, RAY_FLAGS)
     build_parser.set_defaults(func=cmd_build)
 
@@ -187,6 +188,12 @@ def _build_from_embeddings(args: argparse.Namespace) -> int:
                              "embeddings (e.g. ViT-B-32:openai), or external:NAME to record one "
                              "clipdex cannot load (vector and item queries only)")
     model = parse_model(args.model) or model_identity(_load(args, backend="torch"))
+    if args.engine == "ray":  # an on-disk index's lists are filled in Ray tasks
+        from indexer.ray_build import RayConfig, import_on_ray
+
+        _report(import_on_ray(args.from_embeddings, args.out, model, _config(args),
+                              config_from(args, RayConfig), progress=tqdm_progress))
+        return 0
     _report(build_from_embeddings(args.from_embeddings, args.out, model, _config(args),
                                   progress=tqdm_progress))
     return 0

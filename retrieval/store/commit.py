@@ -17,7 +17,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval import ann, ondisk
+from retrieval import ann, ondisk, tuning
 from retrieval.digest import sha256_file
 from retrieval.errors import IndexStoreError
 from retrieval.rowscan import RowWriter, gather_rows, row_chunks
@@ -35,8 +35,10 @@ Fill = Callable[[sqlite3.Connection], None]  # writes the new items table's rows
 @dataclass(frozen=True)
 class StoreOptions:
     max_memory: int | str = "4GB"
-    index_kind: str | None = None  # force "flat", "hnsw" or "ivfpq"
+    index_kind: str | None = None  # force "flat", "hnsw", "ivfpq" or "ivfpq-disk"
     compact_ratio: float = COMPACT_RATIO
+    # who fills an on-disk index's blocks: this process, or Ray tasks (`--engine ray`)
+    fill_blocks: ondisk.BlockFiller = ondisk.fill_here
 
 
 @dataclass
@@ -52,12 +54,17 @@ class Table:
     # and grown in RAM, so its new rows are merged in when the generation is written
     pending: tuple[np.ndarray, np.ndarray] | None = None
 
-    def compacted(self) -> Table:
+    def compacted(self, scratch: Path) -> Table:
         """The live rows only, to be indexed anew; an on-disk index's spec is kept, so the
-        rebuilt index stays on disk (the rows are gathered in RAM: see the README)."""
+        rebuilt index stays on disk, and its live rows are copied a chunk at a time into
+        `scratch` (mapped back) instead of gathered in RAM."""
         keep = ~self.deleted
-        spec = self.spec if self.spec is not None and self.spec.kind == ann.DISK_KIND else None
-        return Table(self.ids[keep], self.vectors[keep], self.deleted[keep], spec=spec)
+        if self.spec is None or self.spec.kind != ann.DISK_KIND:
+            return Table(self.ids[keep], np.asarray(self.vectors)[keep], self.deleted[keep])
+        with RowWriter(scratch, self.vectors.shape[1], int(keep.sum())) as out:
+            for start, part in row_chunks(self.vectors):
+                out.write(part[keep[start:start + len(part)]])
+        return Table(self.ids[keep], out.rows(), self.deleted[keep], spec=self.spec)
 
 
 @dataclass(frozen=True)
@@ -175,7 +182,7 @@ def _write_tables(folder: Path, tables: dict[str, Table],
         queries = gather_rows(other.vectors, live)  # never fancy-index a mapped file
         files = layout.modality_files(folder, modality)
         index, spec = _index_for(table, options, ondisk.DiskFiles(files.index, files.lists))
-        spec, report = ann.tune(index, spec, table.vectors, table.ids, queries,
+        spec, report = tuning.tune(index, spec, table.vectors, table.ids, queries,
                                 query_source=PLURAL[other_modality])
         if spec.kind != ann.DISK_KIND:  # an on-disk index wrote its own files
             faiss.write_index(index, str(files.index))
@@ -210,11 +217,10 @@ def _index_for(table: Table, options: StoreOptions,
         return ann.build_index(wanted, table.vectors, table.ids), wanted
     if reuse:  # the parent's lists are copied list by list, the new rows merged in
         ids, vectors = table.pending or (np.zeros(0, np.int64), np.zeros((0, dim), np.float32))
-        return ondisk.extend(table.index, vectors, ids, files), table.spec
+        return ondisk.extend(table.index, vectors, ids, files, options.fill_blocks), table.spec
     # build anew (no parent index, or compaction dropped it): its files go into `folder`
-    sample = ann.training_size(len(table.ids), wanted)
-    return ondisk.build(wanted.factory, table.vectors, table.ids, files, sample,
-                        ann.OPQ_ITERATIONS), wanted
+    return ondisk.build(wanted.factory, table.vectors, table.ids, files,
+                        ann.disk_training(len(table.ids), wanted), fill=options.fill_blocks), wanted
 
 
 def save_rows(path: Path, *parts: np.ndarray, chunk: int = 1 << 16) -> None:

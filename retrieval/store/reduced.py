@@ -12,7 +12,7 @@ scores can be missed.
 
 The number of components and `rerank` are chosen when the generation is written, on its own
 vectors: the fewest components, then the smallest `rerank`, whose candidates hold the exact
-top-k of the tuning queries (cross-modal, as `ann.tune`'s) over the whole modality at the
+top-k of the tuning queries (cross-modal, as `tuning.tune`'s) over the whole modality at the
 store's recall target. The whole modality is the hard case: a filter leaves fewer
 competitors near each query, so a subset's true neighbours rank higher among its reduced
 scores than the whole set's do. When no setting reaches the target (vectors whose variance
@@ -27,14 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from retrieval import ann
 from retrieval.rowscan import exact_neighbours, gather_rows, row_chunks
+from retrieval.tuning import TARGET_RECALL, split_queries
 
 KINDS = ("hnsw",)  # IVF indexes search a filter's matches list by list already
 DIMS = (32, 64, 128)  # components tried, fewest first; only those under half the dimension
 RERANK_GRID = (50, 100, 200, 400, 800)
 SAMPLE_ROWS = 100_000  # rows the components are fitted on
-TUNING_QUERIES = 250  # a fifth held out to report recall, as ann.tune does
+TUNING_QUERIES = 250  # a fifth held out to report recall, as tuning.tune does
 MIN_ROWS = 20_000  # below this an exact scan of any filter's matches is cheap enough
 MIN_QUERIES = 50  # cross-modal queries needed to tune on them rather than on own rows
 
@@ -73,7 +73,7 @@ class Reduced:
 
 def build(vectors: np.ndarray, live: np.ndarray, queries: np.ndarray, kind: str,
           files: tuple[Path, Path], spare: float = np.inf, k: int = 10,
-          target: float = ann.TARGET_RECALL) -> dict[str, Any] | None:
+          target: float = TARGET_RECALL) -> dict[str, Any] | None:
     """Fit, tune and write the reduced copy of `vectors` (n, d) (`live`: ascending row
     positions of the live items) to `files` (components .npz, rows .npy); its manifest
     section, or None when the index kind needs none, the modality is small, no copy fits in
@@ -90,14 +90,14 @@ def build(vectors: np.ndarray, live: np.ndarray, queries: np.ndarray, kind: str,
     components = np.ascontiguousarray(basis[:, ::-1][:, :dims[-1]].T, dtype=np.float32)
     live_rows = _Subset(vectors, live)
     asked, own = _queries(live_rows, queries, rng)
-    tuning, held_out = ann.split_queries(asked)
+    tuned, held_out = split_queries(asked)
     truth = [_truth(live_rows, part, k, mine)
-             for part, mine in zip((tuning, held_out), ann.split_queries(own))]
+             for part, mine in zip((tuned, held_out), split_queries(own))]
     for count in dims:
         reduced = _project(vectors, mean, components[:count])
         scanned = reduced[live] if len(live) < len(reduced) else reduced
         ranks = [_ranks(scanned, components[:count], part, known)
-                 for part, known in zip((tuning, held_out), truth)]
+                 for part, known in zip((tuned, held_out), truth)]
         rerank = next((r for r in RERANK_GRID if (ranks[0] < r).mean() >= target), None)
         if rerank is not None:
             np.savez(files[0], mean=mean.astype(np.float32), components=components[:count])

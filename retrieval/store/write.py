@@ -163,27 +163,28 @@ def _derive(root: Path, parent: Generation, model: ModelIdentity, changes: Chang
     for stale in layout.stale_scratch(root):  # a killed writer's; we hold the lock now
         stale.unlink(missing_ok=True)
     scratch = {m: layout.scratch_rows(root, f"{parent.name}-{m}") for m in MODALITIES}
+    live = {m: layout.scratch_rows(root, f"{parent.name}-{m}-live") for m in MODALITIES}
     try:
         tables = {m: _grown_table(parent, m, [r for r in add if r.modality == m],
                                   vectors.get(m), doomed, scratch[m]) for m in MODALITIES}
         return _commit_derived(root, parent, model, add, doomed, tables, changes.compact,
-                               options, build_info)
+                               options, build_info, live)
     finally:
-        for path in scratch.values():
+        for path in [*scratch.values(), *live.values()]:
             path.unlink(missing_ok=True)
 
 
 def _commit_derived(root: Path, parent: Generation, model: ModelIdentity,
                     add: list[ItemRecord], doomed: set[int], tables: dict[str, Table],
                     compact: bool | None, options: StoreOptions,
-                    build_info: dict[str, Any]) -> GenerationManifest:
+                    build_info: dict[str, Any], live: dict[str, Path]) -> GenerationManifest:
     rows = sum(len(t.ids) for t in tables.values())
     dead = sum(int(t.deleted.sum()) for t in tables.values())
     on_disk = any(t.spec is not None and t.spec.kind == ann.DISK_KIND for t in tables.values())
-    if compact is None:  # never on its own for an index on disk: compacting gathers in RAM
+    if compact is None:  # never on its own for an index on disk: compacting retrains it
         compact = rows > 0 and dead / rows > options.compact_ratio and not on_disk
-    if compact:
-        tables = {m: t.compacted() for m, t in tables.items()}
+    if compact:  # an on-disk table's live rows go through `live` (a scratch file)
+        tables = {m: t.compacted(live[m]) for m, t in tables.items()}
     next_id = max([parent.next_id] + [r.id + 1 for r in add])
 
     def fill(db: sqlite3.Connection) -> None:

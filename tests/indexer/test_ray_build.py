@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 
 import indexer.build
+import indexer.ray_build
 from clipdex.main import main
 from indexer.build import BuildConfig, build
 from indexer.ray_build import ModelSpec, RayConfig, build_on_ray
+from retrieval import ondisk
 from retrieval.demo import ensure_demo_corpus
-from retrieval.store import open_generation
+from retrieval.store import layout, open_generation
 from tests.conftest import COLOURS, make_image
-from tests.indexer.helpers import img2dataset_shard
+from tests.indexer.helpers import img2dataset_shard, sample_partitions, write_clip_retrieval
 
 ROOT = Path(__file__).resolve().parents[2]
 # small shards and batches: several of each, so shards complete out of order
@@ -135,3 +137,28 @@ def test_the_single_process_build_never_imports_ray(tmp_path):
                             timeout=300)
     assert result.stdout.splitlines()[-1] == "0 False", result.stderr[-2000:]
     assert json.loads("\n".join(result.stdout.splitlines()[:-1]))["images"] == 1
+
+
+def test_an_import_on_ray_fills_the_on_disk_lists_in_tasks_as_this_process_would(
+        ray_local, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ondisk, "BLOCK_ROWS", 1500)  # three blocks a modality
+    monkeypatch.setattr(ondisk, "DISK_PQ_BYTES", (8,))  # 32 codebooks train too long here
+    folder = write_clip_retrieval(tmp_path / "e", sample_partitions(32, sizes=(2500, 1500)))
+    filled, on_ray = [], indexer.ray_build.fill_on_ray
+
+    def counted(trained, jobs):
+        jobs = list(jobs)
+        filled.append(len(jobs))
+        on_ray(trained, jobs)
+
+    monkeypatch.setattr(indexer.ray_build, "fill_on_ray", counted)
+    command = ["index", "build", "--from-embeddings", str(folder), "--model",
+               "external:synthetic", "--index-type", "ivfpq-disk"]
+    assert main([*command, "--out", str(tmp_path / "here")]) == 0
+    assert main([*command, "--out", str(tmp_path / "ray"), "--engine", "ray"]) == 0, \
+        capsys.readouterr().err
+    assert filled == [3, 3]  # the images' and the captions' blocks went to Ray tasks
+    here, ray = (layout.generation_dir(tmp_path / name, "000001") for name in ("here", "ray"))
+    for lists in ("images.ivfdata", "texts.ivfdata"):  # the same codes under the same ids
+        assert (ray / lists).read_bytes() == (here / lists).read_bytes()
+    assert not list(ray.glob("*.block-*")) and not list(ray.glob("*.trained"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval import ann
+from retrieval import ann, rowscan, tuning
 from tests.retrieval.helpers import modality_gap_data
 
 
@@ -23,12 +23,12 @@ def test_choice_at_the_boundaries(count, budget, kind):
 
 
 def test_ivfpq_spec_fits_the_budget_and_rotates_long_subvectors():
-    spec = ann.choose_index(10_000_000, 512, "500MB")
-    assert spec.kind == "ivfpq" and spec.memory_bytes <= ann.parse_memory("500MB")
+    spec = ann.choose_index(10_000_000, 512, "1GB")
+    assert spec.kind == "ivfpq" and spec.memory_bytes <= ann.parse_memory("1GB")
     assert spec.factory.startswith("IDMap2,OPQ") and spec.params["nlist"] >= 512
     # the training sample (held ~3 times while training) gets a quarter of the budget
     sample_bytes = ann.training_size(10_000_000, spec) * 512 * 4
-    assert sample_bytes * ann.TRAIN_SHARE <= ann.parse_memory("500MB")
+    assert sample_bytes * ann.TRAIN_SHARE <= ann.parse_memory("1GB")
     assert ann.choose_index(10_000_000, 512, "4GB").params["pq_m"] > spec.params["pq_m"]
 
 
@@ -66,19 +66,19 @@ def test_tuning_with_cross_modal_queries_reaches_recall_of_exact_search(kind):
     ids = np.arange(1000, 1000 + len(images), dtype=np.int64)
     spec = ann.choose_index(len(images), images.shape[1], kind=kind)
     index = ann.build_index(spec, images, ids)
-    tuned, report = ann.tune(index, spec, images, ids, captions, query_source="texts")
+    tuned, report = tuning.tune(index, spec, images, ids, captions, query_source="texts")
     assert report["queries"] == 100 and report["query_source"] == "texts"
     assert report["qps"] > 0 and report["curve"]
     knob = "nprobe" if kind == "ivfpq" else "efSearch"
     assert report["param"] == knob and tuned.params[knob] == report["value"]
     # the reported recall is what an independent check against IndexFlatIP finds on the
     # held-out queries, which the tuner never measured
-    _, held_out = ann.split_queries(captions)
+    _, held_out = tuning.split_queries(captions)
     assert report["held_out_queries"] == len(held_out) == 20
-    truth = ids[ann.exact_neighbours(images, held_out, 10)]
+    truth = ids[rowscan.exact_neighbours(images, held_out, 10)]
     stored = lambda wanted: images[wanted - 1000]
     found = ann.search(index, held_out, 10, tuned.params, stored)[1]
-    assert ann.recall_at(found, truth) == pytest.approx(report["recall_at_10"], abs=1e-4)
+    assert tuning.recall_at(found, truth) == pytest.approx(report["recall_at_10"], abs=1e-4)
     # IVF-PQ re-ranks its candidates exactly, so PQ's lossy codes no longer cap its recall
     assert report["recall_at_10"] >= 0.9 and report["tuning_recall_at_10"] >= 0.95
     assert set(found.ravel()) <= set(ids.tolist())
@@ -89,8 +89,8 @@ def test_ivfpq_tuning_picks_nprobe_and_rerank_on_a_fine_grid():
     ids = np.arange(len(images), dtype=np.int64)
     spec = ann.choose_index(len(images), images.shape[1], kind="ivfpq")
     index = ann.build_index(spec, images, ids)
-    tuned, report = ann.tune(index, spec, images, ids, captions, query_source="texts")
-    assert tuned.params["rerank"] == report["rerank"] in ann.RERANK_GRID
+    tuned, report = tuning.tune(index, spec, images, ids, captions, query_source="texts")
+    assert tuned.params["rerank"] == report["rerank"] in tuning.RERANK_GRID
     measured = {(c["nprobe"], c["rerank"]) for c in report["curve"]}
     assert len({factor for _, factor in measured}) >= 2  # both knobs were turned
     assert {p for p, _ in measured} - {2 ** n for n in range(12)}  # steps between doublings
@@ -121,11 +121,11 @@ def test_reranking_lifts_ivfpq_recall_above_raw_pq_codes():
     index = ann.build_index(spec, images, ids)
     params = {**spec.params, "nprobe": spec.params["nlist"]}  # every list: only PQ loses
     ann.apply_params(index, params)
-    truth = ids[ann.exact_neighbours(images, captions, 10)]
-    raw = ann.recall_at(index.search(captions, 10)[1], truth)
+    truth = ids[rowscan.exact_neighbours(images, captions, 10)]
+    raw = tuning.recall_at(index.search(captions, 10)[1], truth)
     lookup = ann.sorted_lookup(ids, images)
     reranked_scores, reranked = ann.search(index, captions, 10, params, lookup)
-    assert ann.recall_at(reranked, truth) > raw
+    assert tuning.recall_at(reranked, truth) > raw
     np.testing.assert_allclose(reranked_scores[:, 0],
                                np.sum(captions * images[reranked[:, 0]], axis=1), rtol=1e-5)
 
@@ -136,5 +136,5 @@ def test_tuning_is_skipped_with_few_queries():
     spec = ann.choose_index(len(images), images.shape[1])
     index = ann.build_index(spec, images, ids)
     assert spec.kind == "flat"
-    _, report = ann.tune(index, spec, images, ids, captions, query_source="texts")
+    _, report = tuning.tune(index, spec, images, ids, captions, query_source="texts")
     assert "skipped" in report and "20 cross-modal queries" in report["skipped"]

@@ -4,10 +4,11 @@ corpus; every answer checked against exact search."""
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
-from retrieval import ann, ondisk
+from retrieval import ann, coarse, ondisk, rowscan, tuning
 from retrieval.errors import IndexCorruptError, IndexStoreError
 from retrieval.store import (
     ItemRecord,
@@ -35,8 +36,8 @@ def disk_index(root, count: int = 4000, queries: int = 200):
 
 
 def recall_against_exact(generation, images, ids, captions, k: int = 10) -> float:
-    truth = ids[ann.exact_neighbours(images, captions, k)]
-    return ann.recall_at(generation.search("image", captions, k)[1], truth)
+    truth = ids[rowscan.exact_neighbours(images, captions, k)]
+    return tuning.recall_at(generation.search("image", captions, k)[1], truth)
 
 
 @pytest.fixture
@@ -46,11 +47,12 @@ def small_blocks(monkeypatch):
 
 
 def test_a_budget_below_any_in_memory_index_chooses_lists_on_disk():
-    # 10M 8-byte codes with their ids need 240 MB in RAM: under that, the codes go to disk
-    spec = ann.choose_index(10_000_000, 512, "200MB")
-    assert spec.kind == "ivfpq-disk" and spec.memory_bytes <= ann.parse_memory("200MB")
-    assert spec.params["lists_bytes"] > ann.parse_memory("200MB")  # the codes live on disk
-    assert ann.choose_index(10_000_000, 512, "300MB").kind == "ivfpq"
+    # 10M 8-byte codes with their ids (and IndexIDMap2's) need 680 MB in RAM: under that,
+    # the codes go to disk
+    spec = ann.choose_index(10_000_000, 512, "600MB")
+    assert spec.kind == "ivfpq-disk" and spec.memory_bytes <= ann.parse_memory("600MB")
+    assert spec.params["lists_bytes"] > ann.parse_memory("600MB")  # the codes live on disk
+    assert ann.choose_index(10_000_000, 512, "700MB").kind == "ivfpq"
     with pytest.raises(IndexStoreError, match="even an index with its lists on disk"):
         ann.choose_index(10_000_000, 512, "1MB")
 
@@ -67,6 +69,33 @@ def test_an_on_disk_index_is_built_in_blocks_and_answers_like_exact_search(tmp_p
         assert recall_against_exact(generation, images, ids, captions) >= 0.9
         tuning = generation.manifest["modalities"]["image"]["tuning"]
         assert tuning["param"] == "nprobe" and tuning["recall_at_10"] >= 0.9
+
+
+def test_more_lists_than_the_budget_can_train_come_from_two_level_kmeans(tmp_path,
+                                                                          small_blocks,
+                                                                          monkeypatch):
+    # 20,000 vectors want 256 lists and 16,384 training rows; a 1 MB budget leaves a sample
+    # of 10,000: the centroids come from two levels over the 16,384, read a chunk at a time
+    calls = []
+    two_level = coarse.centroids
+    monkeypatch.setattr(coarse, "centroids", lambda *a: calls.append(a[1]) or two_level(*a))
+    images, captions = modality_gap_data(20_000, 200, dim=DIM)
+    records = [ItemRecord(i + 1, "image", path=f"/img/{i}.png") for i in range(len(images))]
+    records += [ItemRecord(30_000 + i, "text", text=f"c {i}") for i in range(len(captions))]
+    write_generation(tmp_path, MODEL, records, {"image": images, "text": captions},
+                     StoreOptions(index_kind="ivfpq-disk", max_memory="1MB"))
+    [rows] = calls  # the image index (200 captions are too few for two levels)
+    assert len(rows) == 16_384 and (np.diff(rows) > 0).all()
+    with open_generation(tmp_path, MODEL.sha256, DIM) as generation:
+        index = generation.index("image")
+        ivf = faiss.extract_index_ivf(index)
+        assert ivf.nlist == 256 and ivf.quantizer.ntotal == 256
+        assert ivf.parallel_mode == ann.IVF_PARALLEL_OVER_LISTS  # one query: every core
+        ids = np.arange(1, len(images) + 1)
+        assert recall_against_exact(generation, images, ids, captions) >= 0.9
+        one_by_one = np.vstack([generation.search("image", c[None], 10)[1] for c in captions])
+        np.testing.assert_array_equal(one_by_one, generation.search("image", captions, 10)[1])
+    assert not list(layout.generation_dir(tmp_path, "000001").glob("*.coarse*"))
 
 
 def test_adding_and_deleting_keep_the_lists_on_disk_and_the_answers_exact(tmp_path,
@@ -118,8 +147,8 @@ def test_big_files_are_sized_at_open_and_hashed_by_verify(tmp_path, small_blocks
 
 def test_exact_neighbours_stream_over_chunks_like_one_scan():
     images, captions = modality_gap_data(3000, 40, dim=DIM)
-    whole = ann.exact_neighbours(images, captions, 10, chunk=len(images))
-    assert (ann.exact_neighbours(images, captions, 10, chunk=700) == whole).all()
+    whole = rowscan.exact_neighbours(images, captions, 10, chunk=len(images))
+    assert (rowscan.exact_neighbours(images, captions, 10, chunk=700) == whole).all()
 
 
 def test_compacting_keeps_the_index_on_disk_and_deleting_never_compacts_by_itself(
@@ -134,6 +163,10 @@ def test_compacting_keeps_the_index_on_disk_and_deleting_never_compacts_by_itsel
     with open_generation(tmp_path, MODEL.sha256, DIM) as generation:
         assert generation.index_spec("image").kind == "ivfpq-disk"
         assert generation.manifest["modalities"]["image"]["rows"] == len(images) - len(many)
+        ids, kept = generation.all_vectors("image")  # copied a chunk at a time, in order
+        assert ids.tolist() == list(range(len(many) + 1, len(images) + 1))
+        np.testing.assert_array_equal(kept, images[len(many):])
+    assert not layout.stale_scratch(tmp_path)  # the live rows' scratch copy is gone
 
 
 def test_a_refused_budget_leaves_no_half_written_generation(tmp_path):
