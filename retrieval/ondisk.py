@@ -18,6 +18,7 @@ IndexIDMap2, whose id map would grow with the corpus in RAM.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -33,6 +34,8 @@ from retrieval.errors import IndexStoreError
 from retrieval.rowscan import gather_rows, row_chunks
 
 BLOCK_ROWS = 1 << 16  # vectors a block holds: 128 MiB of float32 at 512 dimensions
+_LIBC = ctypes.CDLL(None, use_errno=True)  # this process's C library (madvise, malloc_trim)
+MERGE_LISTS = 512  # lists merged between page releases (see merge_blocks)
 DISK_PQ_BYTES = (64, 48, 32, 24, 16, 8)  # codes on disk cost no RAM: the largest that divides
 
 
@@ -142,21 +145,50 @@ def merge_blocks(trained: Path, blocks: Sequence[Path], files: DiskFiles,
     """Merge the lists of `base` (a loaded on-disk index, e.g. the parent generation's) and of
     the blocks into one lists file, and write the index that points at it.
 
+    The lists are copied MERGE_LISTS at a time, and after each group the pages of every mapped
+    file are handed back (`_release`): faiss's own merge_from_multiple copies them all in one
+    call, and every page it touched (the blocks' and the new file's, twice the lists' size)
+    stays in the process's resident set until it returns: 1.4 GB at 10,000,000 vectors.
     The index records the lists file's path as it was written; `load` maps the lists from
     the path it is given instead (generations are written in a temp folder, then renamed)."""
     index = faiss.read_index(str(trained))
     ivf = faiss.extract_index_ivf(index)
     lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(files.lists))
     opened = [_block_lists(block) for block in blocks]
-    pointers = faiss.InvertedListsPtrVector()
-    for source in ([base] if base is not None else []) + opened:
-        pointers.push_back(faiss.extract_index_ivf(source).invlists)
+    sources = [faiss.extract_index_ivf(source).invlists
+               for source in ([base] if base is not None else []) + opened]
+    sizes = np.array([[source.list_size(number) for number in range(ivf.nlist)]
+                      for source in sources], dtype=np.uint64).reshape(len(sources), ivf.nlist)
+    totals = sizes.sum(axis=0, dtype=np.uint64)
     with _stdout_to_stderr():  # faiss prints "resizing FILE" to stdout, where JSON goes
-        total = lists.merge_from_multiple(pointers.data(), pointers.size(), False, False)
+        lists.update_totsize(int(totals.sum()) * (ivf.code_size + 8))
+    lists.set_all_lists_sizes(faiss.swig_ptr(totals))
+    for first in range(0, ivf.nlist, MERGE_LISTS):
+        for number in range(first, min(first + MERGE_LISTS, ivf.nlist)):
+            done = 0
+            for source, count in zip(sources, sizes[:, number].tolist()):
+                if count:
+                    lists.update_entries(number, done, count, source.get_ids(number),
+                                         source.get_codes(number))
+                    done += count
+        for mapped in (lists, *sources):
+            _release(mapped)
     ivf.replace_invlists(lists, False)  # `lists` stays owned by Python until written
-    ivf.ntotal = index.ntotal = total
+    ivf.ntotal = index.ntotal = int(totals.sum())
     faiss.write_index(index, str(files.index))
-    del opened, pointers
+    del opened, sources
+
+
+def _release(lists: faiss.InvertedLists) -> None:
+    """Unmap from this process the pages of an on-disk lists file (they stay in the page
+    cache, dirty ones are written back as usual; a later read maps them again)."""
+    lists = faiss.downcast_InvertedLists(lists)
+    if not isinstance(lists, faiss.OnDiskInvertedLists) or not lists.totsize:
+        return
+    start = faiss.rev_swig_ptr(lists.ptr, 1).ctypes.data
+    first = start - start % mmap.PAGESIZE
+    _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(start - first + lists.totsize),
+                  mmap.MADV_DONTNEED)
 
 
 @contextmanager
@@ -198,10 +230,9 @@ def _return_freed_heap() -> None:
     """Hand the heap that training freed back to the kernel: glibc keeps freed blocks in its
     arenas otherwise, and they count in the process's resident memory for the rest of the
     build (a no-op where the C library is not glibc)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def extend(base: faiss.Index, vectors: np.ndarray, ids: np.ndarray,

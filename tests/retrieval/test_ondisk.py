@@ -98,6 +98,28 @@ def test_more_lists_than_the_budget_can_train_come_from_two_level_kmeans(tmp_pat
     assert not list(layout.generation_dir(tmp_path, "000001").glob("*.coarse*"))
 
 
+def test_the_merge_in_groups_writes_the_file_faiss_own_merge_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(ondisk, "MERGE_LISTS", 7)  # several groups, pages released between
+    images, _ = modality_gap_data(5000, 1, dim=DIM)
+    trained = tmp_path / "trained"
+    faiss.write_index(ondisk.train("IVF64,PQ8np", images, ondisk.Training(5000)), str(trained))
+    blocks = [tmp_path / f"block-{n}" for n in range(5)]
+    for n, block in enumerate(blocks):
+        rows = slice(n * 1000, (n + 1) * 1000)
+        ondisk.fill_block(trained, images[rows], np.arange(5000)[rows] * 3, block)
+    ondisk.merge_blocks(trained, blocks, ondisk.DiskFiles(tmp_path / "m.faiss",
+                                                          tmp_path / "m.ivfdata"))
+    theirs = faiss.OnDiskInvertedLists(64, 8, str(tmp_path / "theirs.ivfdata"))
+    held = [ondisk._block_lists(block) for block in blocks]
+    pointers = faiss.InvertedListsPtrVector()
+    for holder in held:
+        pointers.push_back(faiss.extract_index_ivf(holder).invlists)
+    theirs.merge_from_multiple(pointers.data(), pointers.size(), False, False)
+    assert (tmp_path / "m.ivfdata").read_bytes() == (tmp_path / "theirs.ivfdata").read_bytes()
+    merged = ondisk.load(ondisk.DiskFiles(tmp_path / "m.faiss", tmp_path / "m.ivfdata"))
+    assert merged.ntotal == 5000
+
+
 def test_adding_and_deleting_keep_the_lists_on_disk_and_the_answers_exact(tmp_path,
                                                                             small_blocks):
     images, captions = disk_index(tmp_path)
