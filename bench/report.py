@@ -199,7 +199,9 @@ def _disk(d: dict, out: Path, section: str = "4c") -> list[str]:
                    [[d["factory"], d["build_s"], d["build_peak_rss_mib"],
                      d["serve_peak_rss_mib"], d["recall_at_10"], d["qps"]]]), "",
             f"Tuned parameters: {json.dumps(d['params'])}; the store's own held-out recall "
-            f"{tuning.get('recall_at_10', '?')}.", "",
+            f"{tuning.get('recall_at_10', '?')}, at {tuning.get('qps', '?')} queries/s "
+            "when the tuner asked its 800 queries at once in the build process, against the "
+            "served figure above, one query per call.", "",
             "The import stages the vectors in the index's work folder a chunk at a time and "
             "writes the item rows a metadata batch at a time; every pass over the vectors "
             "(training sample, list filling, tuning's exact search, the generation's copy) "
