@@ -28,7 +28,6 @@ from retrieval.rowscan import gather_rows, row_chunks, rows_of
 FLAT_MAX_COUNT = 20_000  # below this an exact scan is fast enough and needs no training
 IVFPQ_MIN_COUNT = 1024  # PQ trains 256 centroids per sub-quantizer: fewer points cannot
 HNSW_M = 32
-OPQ_ITERATIONS = 10
 # IVF-PQ codes are lossy: fetch this many times k candidates, then score them exactly with
 # the stored float32 vectors. PQ ranking caps recall otherwise (0.82 at 200k x 512). The
 # tuner picks the factor with nprobe; this is the untuned default.
@@ -54,7 +53,6 @@ TRAIN_SHARE = 6
 # IndexIDMap2 keeps each id twice: an int64 array and a reverse hash map (52 bytes a vector
 # in all at 1,000,000, measured: 67 bytes a vector of RSS over IndexFlatIP's 4 floats)
 ID_MAP_BYTES = 52
-OPQ_MAX_TRAIN = 65_536  # faiss's OPQMatrix.max_train_points
 MIN_TRAIN_POINTS = 10_000  # PQ's 256 centroids a sub-quantizer need 39 points each
 
 
@@ -127,7 +125,7 @@ def disk_training(count: int, spec: IndexSpec) -> ondisk.Training:
     `retrieval.coarse`); OPQ's subsample sized to the budget too (`opq_training_size`)."""
     return ondisk.Training(training_size(count, spec),
                            min(count, TRAIN_PER_LIST * int(spec.params.get("nlist", 1))),
-                           opq_training_size(spec), OPQ_ITERATIONS)
+                           opq_training_size(spec), ondisk.OPQ_ITERATIONS)
 
 
 def opq_training_size(spec: IndexSpec) -> int:
@@ -135,7 +133,7 @@ def opq_training_size(spec: IndexSpec) -> int:
     copies of it (880 MB at 512 dimensions, measured), the largest peak of a build: a third of
     the budget's sample (`train_cap`), at least what 256 centroids a sub-quantizer need."""
     cap = int(spec.params.get("max_train", MAX_TRAIN))
-    return int(min(OPQ_MAX_TRAIN, max(MIN_TRAIN_POINTS, cap // 3)))
+    return int(min(ondisk.OPQ_MAX_TRAIN, max(MIN_TRAIN_POINTS, cap // 3)))
 
 
 def choose_index(count: int, dim: int, max_memory: int | str = "4GB",
@@ -166,7 +164,7 @@ def _disk_spec(count: int, dim: int, budget: int) -> IndexSpec:
     """IVF-PQ with its lists on disk: RAM holds the centroids and the rotation only, so the
     code can be as large as recall wants (disk is cheap); refused when even those do not fit.
     The lists are not capped by the sample the budget allows: their centroids are trained by
-    two-level k-means over more rows (`coarse_training_size`, `retrieval.coarse`)."""
+    two-level k-means over more rows (`disk_training`, `retrieval.coarse`)."""
     cap = train_cap(dim, budget)
     nlist, pq_m = ivf_nlist(count), ondisk.disk_pq_bytes(dim)
     opq = dim // pq_m >= 8
@@ -220,7 +218,8 @@ def build_index(spec: IndexSpec, vectors: np.ndarray, ids: np.ndarray,
         # faiss's default 50 OPQ rounds cost minutes on a few cores for little recall
         chain = faiss.downcast_index(index.index).chain
         rotation = faiss.downcast_VectorTransform(chain.at(0))
-        rotation.niter, rotation.max_train_points = OPQ_ITERATIONS, opq_training_size(spec)
+        rotation.niter = ondisk.OPQ_ITERATIONS
+        rotation.max_train_points = opq_training_size(spec)
     if not index.is_trained:
         sample = vectors
         max_train = training_size(len(vectors), spec) if max_train is None else max_train

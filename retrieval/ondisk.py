@@ -35,6 +35,8 @@ from retrieval.rowscan import gather_rows, row_chunks
 
 BLOCK_ROWS = 1 << 16  # vectors a block holds: 128 MiB of float32 at 512 dimensions
 _LIBC = ctypes.CDLL(None, use_errno=True)  # this process's C library (madvise, malloc_trim)
+OPQ_ITERATIONS = 10  # faiss's default 50 rounds cost minutes on a few cores for little recall
+OPQ_MAX_TRAIN = 65_536  # faiss's OPQMatrix.max_train_points: the subsample OPQ trains on
 MERGE_LISTS = 512  # lists merged between page releases (see merge_blocks)
 DISK_PQ_BYTES = (64, 48, 32, 24, 16, 8)  # codes on disk cost no RAM: the largest that divides
 
@@ -44,8 +46,8 @@ class Training(NamedTuple):
 
     sample: int  # the in-memory sample: PQ codebooks, and the coarse centroids by default
     coarse: int = 0  # more than `sample`: coarse centroids by two-level k-means over these
-    rotation: int = 65_536  # OPQ's own subsample (faiss's default), the largest copy it holds
-    rotation_iterations: int = 10
+    rotation: int = OPQ_MAX_TRAIN  # OPQ's own subsample, the largest copy it holds
+    rotation_iterations: int = OPQ_ITERATIONS
 
 
 class DiskFiles(NamedTuple):
@@ -160,8 +162,9 @@ def merge_blocks(trained: Path, blocks: Sequence[Path], files: DiskFiles,
     sizes = np.array([[source.list_size(number) for number in range(ivf.nlist)]
                       for source in sources], dtype=np.uint64).reshape(len(sources), ivf.nlist)
     totals = sizes.sum(axis=0, dtype=np.uint64)
+    total = int(totals.sum())
     with _stdout_to_stderr():  # faiss prints "resizing FILE" to stdout, where JSON goes
-        lists.update_totsize(int(totals.sum()) * (ivf.code_size + 8))
+        lists.update_totsize(total * (ivf.code_size + 8))
     lists.set_all_lists_sizes(faiss.swig_ptr(totals))
     for first in range(0, ivf.nlist, MERGE_LISTS):
         for number in range(first, min(first + MERGE_LISTS, ivf.nlist)):
@@ -174,7 +177,7 @@ def merge_blocks(trained: Path, blocks: Sequence[Path], files: DiskFiles,
         for mapped in (lists, *sources):
             _release(mapped)
     ivf.replace_invlists(lists, False)  # `lists` stays owned by Python until written
-    ivf.ntotal = index.ntotal = int(totals.sum())
+    ivf.ntotal = index.ntotal = total
     faiss.write_index(index, str(files.index))
     del opened, sources
 
