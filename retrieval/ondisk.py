@@ -304,3 +304,10 @@ def lists_on_disk(index: faiss.Index) -> bool:
     except RuntimeError:
         return False
     return isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
+
+
+def release_lists(index: faiss.Index) -> None:
+    """Hand back the mapped pages of an index's on-disk lists (nothing for other indexes):
+    after a batch of searches that touched most lists, which would otherwise stay resident."""
+    if lists_on_disk(index):
+        _release(faiss.extract_index_ivf(index).invlists)

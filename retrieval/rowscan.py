@@ -9,6 +9,12 @@ container limit acts on that figure). Each chunk's pages are therefore handed ba
 (`madvise(MADV_DONTNEED)`) once the chunk has been copied out; they stay in the page cache,
 where the kernel may reclaim them, and a later read maps them again. For an ordinary array
 the functions are plain slicing.
+
+Gathering scattered rows has the opposite problem: a fault on a page that is not in the page
+cache reads it together with the device's readahead window, one fault after another (8 MiB a
+fault on the VM these figures come from: `/sys/block/*/queue/read_ahead_kb`). Re-ranking 40
+candidates spread over a 20 GB file would read gigabytes, in series. `prefetch` asks for just
+the rows' pages, all at once, before they are touched.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from typing_extensions import Self
 
 CHUNK_ROWS = 1 << 16  # 128 MiB of float32 at 512 dimensions
 RELEASE_MARGIN = 4 << 20
+PREFETCH_GAP = 1 << 16  # rows closer than this many bytes are read as one range
+PREFETCH_RANGES = 1024  # a gather of more ranges is dense: the kernel's readahead serves it
 
 
 def row_chunks(rows: np.ndarray, size: int = CHUNK_ROWS, dtype: type = np.float32
@@ -43,6 +51,7 @@ def gather_rows(rows: np.ndarray, positions: np.ndarray, size: int = CHUNK_ROWS,
     training sample, the candidates of a batch of re-ranked queries) would otherwise make all
     of it resident at once."""
     positions = np.asarray(positions, dtype=np.int64)
+    prefetch(rows, positions)
     order = np.argsort(positions, kind="stable")
     ordered = positions[order]
     out = np.empty((len(positions), rows.shape[1]), dtype=dtype)
@@ -55,6 +64,30 @@ def gather_rows(rows: np.ndarray, positions: np.ndarray, size: int = CHUNK_ROWS,
         out[order[part]] = view[ordered[part] - start]
         release(view)
     return out
+
+
+def prefetch(rows: np.ndarray, positions: np.ndarray) -> None:
+    """Start reading the pages under rows[positions] of a memory-mapped matrix, in parallel
+    (madvise(MADV_WILLNEED) on each range of nearby rows; the faults that follow find the
+    pages cached and read nothing more). Nothing for an ordinary array, or when the rows make
+    more than PREFETCH_RANGES ranges (a syscall each would cost more than readahead loses).
+    Measured on 1M x 512 re-ranked IVF-PQ queries from a cold page cache, one at a time:
+    85 -> 208 queries/s, and 23 MB read instead of the whole 1.9 GB file."""
+    handle = _mapping(rows)
+    if (handle is None or handle.closed or len(positions) == 0 or rows.ndim != 2
+            or rows.strides[1] != rows.itemsize):
+        return
+    stride = rows.strides[0]
+    wanted = np.unique(positions)
+    starts = rows.ctypes.data - np.frombuffer(handle, dtype=np.uint8).ctypes.data \
+        + wanted * stride
+    breaks = np.flatnonzero(np.diff(starts) > stride + PREFETCH_GAP) + 1
+    if len(breaks) >= PREFETCH_RANGES:
+        return
+    for first, last in zip(starts[np.r_[0, breaks]], starts[np.r_[breaks - 1, len(starts) - 1]]):
+        first, end = int(first), min(int(last) + rows.shape[1] * rows.itemsize, len(handle))
+        aligned = first - first % mmap.PAGESIZE
+        handle.madvise(mmap.MADV_WILLNEED, aligned, end - aligned)
 
 
 def rows_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from retrieval import ondisk
 from retrieval.ann import DISK_KIND, IndexSpec, VectorLookup, apply_params, search, sorted_lookup
 from retrieval.rowscan import exact_neighbours
 
@@ -26,6 +27,7 @@ NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384,
 EF_SEARCH_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 RERANK_GRID = (16, 8, 4, 2, 1)  # largest first (see _Probe.best)
 HOLD_OUT_EVERY = 5  # one tuning query in five is held out to report recall honestly
+PLATEAU = 0.003  # a wider search that gains less recall than this will not reach the target
 
 
 def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
@@ -73,6 +75,9 @@ def tune(index: faiss.Index, spec: IndexSpec, vectors: np.ndarray, ids: np.ndarr
     return IndexSpec(spec.kind, spec.factory, spec.memory_bytes, params), report
 
 
+Point = tuple[dict[str, Any], float, float]  # (search params, recall, queries/s)
+
+
 class _Probe:
     """Measures parameter settings on the tuning queries and remembers the curve."""
 
@@ -82,8 +87,10 @@ class _Probe:
         self.lookup = lookup
         self.name, self.values = _knob(spec)
         self.curve: list[dict[str, Any]] = []
+        self.curve_points: list[Point] = []  # (params, recall, qps) of each curve point
+        self.fallback: Point | None = None  # the most accurate point measured
 
-    def measure(self, value: int, rerank: int | None) -> tuple[dict[str, Any], float, float]:
+    def measure(self, value: int, rerank: int | None) -> Point:
         params = dict(self.spec.params)
         if self.name:
             params[self.name] = value
@@ -94,29 +101,42 @@ class _Probe:
         self.curve.append(point if rerank is None else {**point, "rerank": rerank})
         return params, recall, qps
 
-    def best(self, target: float) -> tuple[dict[str, Any], float, float]:
+    def best(self, target: float) -> Point:
         """The fastest setting reaching `target`, else the most accurate one measured.
 
         Re-rank factors are tried from the largest down; a smaller factor needs at least the
         nprobe a larger one needed, so each scan starts where the last one stopped and the
         whole grid costs about one pass over nprobe plus one point per factor."""
         factors = RERANK_GRID if self.spec.kind in ("ivfpq", DISK_KIND) else (None,)
-        met: list[tuple[dict[str, Any], float, float]] = []
-        fallback, start = None, 0
+        met: list[Point] = []
+        start = 0
         for factor in factors:
-            for position in range(start, len(self.values)):
-                measured = self.measure(self.values[position], factor)
-                if fallback is None or measured[1] > fallback[1]:
-                    fallback = measured
-                if measured[1] >= target:
-                    met.append(measured)
-                    start = position
-                    break
-            else:
-                break  # even the widest search misses: smaller factors will too
-        chosen = max(met, key=lambda m: m[2]) if met else fallback
+            found = self._scan(factor, start, target)
+            if found is None:  # even the widest useful search misses: smaller factors will too
+                break
+            start = found
+            met.append(self.curve_points[-1])
+        chosen = max(met, key=lambda m: m[2]) if met else self.fallback
         assert chosen is not None  # the grids are never empty
         return chosen
+
+    def _scan(self, factor: int | None, start: int, target: float) -> int | None:
+        """The first position from `start` whose setting reaches `target` with `factor`
+        (that point last in `self.curve_points`), or None: the grid ran out, or a step gained
+        less than PLATEAU (then the codes cap recall, not the probes)."""
+        last = -1.0
+        for position in range(start, len(self.values)):
+            measured = self.measure(self.values[position], factor)
+            self.curve_points.append(measured)
+            recall = measured[1]
+            if self.fallback is None or recall > self.fallback[1]:
+                self.fallback = measured
+            if recall >= target:
+                return position
+            if recall - last < PLATEAU:
+                return None
+            last = recall
+        return None
 
 
 def _knob(spec: IndexSpec) -> tuple[str | None, list[int]]:
@@ -133,4 +153,5 @@ def _measure(index: faiss.Index, params: dict[str, Any], queries: np.ndarray,
     started = time.perf_counter()
     found = search(index, np.ascontiguousarray(queries, dtype=np.float32), k, params, lookup)[1]
     elapsed = max(time.perf_counter() - started, 1e-9)
+    ondisk.release_lists(index)  # a batch of probes maps most of a lists file larger than RAM
     return recall_at(found, truth), len(queries) / elapsed
