@@ -9,7 +9,16 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from clipdex.commands import index, models, search, serve
+# OpenMP threads that finish a parallel region spin for a while before they sleep: right for a
+# batch job, wrong for a service, where faiss's spinning threads take the cores the event loop
+# and the next request need. Read once, when faiss and torch load their OpenMP runtime, so it
+# is set before they are imported. 1M vectors on disk, one query per call over HTTP on 2
+# cores: 94 -> 115 queries/s; text queries unchanged (p50 9.2 ms, 185 queries/s at 8 in
+# flight). A value the user set is kept.
+if sys.argv[1:2] == ["serve"]:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from clipdex.commands import index, models, search, serve  # noqa: E402
 from clipdex.options import log
 from retrieval.errors import ClipdexError
 

@@ -1,10 +1,12 @@
 """The `clipdex` command line, called the way a user would."""
 
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from clipdex.main import main
 
@@ -41,3 +43,16 @@ def test_errors_are_one_line_messages_with_exit_code_2(tmp_path, capsys):
     assert main(["eval", "--manifest", str(tmp_path / "missing.csv"), "--model",
                  "clipdex-tiny"]) == 2
     assert "missing.csv does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, expected", [
+    (["serve", "--help"], "PASSIVE"), (["index", "--help"], None)])
+def test_the_service_lets_idle_openmp_threads_sleep_before_faiss_loads(command, expected):
+    """Spinning OpenMP threads take the cores a service needs between requests; the policy is
+    read once, when faiss loads its runtime, so it must be in the environment before that."""
+    probe = ("import os, sys; sys.argv = ['clipdex', *sys.argv[1:]]; import clipdex.main; "
+             "print(os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    result = subprocess.run([sys.executable, "-c", probe, *command], env=env, text=True,
+                            capture_output=True, check=True)
+    assert result.stdout.strip() == str(expected)
