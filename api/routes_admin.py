@@ -52,11 +52,11 @@ async def reload(state: State) -> ReloadResponse:
 
 @router.post("/items/texts", response_model=WriteResponse, summary="Add caption texts",
              responses=problem_responses(400, 413))
-async def add_texts(body: AddTextsRequest, state: State) -> WriteResponse:
+async def add_texts(body: AddTextsRequest, state: State, searcher: Leased) -> WriteResponse:
     if body.metadata and body.image_id is not None:
         raise Problem(422, "Bad metadata", "metadata: captions (texts with image_id) are "
                       "filtered by their image's metadata and take none of their own")
-    vectors = await state.run(state.encoder.texts, body.texts)
+    vectors = await state.run(searcher.encoder.texts, body.texts)
     records = text_records(body.texts, image_id=body.image_id, metadata=body.metadata)
     return await _append(state, records, {"text": vectors})
 
@@ -83,8 +83,8 @@ async def add_image(state: State, searcher: Leased, image: Annotated[UploadFile,
     existing = (await asyncio.to_thread(searcher.generation.ids_for_paths, [stored])).get(stored)
     if existing is not None:
         return _duplicate(existing, captions, searcher.generation.name)
-    image_vectors = await state.run(state.encoder.images, [data])  # (1, d)
-    caption_vectors = await state.run(state.encoder.texts, captions)  # (n, d)
+    image_vectors = await state.run(searcher.encoder.images, [data])  # (1, d)
+    caption_vectors = await state.run(searcher.encoder.texts, captions)  # (n, d)
     await asyncio.to_thread(keep_upload, root, stored, data)
     records = image_with_captions(stored, captions, fields)
     vectors = {"image": image_vectors}
@@ -110,7 +110,7 @@ def _duplicate(existing: int, captions: list[str], generation: str) -> WriteResp
                summary="Delete an item (an image takes its captions along)")
 async def delete_item(state: State, item_id: Annotated[int, PathParam(ge=0, le=MAX_ITEM_ID)]
                       ) -> WriteResponse:
-    root, model = _root(state), state.model
+    root, model = _root(state), state.write_model()
     async with state.write_lock:
         await asyncio.to_thread(update_generation, root, model, delete_ids=[item_id])
         _, current = await state.reload()
@@ -118,7 +118,7 @@ async def delete_item(state: State, item_id: Annotated[int, PathParam(ge=0, le=M
 
 
 def _root(state: ServiceState) -> Path:
-    if state.settings.index is None or state.model is None:
+    if state.settings.index is None:
         raise Problem(409, "No index root", "this service was not started with --index; "
                       "it cannot write")
     return Path(state.settings.index)
@@ -128,7 +128,7 @@ async def _append(state: ServiceState, records: list[ItemRecord],
                   vectors: dict[str, np.ndarray]) -> WriteResponse:
     """The store allocates the ids under its writer lock (the records carry provisional ones),
     so this never conflicts with an `index add` running beside the service."""
-    root, model = _root(state), state.model
+    root, model = _root(state), state.write_model()
     async with state.write_lock:
         appended = await asyncio.to_thread(append_items, root, model, records, vectors)
         _, current = await state.reload()

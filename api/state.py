@@ -24,7 +24,7 @@ from api.settings import Settings
 from retrieval.batcher import MicroBatcher
 from retrieval.encode import encode_image_batch, encode_texts
 from retrieval.encoders import BatchedEncoder, Encoder, UnavailableEncoder
-from retrieval.errors import ClipdexError
+from retrieval.errors import ClipdexError, ExternalModelError
 from retrieval.images import draft_side_of
 from retrieval.model import ClipModel
 from retrieval.search import GenerationLike, Searcher
@@ -89,15 +89,32 @@ def _close(generation: GenerationLike) -> None:
     generation.close()
 
 
-def open_index(root: Path, model: ModelIdentity) -> GenerationLike:
+def open_index(root: Path, model: ModelIdentity | None) -> GenerationLike:
     """The current generation under `root`, checked against the served model. One made of
     embeddings from an external model fits no model: it opens as it is, for vector and item
     queries (its Searcher's encoder says why texts and images are refused)."""
     info = read_generation_manifest(Path(root))
     if info.model.external:
         return open_generation(Path(root), name=info.name)
+    if model is None:
+        raise ClipdexError("the model is not loaded")
     return open_generation(Path(root), model_sha256=model.sha256, embed_dim=model.embed_dim,
                            name=info.name)
+
+
+def holds_external(root: Path | None, generation: GenerationLike | None) -> bool:
+    """Whether the generation to serve (`generation`, else root's current one) was made by an
+    external model, which clipdex cannot load: then loading its own model would only cost
+    memory (about 1 GB for the default) until a generation needs it. False when root cannot be
+    read: the model is loaded and opening the index reports why."""
+    if generation is not None:
+        return external_of(generation) is not None
+    if root is None:
+        return False
+    try:
+        return read_generation_manifest(Path(root)).model.external
+    except ClipdexError:
+        return False
 
 
 def external_of(generation: GenerationLike) -> ModelIdentity | None:
@@ -127,23 +144,30 @@ class ServiceState:
 
     # --- lifecycle ---
     async def start(self, clip: ClipModel | None, generation: GenerationLike | None) -> None:
+        """Load the model (not for an index of external embeddings: not until a generation
+        needs it) and open the index; a failure leaves the service up, saying why."""
         try:
-            if clip is None:
-                from retrieval.model import load_model
-
-                clip = await asyncio.to_thread(load_model, self.settings.model,
-                                               self.settings.device, self.settings.backend)
-            self.clip = clip
-            self.model = await asyncio.to_thread(model_identity, clip)
-            if generation is None and self.settings.index is not None:
-                generation = await asyncio.to_thread(open_index, self.settings.index, self.model)
-            self._start_batchers(clip)
+            index = self.settings.index
+            if clip is not None or not await asyncio.to_thread(holds_external, index, generation):
+                await self._load_model(clip)
+            if generation is None and index is not None:
+                generation = await asyncio.to_thread(open_index, index, self.model)
             if generation is not None:
                 self.slot = GenerationSlot(self._searcher(generation))
                 self._observe_counts()
         except ClipdexError as error:  # the service stays up and /readyz says why
             self.load_error = str(error)
             log.error("not ready: %s", error)
+
+    async def _load_model(self, clip: ClipModel | None) -> None:
+        if clip is None:
+            from retrieval.model import load_model
+
+            clip = await asyncio.to_thread(load_model, self.settings.model,
+                                           self.settings.device, self.settings.backend)
+        self.clip = clip
+        self.model = await asyncio.to_thread(model_identity, clip)
+        self._start_batchers(clip)
 
     def _start_batchers(self, clip: ClipModel) -> None:
         config = self.settings.batching
@@ -186,28 +210,40 @@ class ServiceState:
     def ready_problem(self) -> str | None:
         """Why the service cannot answer searches, or None when it can (said to clients, so
         without the server's paths)."""
-        if self.clip is None:
+        external = self.slot is not None and external_of(self.slot.current.generation)
+        if self.clip is None and not external:
             return redact_paths(self.load_error or "the model is not loaded yet")
         if self.slot is None:
             return redact_paths(self.load_error or "no index generation is loaded; start with "
                                 "--index DIR")
-        external = external_of(self.slot.current.generation)
-        if external is None and self.clip.embed_dim != self.slot.current.embed_dim:
+        if not external and self.clip.embed_dim != self.slot.current.embed_dim:
             return (f"model embed_dim {self.clip.embed_dim} != index embed_dim "
                     f"{self.slot.current.embed_dim}")
         return None
 
+    def write_model(self) -> ModelIdentity:
+        """The model new items are stored under: the loaded one. An index of external
+        embeddings is served without one, and its ExternalModelError says what works."""
+        if self.model is None:
+            generation = self.slot.current.generation if self.slot else None
+            external = external_of(generation) if generation is not None else None
+            if external is not None:
+                raise ExternalModelError(external_note(external))
+            raise ClipdexError(self.load_error or "the model is not loaded")
+        return self.model
+
     async def reload(self, generation: GenerationLike | None = None) -> tuple[str | None, str]:
         """Serve the index root's current generation (or `generation`); (previous, new) names."""
         async with self._reload_lock:
-            if self.clip is None or self.model is None:
-                raise ClipdexError(self.load_error or "the model is not loaded")
             previous = self.slot.current.generation.name if self.slot else None
             if generation is None:
                 if self.settings.index is None:
                     raise ClipdexError("this service was started without --index; nothing to "
                                        "reload")
+                await self._model_for(self.settings.index, None)
                 generation = await asyncio.to_thread(open_index, self.settings.index, self.model)
+            else:
+                await self._model_for(None, generation)
             if previous is not None and generation.name == previous:
                 _close(generation)
                 return previous, previous
@@ -221,6 +257,12 @@ class ServiceState:
             self._observe_counts()
             log.info("serving generation %s (was %s)", generation.name, previous)
             return previous, generation.name
+
+    async def _model_for(self, root: Path | None, generation: GenerationLike | None) -> None:
+        """Load the model now if the next generation needs it and it was never loaded (the
+        service started on an index of external embeddings)."""
+        if self.model is None and not await asyncio.to_thread(holds_external, root, generation):
+            await self._load_model(None)
 
     def current_name_on_disk(self) -> str | None:
         """The generation the index root points at now (for --watch), without opening it."""
@@ -238,7 +280,7 @@ class ServiceState:
     def describe(self) -> dict[str, Any]:
         """What /readyz reports: the model and generation served, and the queries they answer
         (an index of external embeddings answers vectors and item ids only, and says why)."""
-        assert self.clip is not None and self.slot is not None
+        assert self.slot is not None
         generation = self.slot.current.generation
         counts = {"generation": generation.name, "images": generation.count("image"),
                   "texts": generation.count("text")}
@@ -247,4 +289,5 @@ class ServiceState:
             return {"model": external.arch, "embed_dim": external.embed_dim,
                     "external_model": True, "queries": ["vector", "item"],
                     "note": f"{external_note(external)}; {EXTERNAL_MODEL_HINT}", **counts}
+        assert self.clip is not None
         return {"model": self.clip.arch, "embed_dim": self.clip.embed_dim, **counts}

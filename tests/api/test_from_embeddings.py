@@ -4,6 +4,7 @@ external, /readyz says so and text and image queries are refused with a 409 nami
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import httpx
@@ -118,3 +119,34 @@ def test_text_and_image_queries_need_the_external_model(client, tmp_path):
         assert body["title"] == "Model not available"
         assert EXTERNAL in body["detail"] and "text and image queries" in body["detail"]
         assert "/search/vector" in body["detail"]
+
+
+def test_an_index_of_external_embeddings_is_served_without_loading_a_model(corpus, tiny,
+                                                                          tmp_path):
+    """The model could not encode a query for these embeddings anyway: loading it would only
+    cost memory (about 1 GB for the default). It is loaded when a generation clipdex made
+    becomes current, and writes before then say which model they need."""
+    root = tmp_path / "index"
+    shutil.copytree(corpus["root"] / "external", root)
+    settings = Settings(index=root, model="clipdex-tiny", device="cpu",
+                        batching=BatcherConfig(32, 10, 64), admin_key=ADMIN)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with ServerThread(create_app(settings)) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as http:
+        state = server.server.config.app.state.service
+        assert http.get("/readyz").json()["external_model"] is True
+        assert state.clip is None and state.text_batcher is None
+        query = corpus["images"][2].tolist()
+        assert http.post("/search/vector", json={"vector": query, "k": 1}).json()["hits"][0][
+            "id"] == 3
+        for refused in (http.post("/admin/items/texts", json={"texts": ["new"]}, headers=admin),
+                        http.delete("/admin/items/1", headers=admin)):
+            assert refused.status_code == 409 and EXTERNAL in refused.json()["detail"]
+        # the same vectors again, now under a model clipdex can load
+        assert main(["index", "build", "--from-embeddings", str(corpus["root"] / "embeddings"),
+                     "--out", str(root), "--model", "clipdex-tiny", "--device", "cpu"]) == 0
+        assert http.post("/admin/reload", headers=admin).json()["changed"] is True
+        assert state.clip is not None
+        ready = http.get("/readyz").json()
+        assert (ready["model"], ready["external_model"]) == (tiny.arch, False)
+        assert http.post("/search/text", json={"text": "a red square"}).status_code == 200
