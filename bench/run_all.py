@@ -229,9 +229,20 @@ def filtered_part(args: argparse.Namespace) -> dict:
 # --- 4c. an index larger than RAM (make bench-scale) ---------------------------------------
 
 def disk_part(args: argparse.Namespace) -> dict:
-    command = [sys.executable, "bench/scale_disk.py", "--count", str(args.disk_count),
-               "--max-memory", args.disk_memory]
-    command += ["--index-type", args.disk_index_type] if args.disk_index_type else []
+    return _scale_disk(args.disk_count, args.disk_memory, args.disk_index_type)
+
+
+def disk_1m_part(args: argparse.Namespace) -> dict:
+    """4d: the same 1,000,000 vectors imported twice, lists on disk under 2GB and the
+    in-memory HNSW index, each served and asked the same queries over HTTP."""
+    return {"disk": _scale_disk(1_000_000, "2GB", "ivfpq-disk"),
+            "hnsw": _scale_disk(1_000_000, "4GB", "hnsw")}
+
+
+def _scale_disk(count: int, memory: str, index_type: str | None) -> dict:
+    command = [sys.executable, "bench/scale_disk.py", "--count", str(count),
+               "--max-memory", memory]
+    command += ["--index-type", index_type] if index_type else []
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
     out = json.loads(result.stdout[result.stdout.index("{"):])
     out["command"] = " ".join(["python", *command[1:]])
@@ -325,13 +336,13 @@ def scale_child(count: int, kind: str | None, max_memory: str) -> None:
 RUNNERS = {"encoder": encoder_part, "onnx": onnx_part, "decode": decode_part,
            "indexing": indexing_part, "text_trim": text_trim_part,
            "ann": ann_part, "filtered": filtered_part, "disk": disk_part,
-           "service": service_part, "scaling": scaling_part}
+           "disk_1m": disk_1m_part, "service": service_part, "scaling": scaling_part}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default=",".join(PARTS),
-                        help=f"subset of {PARTS}, or disk (make bench-scale)")
+                        help=f"subset of {PARTS}, or disk, disk_1m (make bench-scale)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", default="ViT-B-32,default")

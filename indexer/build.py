@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from indexer.config import DEFAULT_CONFIG, BuildConfig, Summary
+from indexer.encoded import Encoded, stage, streamed_records
 from indexer.sources import Collection, collect
 from retrieval.encode import encode_image_batch, encode_texts
 from retrieval.manifest import Problem
@@ -29,16 +30,13 @@ from retrieval.progress import Bar, ProgressFactory, no_progress
 from retrieval.store import (
     Generation,
     GenerationManifest,
-    ItemRecord,
     JobFolder,
     ModelIdentity,
-    NewImage,
-    NewText,
+    PROVISIONAL_BASE,
     Shard,
     StoreOptions,
     append_items,
     drop_stale_add_jobs,
-    linked_records,
     model_identity,
     open_generation,
     read_generation_manifest,
@@ -66,10 +64,20 @@ def build(sources: Sequence[Path], out: Path, clip: ClipModel,
     collection = collect(sources)
     identity = model_identity(clip)
     job = (engine or Job)(out, identity, collection, config, None)
-    records, vectors, problems = job.run(clip, start_id=1, progress=progress)
+    encoded = job.run(clip, progress=progress)
+    problems = collection.problems + encoded.problems()
     info = {**_build_info(sources, collection, problems, clip), "engine": job.ENGINE}
-    name = write_generation(out, identity, records, vectors, job.store_options(), info)
-    return job.finish(read_generation_manifest(out, name), records, problems, started)
+    records = streamed_records(collection.images, job.texts, encoded, first_id=1)
+    staged = stage(job.work, out, encoded, clip.embed_dim)
+    try:
+        name = write_generation(out, identity, records,
+                                {m: rows.rows() for m, rows in staged.items()},
+                                job.store_options(), info)
+    finally:
+        for rows in staged.values():
+            rows.remove()
+    counts = {m: len(ids) for m, ids in records.ids.items()}
+    return job.finish(read_generation_manifest(out, name), counts, problems, started)
 
 
 def add(sources: Sequence[Path], index: Path, clip: ClipModel,
@@ -81,12 +89,23 @@ def add(sources: Sequence[Path], index: Path, clip: ClipModel,
         collection = _only_new(collect(sources), current)
         parent = current.name
     job = Job(index, identity, collection, config, parent=parent)
+    encoded = job.run(clip, progress=progress)
+    problems = collection.problems + encoded.problems()
+    info = _build_info(sources, collection, problems, clip)
     # Provisional ids: the store allocates the real ones under its writer lock, so an admin
     # write through the service while this job encodes is no conflict.
-    records, vectors, problems = job.run(clip, start_id=None, progress=progress)
-    info = _build_info(sources, collection, problems, clip)
-    appended = append_items(index, identity, records, vectors, config.store_options(), info)
-    return job.finish(appended.manifest, records, problems, started)
+    added = streamed_records(collection.images, job.texts, encoded, PROVISIONAL_BASE)
+    records = [record for batch in added.batches() for record in batch]
+    staged = stage(job.work, index, encoded, clip.embed_dim)
+    try:
+        appended = append_items(index, identity, records,
+                                {m: rows.rows() for m, rows in staged.items()},
+                                config.store_options(), info)
+    finally:
+        for rows in staged.values():
+            rows.remove()
+    counts = {m: len(ids) for m, ids in added.ids.items()}
+    return job.finish(appended.manifest, counts, problems, started)
 
 
 def delete(index: Path, ids: Sequence[int] = (), paths: Sequence[Path] = (),
@@ -142,10 +161,8 @@ class Job:
         self.parent = parent
         self.resumed = self.encoded = 0
 
-    def run(self, clip: ClipModel, start_id: int | None, progress: ProgressFactory | None
-            ) -> tuple[list[ItemRecord], dict[str, np.ndarray], list[Problem]]:
-        """Encode what is not in finished shards yet; records get ids from `start_id`
-        (None: provisional ones for `append_items`)."""
+    def run(self, clip: ClipModel, progress: ProgressFactory | None) -> Encoded:
+        """Encode what is not in finished shards yet; the shards keep the embeddings."""
         progress = progress or no_progress
         self.work.start(self.parent)
         counts = {"images": len(self.collection.images), "texts": len(self.texts)}
@@ -158,18 +175,13 @@ class Job:
             done[prefix].update(written)
         for bar in bars.values():
             bar.close()
-        image_pos, image_vectors, problems = _concatenate(done["images"], clip.embed_dim)
-        text_pos, text_vectors, _ = _concatenate(done["texts"], clip.embed_dim)
-        records = self._records(image_pos, text_pos, start_id)
-        # missing files and unreadable sidecars found while reading sources come first
-        problems = self.collection.problems + problems
-        return records, {"image": image_vectors, "text": text_vectors}, problems
+        return Encoded(done)
 
     def store_options(self) -> StoreOptions:
         """How the store writes this job's generation (an engine may fill index blocks)."""
         return self.config.store_options()
 
-    def finish(self, written: GenerationManifest, records: list[ItemRecord],
+    def finish(self, written: GenerationManifest, counts: dict[str, int],
                problems: list[Problem], started: float) -> Summary:
         """Write the error report beside the generations and drop the shards."""
         report = write_error_report(self.out, ({"path": p.path, "reason": p.reason,
@@ -179,25 +191,10 @@ class Job:
         kinds: dict[str, int] = {}
         for problem in problems:
             kinds[skip_kind(problem)] = kinds.get(skip_kind(problem), 0) + 1
-        return Summary(generation=written.name,
-                       images=sum(r.modality == "image" for r in records),
-                       texts=sum(r.modality == "text" for r in records), skipped=kinds,
-                       shards_resumed=self.resumed, shards_encoded=self.encoded,
+        return Summary(generation=written.name, images=counts["image"], texts=counts["text"],
+                       skipped=kinds, shards_resumed=self.resumed, shards_encoded=self.encoded,
                        seconds=round(time.perf_counter() - started, 2),
                        errors_file=str(report), tuning=written.tuning())
-
-    def _records(self, image_pos: np.ndarray, text_pos: np.ndarray,
-                 start_id: int | None) -> list[ItemRecord]:
-        """Ids in input order: kept images first, then texts; a caption links to its image
-        (the caption of an image that was skipped stays, as a text of its own)."""
-        kept = {position: n for n, position in enumerate(image_pos.tolist())}
-        images = [NewImage(str(entry.path), entry.metadata) for entry in
-                  (self.collection.images[position] for position in kept)]
-        texts = []
-        for position in text_pos.tolist():
-            text, metadata, owner = self.texts[position]
-            texts.append(NewText(text, metadata, kept.get(owner) if owner is not None else None))
-        return linked_records(images, texts, start_id)
 
     def _image_steps(self, clip: ClipModel, todo: list[int]) -> Iterator[Step]:
         """Decode in DataLoader workers while this process encodes the previous batch."""
@@ -277,17 +274,6 @@ def _pending(size: int, count: int, done: dict[int, Shard]) -> list[int]:
     """Positions 0..count-1 not in a finished shard, in order."""
     return [p for s in range((count + size - 1) // size) if s not in done
             for p in range(s * size, min(count, (s + 1) * size))]
-
-
-def _concatenate(shards: dict[int, Shard], dim: int
-                 ) -> tuple[np.ndarray, np.ndarray, list[Problem]]:
-    """(kept positions (m,), embeddings (m, d), problems) of all shards, in shard order."""
-    parts = [shards[number] for number in sorted(shards)]
-    positions = np.array([p for part in parts for p in part.positions], dtype=np.int64)
-    filled = [part.vectors for part in parts if len(part.vectors)]
-    vectors = (np.concatenate(filled).astype(np.float32)
-               if filled else np.zeros((0, dim), np.float32)).reshape(-1, dim)
-    return positions, vectors, [x for part in parts for x in part.problems]
 
 
 def _job_hash(identity: ModelIdentity, collection: Collection, config: BuildConfig,

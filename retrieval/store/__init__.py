@@ -32,6 +32,7 @@ from retrieval.store.manifest import (
 )
 from retrieval.store.read import Generation, open_generation, verify_generation
 from retrieval.store.records import (
+    PROVISIONAL_BASE,
     ItemRecord,
     NewImage,
     NewText,
@@ -57,6 +58,7 @@ __all__ = [
     "Generation",
     "GenerationManifest",
     "ItemRecord",
+    "PROVISIONAL_BASE",
     "JobFolder",
     "ModelIdentity",
     "NewImage",

@@ -30,8 +30,10 @@ from retrieval.store.faults import fault_point
 
 @dataclass(frozen=True)
 class Shard:
-    positions: list[int]  # (m,) input positions that were kept
-    vectors: np.ndarray  # (m, d) their embeddings; (0, 0) for a shard of only skipped inputs
+    """A finished shard: which inputs it kept and which it skipped. Its embeddings stay on
+    disk until `vectors` reads them, so a job of millions of inputs holds none of them."""
+
+    positions: list[int]  # (m,) input positions that were kept, ascending
     problems: list[Problem]  # the skipped inputs
 
 
@@ -60,7 +62,7 @@ class JobFolder:
                              for p, x in problems]}
         _replace_with(files.meta, lambda handle: handle.write(json.dumps(meta).encode()))
         fault_point("after_shard", shard)
-        return Shard([p for p, _ in kept], vectors, [x for _, x in problems])
+        return Shard([p for p, _ in kept], [x for _, x in problems])
 
     def load(self, prefix: str, shard: int) -> Shard | None:
         """A finished shard, or None when it was never committed."""
@@ -68,11 +70,16 @@ class JobFolder:
         if not files.meta.is_file():
             return None
         meta = json.loads(files.meta.read_text())
-        vectors = np.load(files.vectors)
-        if len(vectors) != len(meta["positions"]):
-            raise IndexStoreError(f"{files.vectors} does not match its JSON; delete {self.path}")
         problems = [Problem(p["path"], p["reason"]) for p in meta["problems"]]
-        return Shard(meta["positions"], vectors, problems)
+        return Shard(meta["positions"], problems)
+
+    def vectors(self, prefix: str, shard: int, kept: int) -> np.ndarray:
+        """The (kept, d) embeddings of a finished shard, checked against its record."""
+        path = layout.shard_files(self.path, prefix, shard).vectors
+        vectors = np.load(path)
+        if len(vectors) != kept:
+            raise IndexStoreError(f"{path} does not match its JSON; delete {self.path}")
+        return vectors.astype(np.float32, copy=False)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -114,26 +121,35 @@ class ParquetJobFolder(JobFolder):
         _replace_with(layout.parquet_shard_file(self.path, prefix, shard),
                       lambda handle: pq.write_table(table, handle))
         fault_point("after_shard", shard)
-        return Shard([p for p, _ in kept], vectors, [x for _, x in problems])
+        return Shard([p for p, _ in kept], [x for _, x in problems])
 
     def load(self, prefix: str, shard: int) -> Shard | None:
-        """A finished shard, or None when it was never written."""
+        """A finished shard, or None when it was never written (its embeddings unread)."""
         import pyarrow.parquet as pq
 
         path = layout.parquet_shard_file(self.path, prefix, shard)
         if not path.is_file():
             return None
-        table = pq.read_table(path)
+        table = pq.read_table(path, columns=["position", "path", "reason"])
         reasons, paths = table["reason"].to_pylist(), table["path"].to_pylist()
         positions = table["position"].to_pylist()
         kept = [p for p, reason in zip(positions, reasons) if reason is None]
-        # the skipped rows' embeddings are null, so the flattened values are the kept rows'
-        values = table["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        vectors = (values.astype(np.float32).reshape(len(kept), -1) if kept
-                   else np.zeros((0, 0), np.float32))
         problems = [Problem(where, reason) for where, reason in zip(paths, reasons)
                     if reason is not None]
-        return Shard(kept, vectors, problems)
+        return Shard(kept, problems)
+
+    def vectors(self, prefix: str, shard: int, kept: int) -> np.ndarray:
+        import pyarrow.parquet as pq
+
+        path = layout.parquet_shard_file(self.path, prefix, shard)
+        column = pq.read_table(path, columns=["embedding"])["embedding"].combine_chunks()
+        # the skipped rows' embeddings are null, so the flattened values are the kept rows'
+        values = column.flatten().to_numpy(zero_copy_only=False)
+        if kept == 0:
+            return np.zeros((0, 0), np.float32)
+        if len(values) % kept:
+            raise IndexStoreError(f"{path} does not match its kept rows; delete {self.path}")
+        return values.astype(np.float32).reshape(kept, -1)
 
 
 _MODALITY = {plural: modality for modality, plural in layout.PLURAL.items()}

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -18,6 +19,8 @@ from PIL import Image
 
 from clipdex.main import main
 from indexer.build import BuildConfig, build
+from retrieval.encode import encode_texts
+from retrieval.model import load_model
 from retrieval.store import open_generation
 from tests.conftest import COLOURS, make_image
 
@@ -265,3 +268,54 @@ def test_a_killed_add_leaves_no_shards_behind_once_another_generation_lands(colo
     assert main(["index", "add", str(folder_of_images(tmp_path / "x", ["grey9"])),
                  "--index", str(out), *TINY]) == 0
     assert list((out / "work").iterdir()) == []
+
+
+def test_a_build_hands_the_store_vectors_on_disk_and_records_a_batch_at_a_time(
+        tmp_path, capsys, monkeypatch):
+    """A build of millions of images never gathers their embeddings or records: the store
+    reads the vectors memory-mapped from the work folder and takes the records in batches.
+    Captions stay linked to their images across batch edges, a broken image's caption
+    stays as a text of its own, and the vectors are the ones encoded."""
+    import indexer.build
+    import indexer.encoded
+
+    names = ["red", "green", "blue", "white", "black"]
+    folder = folder_of_images(tmp_path / "photos", names)
+    for name in names:
+        (folder / f"{name}.txt").write_text(f"a {name} square\na {name} tile\n")
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "broken.txt").write_text("a caption of nothing\n")
+    (tmp_path / "corpus.txt").write_text("a poem\nan essay\na list\n")
+    monkeypatch.setattr(indexer.encoded, "RECORD_BATCH", 2)
+    handed: dict = {}
+    real = indexer.build.write_generation
+
+    def spy(root, model, records, vectors, *rest):
+        handed["vectors"] = {m: type(v) for m, v in vectors.items()}
+        handed["batches"] = [len(batch) for batch in records.batches()]
+        return real(root, model, records, vectors, *rest)
+
+    monkeypatch.setattr(indexer.build, "write_generation", spy)
+    out = tmp_path / "idx"
+    assert run_build(str(folder), str(tmp_path / "corpus.txt"), "--out", str(out),
+                     "--shard-size", "3") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["images"], summary["texts"]) == (5, 14)  # 10 + 1 orphan + 3 corpus
+    assert handed["vectors"] == {"image": np.memmap, "text": np.memmap}
+    assert len(handed["batches"]) >= 4 and sum(handed["batches"]) == 19
+    assert not list((out / "work").glob("staged-*"))
+    with open_generation(out) as generation:
+        records = {r.id: r for r in generation.items(range(1, 20))}
+        images = {Path(r.path).stem: r for r in records.values() if r.modality == "image"}
+        assert sorted(images) == sorted(names) and max(r.id for r in images.values()) == 5
+        for name, image in images.items():
+            assert image.captions == [f"a {name} square", f"a {name} tile"]
+            linked = [r.text for r in records.values() if r.image_id == image.id]
+            assert linked == image.captions
+        orphan = next(r for r in records.values() if r.text == "a caption of nothing")
+        assert orphan.image_id is None and orphan.id > 5
+        ids, vectors = generation.all_vectors("text")
+        poem = next(r.id for r in records.values() if r.text == "a poem")
+        clip = load_model("clipdex-tiny", "cpu")
+        expected = encode_texts(clip, ["a poem"])[0]
+        np.testing.assert_allclose(vectors[list(ids).index(poem)], expected, atol=1e-5)

@@ -14,6 +14,7 @@ from retrieval.errors import (
     IndexCorruptError,
     IndexMismatchError,
     IndexNotFoundError,
+    IndexStoreError,
     UnknownItemError,
 )
 from retrieval.manifest import Problem
@@ -267,7 +268,9 @@ def test_job_shards_round_trip_and_stale_add_jobs_are_dropped(tmp_path):
     build_job.save("images", 0, [(0, vectors[0]), (2, vectors[1])], [(1, Problem("/x", "bad"))])
     shard = build_job.load("images", 0)
     assert shard.positions == [0, 2] and shard.problems == [Problem("/x", "bad")]
-    np.testing.assert_array_equal(shard.vectors, vectors)
+    np.testing.assert_array_equal(build_job.vectors("images", 0, len(shard.positions)), vectors)
+    with pytest.raises(IndexStoreError, match="does not match"):
+        build_job.vectors("images", 0, 3)
     assert build_job.load("images", 1) is None
     drop_stale_add_jobs(tmp_path)
     assert [p.name for p in (tmp_path / "work").iterdir()] == ["build"]
@@ -283,10 +286,11 @@ def test_parquet_shards_round_trip_in_position_order(tmp_path):
              metadata=lambda position: {"row": position})
     shard = job.load("texts", 3)
     assert shard.positions == [5, 7] and shard.problems == [Problem("/y", "bad")]
-    np.testing.assert_array_equal(shard.vectors, vectors)
+    np.testing.assert_array_equal(job.vectors("texts", 3, len(shard.positions)), vectors)
     assert sorted(p.name for p in job.path.iterdir()) == ["job.json", "texts-00003.parquet"]
     job.save("texts", 4, [], [(9, Problem("/z", "gone"))])
-    assert job.load("texts", 4).vectors.shape == (0, 0) and job.load("texts", 5) is None
+    assert job.load("texts", 4).positions == [] and job.vectors("texts", 4, 0).shape == (0, 0)
+    assert job.load("texts", 5) is None
 
 
 def test_fault_points_cost_nothing_unless_clipdex_fault_is_set():
