@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from indexer.config import DEFAULT_CONFIG, BuildConfig, Summary
-from indexer.encoded import Encoded, stage, streamed_records
+from indexer.encoded import Encoded, staged, streamed_records
 from indexer.sources import Collection, collect
 from retrieval.encode import encode_image_batch, encode_texts
 from retrieval.manifest import Problem
@@ -68,14 +68,8 @@ def build(sources: Sequence[Path], out: Path, clip: ClipModel,
     problems = collection.problems + encoded.problems()
     info = {**_build_info(sources, collection, problems, clip), "engine": job.ENGINE}
     records = streamed_records(collection.images, job.texts, encoded, first_id=1)
-    staged = stage(job.work, out, encoded, clip.embed_dim)
-    try:
-        name = write_generation(out, identity, records,
-                                {m: rows.rows() for m, rows in staged.items()},
-                                job.store_options(), info)
-    finally:
-        for rows in staged.values():
-            rows.remove()
+    with staged(job.work, out, encoded, clip.embed_dim) as vectors:
+        name = write_generation(out, identity, records, vectors, job.store_options(), info)
     counts = {m: len(ids) for m, ids in records.ids.items()}
     return job.finish(read_generation_manifest(out, name), counts, problems, started)
 
@@ -96,14 +90,8 @@ def add(sources: Sequence[Path], index: Path, clip: ClipModel,
     # write through the service while this job encodes is no conflict.
     added = streamed_records(collection.images, job.texts, encoded, PROVISIONAL_BASE)
     records = [record for batch in added.batches() for record in batch]
-    staged = stage(job.work, index, encoded, clip.embed_dim)
-    try:
-        appended = append_items(index, identity, records,
-                                {m: rows.rows() for m, rows in staged.items()},
-                                config.store_options(), info)
-    finally:
-        for rows in staged.values():
-            rows.remove()
+    with staged(job.work, index, encoded, clip.embed_dim) as vectors:
+        appended = append_items(index, identity, records, vectors, config.store_options(), info)
     counts = {m: len(ids) for m, ids in added.ids.items()}
     return job.finish(appended.manifest, counts, problems, started)
 

@@ -8,6 +8,7 @@ and ten million records in memory before writing a byte.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,21 +51,26 @@ class Encoded:
                 for n in sorted(self.shards[prefix]) for x in self.shards[prefix][n].problems]
 
 
-def stage(work: JobFolder, root: Path, encoded: Encoded, dim: int) -> dict[str, StagedRows]:
+@contextmanager
+def staged(work: JobFolder, root: Path, encoded: Encoded, dim: int
+           ) -> Iterator[dict[str, np.ndarray]]:
     """Each modality's kept embeddings, in position order, copied a shard at a time into
-    DIR/work/staged-<job>-<modality>.npy (remove them once the generation is written)."""
-    staged = {}
-    for prefix, modality in PREFIXES.items():
-        shards = encoded.shards[prefix]
-        rows = StagedRows(root, f"{work.path.name}-{modality}", dim,
-                          sum(len(s.positions) for s in shards.values()))
-        with rows:
-            for number in sorted(shards):
-                kept = len(shards[number].positions)
-                if kept:
-                    rows.write(work.vectors(prefix, number, kept))
-        staged[modality] = rows
-    return staged
+    DIR/work/staged-<job>-<modality>.npy and yielded memory-mapped; removed on the way out."""
+    files = {}
+    try:
+        for prefix, modality in PREFIXES.items():
+            shards = encoded.shards[prefix]
+            files[modality] = StagedRows(root, f"{work.path.name}-{modality}", dim,
+                                         sum(len(s.positions) for s in shards.values()))
+            with files[modality] as rows:
+                for number in sorted(shards):
+                    kept = len(shards[number].positions)
+                    if kept:
+                        rows.write(work.vectors(prefix, number, kept))
+        yield {modality: rows.rows() for modality, rows in files.items()}
+    finally:
+        for rows in files.values():
+            rows.remove()
 
 
 def streamed_records(images: Sequence[Any], texts: Sequence[JobText], encoded: Encoded,
