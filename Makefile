@@ -50,7 +50,7 @@ bench: $(STAMP)
 # The goal sizes: an index larger than RAM (10,000,000 x 512 under --max-memory 2GB; hours on
 # 2 cores, ~30 GB of scratch disk), filtered search and the ANN at 1,000,000 vectors.
 bench-scale: $(STAMP)
-	$(PY) bench/run_all.py --parts disk,disk_1m,ann,filtered,scaling --disk-count 10000000 \
+	$(PY) bench/run_all.py --parts disk,disk_1m,ray,ann,filtered,scaling --disk-count 10000000 \
 	  --disk-memory 2GB --disk-index-type ivfpq-disk --ann-count 1000000 --filtered-count 1000000 \
 	  --scale-sizes 10000,100000,1000000
 

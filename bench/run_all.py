@@ -232,6 +232,16 @@ def disk_part(args: argparse.Namespace) -> dict:
     return _scale_disk(args.disk_count, args.disk_memory, args.disk_index_type)
 
 
+def ray_part(args: argparse.Namespace) -> dict:
+    """Ray local mode ÷ single-process `index build` images/s, same corpus, one run."""
+    command = [sys.executable, "bench/ray_indexing.py", "--model", "default", "--repeat",
+               str(args.ray_repeat)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+    out = json.loads(result.stdout[result.stdout.index("{"):])
+    out["command"] = " ".join(["python", *command[1:]])
+    return out
+
+
 def disk_1m_part(args: argparse.Namespace) -> dict:
     """4d: the same 1,000,000 vectors imported twice, lists on disk under 2GB and the
     in-memory HNSW index, each served and asked the same queries over HTTP."""
@@ -336,13 +346,13 @@ def scale_child(count: int, kind: str | None, max_memory: str) -> None:
 RUNNERS = {"encoder": encoder_part, "onnx": onnx_part, "decode": decode_part,
            "indexing": indexing_part, "text_trim": text_trim_part,
            "ann": ann_part, "filtered": filtered_part, "disk": disk_part,
-           "disk_1m": disk_1m_part, "service": service_part, "scaling": scaling_part}
+           "disk_1m": disk_1m_part, "ray": ray_part, "service": service_part, "scaling": scaling_part}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default=",".join(PARTS),
-                        help=f"subset of {PARTS}, or disk, disk_1m (make bench-scale)")
+                        help=f"subset of {PARTS}, or disk, disk_1m, ray (make bench-scale)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", default="ViT-B-32,default")
@@ -364,6 +374,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="the disk part (make bench-scale): vectors to build")
     parser.add_argument("--disk-memory", default="2GB")
     parser.add_argument("--disk-index-type", default=None)
+    parser.add_argument("--ray-repeat", type=int, default=10,
+                        help="the ray part: copies of the 22 demo images to index both ways")
     parser.add_argument("--service-items", type=int, default=5000)
     parser.add_argument("--service-seconds", type=float, default=10)
     parser.add_argument("--concurrency", default="1,8,32")
