@@ -94,9 +94,22 @@ def test_ivfpq_tuning_picks_nprobe_and_rerank_on_a_fine_grid():
     measured = {(c["nprobe"], c["rerank"]) for c in report["curve"]}
     assert len({factor for _, factor in measured}) >= 2  # both knobs were turned
     assert {p for p, _ in measured} - {2 ** n for n in range(12)}  # steps between doublings
-    # the choice is the fastest measured point that meets the target
+    # the choice meets the target at the best speed measured (within timing noise), with
+    # the shallowest re-rank among the points that fast: served queries read each candidate
     meeting = [c for c in report["curve"] if c["recall"] >= report["target"]]
-    assert meeting and report["qps"] == max(c["qps"] for c in meeting)
+    tie = (1 - tuning.QPS_TIE) * max(c["qps"] for c in meeting)  # (the curve is rounded)
+    assert report["qps"] >= tie - 0.1
+    assert all(report["rerank"] <= c["rerank"] for c in meeting if c["qps"] >= tie + 0.1)
+
+
+def test_settings_as_fast_as_the_fastest_go_to_the_shallowest_rerank():
+    """10M vectors on disk: rerank 8 and 4 measured 80.4 and 80.1 queries/s batched; a
+    served query reads each candidate's stored row, so 4 is the better choice."""
+    met = [({"nprobe": 768, "rerank": 8}, 0.9569, 80.4),
+           ({"nprobe": 768, "rerank": 4}, 0.9545, 80.1),
+           ({"nprobe": 1536, "rerank": 2}, 0.9516, 41.0)]
+    assert tuning._shallowest_of_fastest(met) == met[1]
+    assert tuning._shallowest_of_fastest(met[::2]) == met[0]  # 2 is far slower
 
 
 def test_a_rerank_factor_whose_recall_stops_growing_is_not_scanned_to_the_widest_search():
