@@ -174,7 +174,8 @@ def _ray(d: dict, out: Path) -> list[str]:
     return ["## 2c. Indexing on Ray Data (local mode)", "",
             f"`clipdex index build --engine ray` without `--ray-address` (Ray started on this "
             f"machine with {d['cpus']} CPUs, decode tasks and encoder actors) against the "
-            f"single-process indexer, on {d['images']} images ({d['model']} model), in one run; "
+            f"single-process indexer, on {d['images']} images ({d['model']} model on "
+            f"{d.get('backend', 'torch')}, both sides), in one run; "
             "the single-process build runs before and after Ray's and the ratio is taken over "
             "their mean. Ray's start-up is measured apart, as a cluster would already be up.", "",
             _table(["single-process img/s (before, after)", "Ray img/s", "Ray ÷ single-process",
