@@ -17,6 +17,7 @@ Ray is imported here only, inside functions: the single-process path never loads
 from __future__ import annotations
 
 import functools
+import os
 import socket
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -35,7 +36,13 @@ from retrieval.errors import EngineError, IndexMismatchError, IndexStoreError
 from retrieval.manifest import Problem
 from retrieval.model import ClipModel
 from retrieval.ondisk import BlockJob, fill_block
-from retrieval.pipeline import ImageFile, TarMember, decode_image, decode_limits
+from retrieval.pipeline import (
+    DECODE_NICENESS,
+    ImageFile,
+    TarMember,
+    decode_image,
+    decode_limits,
+)
 from retrieval.progress import Bar, ProgressFactory
 from retrieval.store import (
     ModelIdentity,
@@ -291,7 +298,10 @@ def _source(batch: Batch, row: int) -> ImageFile:
 def decode_rows(batch: Batch, transform: Callable, limits: Any) -> Batch:
     """A Ray task: decode the image rows of a batch of listing rows to their pixels' bytes
     (texts pass through with none); a row that cannot be decoded has its reason in `error`
-    (never an exception)."""
+    (never an exception). It runs at DECODE_NICENESS: decoding fills the gaps of an encoder
+    that spreads over the node's cores, as the single-process pipeline's workers do."""
+    if os.nice(0) < DECODE_NICENESS:
+        os.nice(DECODE_NICENESS - os.nice(0))
     count = len(batch["position"])
     pixels, errors, paths = [b""] * count, [""] * count, [""] * count
     for row in np.flatnonzero(batch["prefix"] == "images").tolist():
@@ -307,6 +317,17 @@ def decode_rows(batch: Batch, transform: Callable, limits: Any) -> Batch:
             "path": np.array(paths, dtype=object)}
 
 
+def _use_the_nodes_cores() -> None:
+    """Ray gives an actor of one CPU one OpenMP thread; a CPU encoder whose every op waits
+    for its threads is faster on all the node's cores, the decode tasks at low priority in
+    its gaps (what the single-process pipeline does)."""
+    import torch
+
+    threads = len(os.sched_getaffinity(0))
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # ONNX Runtime's sessions read the cores
+    torch.set_num_threads(threads)
+
+
 class Encoder:
     """A Ray actor: loads the model once, then encodes the decoded images and the texts of
     each batch with the single-process path's batch functions."""
@@ -316,6 +337,8 @@ class Encoder:
         from retrieval.model import load_model
 
         device = "cpu" if model.device == "auto" and not gpus else model.device
+        if device == "cpu":
+            _use_the_nodes_cores()
         self.clip = load_model(model.name, device, backend=model.backend)
         found = model_identity(self.clip).sha256
         if found != fingerprint:
