@@ -47,7 +47,7 @@ class Encoded:
         return np.array([p for part in parts for p in part], dtype=np.int64)
 
     def problems(self) -> list[Problem]:
-        return [x for prefix in ("images", "texts")
+        return [x for prefix in PREFIXES
                 for n in sorted(self.shards[prefix]) for x in self.shards[prefix][n].problems]
 
 

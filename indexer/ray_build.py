@@ -5,7 +5,7 @@ on Ray Data, on this machine or across a cluster.
     tasks   decode and resize to uint8 (`decode_rows`, any CPU); a broken file: an error row
     actors  `Encoder`: the model loaded once per actor, the single-process batch functions
     driver  rows -> parquet shards in the index's work folder (the store writes them)
-            -> the same records (`Job._records`) -> `write_generation`
+            -> the same records (`indexer.encoded`) -> `write_generation`
     tasks   an on-disk IVF index's blocks of lists (`fill_on_ray`), merged on the driver;
             also for `--from-embeddings` imports (`import_on_ray`)
 
@@ -318,14 +318,15 @@ def decode_rows(batch: Batch, transform: Callable, limits: Any) -> Batch:
 
 
 def _use_the_nodes_cores() -> None:
-    """Ray gives an actor of one CPU one OpenMP thread; a CPU encoder whose every op waits
+    """Ray gives an actor of one CPU one torch thread; a CPU encoder whose every op waits
     for its threads is faster on all the node's cores, the decode tasks at low priority in
-    its gaps (what the single-process pipeline does)."""
+    its gaps (what the single-process pipeline does). ONNX Runtime sessions size themselves
+    by the same `cores()`."""
     import torch
 
-    threads = len(os.sched_getaffinity(0))
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # ONNX Runtime's sessions read the cores
-    torch.set_num_threads(threads)
+    from retrieval.onnx_backend import cores
+
+    torch.set_num_threads(cores())
 
 
 class Encoder:

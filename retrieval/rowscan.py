@@ -78,9 +78,7 @@ def prefetch(rows: np.ndarray, positions: np.ndarray) -> None:
             or rows.strides[1] != rows.itemsize):
         return
     stride = rows.strides[0]
-    wanted = np.unique(positions)
-    starts = rows.ctypes.data - np.frombuffer(handle, dtype=np.uint8).ctypes.data \
-        + wanted * stride
+    starts = _offset(rows, handle) + np.unique(positions) * stride
     breaks = np.flatnonzero(np.diff(starts) > stride + PREFETCH_GAP) + 1
     if len(breaks) >= PREFETCH_RANGES:
         return
@@ -164,12 +162,17 @@ def release(view: np.ndarray) -> None:
     handle = _mapping(view)
     if handle is None or handle.closed or view.size == 0:
         return
-    base = np.frombuffer(handle, dtype=np.uint8).ctypes.data
-    first = max(view.ctypes.data - base - RELEASE_MARGIN, 0)
+    offset = _offset(view, handle)
+    first = max(offset - RELEASE_MARGIN, 0)
     first -= first % mmap.PAGESIZE
-    last = min(view.ctypes.data - base + view.nbytes + RELEASE_MARGIN, len(handle))
+    last = min(offset + view.nbytes + RELEASE_MARGIN, len(handle))
     if last > first:
         handle.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def _offset(array: np.ndarray, handle: mmap.mmap) -> int:
+    """Where `array`'s first byte lies in the file `handle` maps."""
+    return array.ctypes.data - np.frombuffer(handle, dtype=np.uint8).ctypes.data
 
 
 def _mapping(array: np.ndarray) -> mmap.mmap | None:

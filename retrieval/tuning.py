@@ -88,8 +88,7 @@ class _Probe:
         self.lookup = lookup
         self.name, self.values = _knob(spec)
         self.curve: list[dict[str, Any]] = []
-        self.curve_points: list[Point] = []  # (params, recall, qps) of each curve point
-        self.fallback: Point | None = None  # the most accurate point measured
+        self.points: list[Point] = []  # every setting measured, unrounded, in curve order
 
     def measure(self, value: int, rerank: int | None) -> Point:
         params = dict(self.spec.params)
@@ -100,6 +99,7 @@ class _Probe:
         recall, qps = _measure(self.index, params, self.queries, self.truth, self.k, self.lookup)
         point = {self.name or "exact": value, "recall": round(recall, 4), "qps": round(qps, 1)}
         self.curve.append(point if rerank is None else {**point, "rerank": rerank})
+        self.points.append((params, recall, qps))
         return params, recall, qps
 
     def best(self, target: float) -> Point:
@@ -115,28 +115,25 @@ class _Probe:
             found = self._scan(factor, start, target)
             if found is None:  # even the widest useful search misses: smaller factors will too
                 break
-            start = found
-            met.append(self.curve_points[-1])
-        chosen = _shallowest_of_fastest(met) if met else self.fallback
-        assert chosen is not None  # the grids are never empty
-        return chosen
+            start, point = found
+            met.append(point)
+        if met:
+            return _shallowest_of_fastest(met)
+        return max(self.points, key=lambda point: point[1])  # the most accurate, first of equals
 
-    def _scan(self, factor: int | None, start: int, target: float) -> int | None:
-        """The first position from `start` whose setting reaches `target` with `factor`
-        (that point last in `self.curve_points`), or None: the grid ran out, or a step gained
-        less than PLATEAU (then the codes cap recall, not the probes)."""
+    def _scan(self, factor: int | None, start: int, target: float
+              ) -> tuple[int, Point] | None:
+        """The first position from `start` whose setting reaches `target` with `factor`, and
+        that point; None when the grid ran out or a step gained less than PLATEAU (then the
+        codes cap recall, not the probes)."""
         last = -1.0
         for position in range(start, len(self.values)):
-            measured = self.measure(self.values[position], factor)
-            self.curve_points.append(measured)
-            recall = measured[1]
-            if self.fallback is None or recall > self.fallback[1]:
-                self.fallback = measured
-            if recall >= target:
-                return position
-            if recall - last < PLATEAU:
+            point = self.measure(self.values[position], factor)
+            if point[1] >= target:
+                return position, point
+            if point[1] - last < PLATEAU:
                 return None
-            last = recall
+            last = point[1]
         return None
 
 

@@ -183,7 +183,7 @@ def _write_tables(folder: Path, tables: dict[str, Table],
         files = layout.modality_files(folder, modality)
         index, spec = _index_for(table, options, ondisk.DiskFiles(files.index, files.lists))
         spec, report = tuning.tune(index, spec, table.vectors, table.ids, queries,
-                                query_source=PLURAL[other_modality])
+                                   query_source=PLURAL[other_modality])
         if spec.kind != ann.DISK_KIND:  # an on-disk index wrote its own files
             faiss.write_index(index, str(files.index))
         save_rows(files.vectors, table.vectors)
