@@ -374,7 +374,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="the disk part (make bench-scale): vectors to build")
     parser.add_argument("--disk-memory", default="2GB")
     parser.add_argument("--disk-index-type", default=None)
-    parser.add_argument("--ray-repeat", type=int, default=40,
+    parser.add_argument("--ray-repeat", type=int, default=200,
                         help="the ray part: copies of the 22 demo images to index both ways")
     parser.add_argument("--service-items", type=int, default=5000)
     parser.add_argument("--service-seconds", type=float, default=10)
