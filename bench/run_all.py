@@ -229,7 +229,8 @@ def filtered_part(args: argparse.Namespace) -> dict:
 # --- 4c. an index larger than RAM (make bench-scale) ---------------------------------------
 
 def disk_part(args: argparse.Namespace) -> dict:
-    return _scale_disk(args.disk_count, args.disk_memory, args.disk_index_type)
+    return _scale_disk(args.disk_count, args.disk_memory, args.disk_index_type,
+                       args.disk_target_recall)
 
 
 def ray_part(args: argparse.Namespace) -> dict:
@@ -249,10 +250,12 @@ def disk_1m_part(args: argparse.Namespace) -> dict:
             "hnsw": _scale_disk(1_000_000, "4GB", "hnsw")}
 
 
-def _scale_disk(count: int, memory: str, index_type: str | None) -> dict:
+def _scale_disk(count: int, memory: str, index_type: str | None,
+                target_recall: float | None = None) -> dict:
     command = [sys.executable, "bench/scale_disk.py", "--count", str(count),
                "--max-memory", memory]
     command += ["--index-type", index_type] if index_type else []
+    command += ["--target-recall", str(target_recall)] if target_recall else []
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
     out = json.loads(result.stdout[result.stdout.index("{"):])
     out["command"] = " ".join(["python", *command[1:]])
@@ -374,6 +377,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="the disk part (make bench-scale): vectors to build")
     parser.add_argument("--disk-memory", default="2GB")
     parser.add_argument("--disk-index-type", default=None)
+    parser.add_argument("--disk-target-recall", type=float, default=None,
+                        help="the disk part: index build --target-recall (the goal: >= 0.9)")
     parser.add_argument("--ray-repeat", type=int, default=200,
                         help="the ray part: copies of the 22 demo images to index both ways")
     parser.add_argument("--service-items", type=int, default=5000)

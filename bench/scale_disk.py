@@ -81,7 +81,8 @@ def _unit(rows: np.ndarray) -> np.ndarray:
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
-def build(corpus: Path, out: Path, max_memory: str, index_type: str | None) -> dict:
+def build(corpus: Path, out: Path, max_memory: str, index_type: str | None,
+          target_recall: float | None = None) -> dict:
     """Run the build as its own process; its peak RSS is its VmHWM, read until it exits.
     (getrusage's RUSAGE_CHILDREN will not do: the kernel counts a child's pre-exec copy of
     this process, so a child looks as big as its parent was when it was started.)"""
@@ -89,6 +90,7 @@ def build(corpus: Path, out: Path, max_memory: str, index_type: str | None) -> d
                str(corpus), "--out", str(out), "--model", "external:synthetic",
                "--max-memory", max_memory]
     command += ["--index-type", index_type] if index_type else []
+    command += ["--target-recall", str(target_recall)] if target_recall else []
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
         process = subprocess.Popen(command, cwd=ROOT, stdout=stdout, stderr=stderr, text=True)
@@ -149,13 +151,14 @@ def exact(out: Path, queries: np.ndarray) -> list[list[int]]:
 
 
 def measure(count: int, dim: int, max_memory: str, index_type: str | None, partition: int,
-            work: Path, port: int) -> dict:
+            work: Path, port: int, target_recall: float | None = None) -> dict:
     corpus, out = work / "corpus", work / "index"
     started = time.perf_counter()
     queries = write_corpus(corpus, count, dim, partition)
     result = {"count": count, "dim": dim, "max_memory": max_memory, "index_type": index_type,
-              "corpus_s": round(time.perf_counter() - started, 1)}
-    result.update(build(corpus, out, max_memory, index_type))
+              "corpus_s": round(time.perf_counter() - started, 1),
+              "target_recall": target_recall}
+    result.update(build(corpus, out, max_memory, index_type, target_recall))
     shutil.rmtree(corpus)  # the store keeps its own float32 copy; make room for nothing else
     served = serve(out, queries, port)
     truth = exact(out, queries)
@@ -179,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="scratch folder (default: a temporary one; needs ~3 bytes a "
                              "dimension per vector)")
     parser.add_argument("--port", type=int, default=8766)
+    parser.add_argument("--target-recall", type=float, default=None,
+                        help="index build --target-recall (default: the store's, 0.95)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         result = measure(args.count, args.dim, args.max_memory, args.index_type,
-                         args.partition, Path(work), args.port)
+                         args.partition, Path(work), args.port, args.target_recall)
     print(json.dumps(result, indent=2))
     return 0
 

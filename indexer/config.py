@@ -13,6 +13,7 @@ from typing import Any
 from retrieval.images import DEFAULT_MAX_PIXELS
 from retrieval.ondisk import BlockFiller, fill_here
 from retrieval.store import StoreOptions
+from retrieval.tuning import TARGET_RECALL
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,13 @@ class BuildConfig:
     max_memory: str = "4GB"
     index_kind: str | None = None
     precision: str = "auto"
+    target_recall: float = TARGET_RECALL
 
     def store_options(self, fill_blocks: BlockFiller = fill_here) -> StoreOptions:
         """The store's options; `fill_blocks` runs an on-disk index's blocks (`--engine ray`:
         `indexer.ray_build.fill_on_ray`)."""
         return StoreOptions(max_memory=self.max_memory, index_kind=self.index_kind,
-                            fill_blocks=fill_blocks)
+                            fill_blocks=fill_blocks, target_recall=self.target_recall)
 
 
 DEFAULT_CONFIG = BuildConfig()  # frozen: one shared default for every job's signature

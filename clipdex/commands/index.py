@@ -29,6 +29,8 @@ BUILD_FLAGS = {
     "index_kind": Flag("force an index type instead of choosing by size and memory",
                        name="--index-type", choices=KINDS),
     "precision": Flag("autocast precision", choices=("auto", "fp32", "fp16", "bf16")),
+    "target_recall": Flag("recall@10 against exact search that an approximate index's search "
+                          "settings are tuned to reach; lower answers faster"),
 }
 RAY_FLAGS = {
     "ray_address": Flag("with --engine ray: join this cluster ('auto', or ray://HOST:PORT) "
@@ -109,10 +111,19 @@ def _register_inspection(actions: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace):
+    """The job's configuration; a budget or a recall target that cannot be used is refused
+    before anything is read or encoded."""
     from indexer.config import BuildConfig
     from retrieval.ann import parse_memory
+    from retrieval.errors import IndexStoreError
 
-    parse_memory(args.max_memory)  # fail early on "4 gallons"
+    try:
+        parse_memory(args.max_memory)  # fail early on "4 gallons"
+    except ValueError as error:
+        raise IndexStoreError(f"--max-memory: {error}") from None
+    if not 0 < args.target_recall <= 1:
+        raise IndexStoreError(f"--target-recall must be above 0 and at most 1 (a recall@10), "
+                              f"got {args.target_recall}")
     return config_from(args, BuildConfig)
 
 

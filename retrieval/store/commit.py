@@ -37,6 +37,9 @@ class StoreOptions:
     max_memory: int | str = "4GB"
     index_kind: str | None = None  # force "flat", "hnsw", "ivfpq" or "ivfpq-disk"
     compact_ratio: float = COMPACT_RATIO
+    # recall@10 against exact search that the search settings are tuned to reach: a lower
+    # target probes fewer lists (faster queries); see retrieval.tuning
+    target_recall: float = tuning.TARGET_RECALL
     # who fills an on-disk index's blocks: this process, or Ray tasks (`--engine ray`)
     fill_blocks: ondisk.BlockFiller = ondisk.fill_here
 
@@ -183,7 +186,8 @@ def _write_tables(folder: Path, tables: dict[str, Table],
         files = layout.modality_files(folder, modality)
         index, spec = _index_for(table, options, ondisk.DiskFiles(files.index, files.lists))
         spec, report = tuning.tune(index, spec, table.vectors, table.ids, queries,
-                                   query_source=PLURAL[other_modality])
+                                   query_source=PLURAL[other_modality],
+                                   target=options.target_recall)
         if spec.kind != ann.DISK_KIND:  # an on-disk index wrote its own files
             faiss.write_index(index, str(files.index))
         save_rows(files.vectors, table.vectors)

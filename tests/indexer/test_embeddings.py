@@ -163,3 +163,27 @@ def test_an_import_loads_no_model_code(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_lower_recall_target_tunes_a_faster_search_and_is_recorded(tmp_path, capsys):
+    folder = write_clip_retrieval(tmp_path / "embeddings",
+                                  sample_partitions(DIM, sizes=(1500, 1500)))
+    tuned = {}
+    for target in ("0.99", "0.6"):
+        out = tmp_path / f"idx-{target}"
+        _build(capsys, folder, out, "--model", "external:x", "--index-type", "ivfpq",
+               "--target-recall", target)
+        with open_generation(out) as generation:
+            tuned[target] = generation.manifest["modalities"]["image"]["tuning"]
+    assert tuned["0.99"]["target"] == 0.99 and tuned["0.6"]["target"] == 0.6
+    assert tuned["0.6"]["tuning_recall_at_10"] >= 0.6
+    assert tuned["0.6"]["value"] < tuned["0.99"]["value"]  # fewer lists probed
+    for bad in ("0", "1.5"):
+        assert main(["index", "build", "--from-embeddings", str(folder), "--out",
+                     str(tmp_path / "bad"), "--model", "external:x",
+                     "--target-recall", bad]) == 2
+        assert "--target-recall must be above 0 and at most 1" in capsys.readouterr().err
+    assert main(["index", "build", "--from-embeddings", str(folder), "--out",
+                 str(tmp_path / "bad"), "--model", "external:x", "--max-memory", "4 gallons"]) == 2
+    assert "--max-memory: cannot read memory size" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
