@@ -182,12 +182,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="scratch folder (default: a temporary one; needs ~3 bytes a "
                              "dimension per vector)")
     parser.add_argument("--port", type=int, default=8766)
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="move the built index here instead of deleting it")
     parser.add_argument("--target-recall", type=float, default=None,
                         help="index build --target-recall (default: the store's, 0.95)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         result = measure(args.count, args.dim, args.max_memory, args.index_type,
                          args.partition, Path(work), args.port, args.target_recall)
+        if args.keep is not None:  # for follow-up measurements without a rebuild
+            shutil.move(str(Path(work) / "index"), str(args.keep))
     print(json.dumps(result, indent=2))
     return 0
 
