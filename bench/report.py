@@ -180,7 +180,8 @@ def _ray(d: dict, out: Path) -> list[str]:
              f"single-process indexer, on {d['images']:,} images ({d['model']} model on "
              f"{d.get('backend', 'torch')}, both sides), in one run; "
              "the single-process build runs before and after Ray's and the ratio is taken over "
-             "their mean. Ray's start-up is measured apart, as a cluster would already be up.", "",
+             "their mean. Ray's start-up is measured apart, as a cluster would already be "
+             "up.", "",
              _table(["single-process img/s (before, after)", "Ray img/s", "Ray ÷ single-process",
                      "Ray start-up s"],
                     [[", ".join(str(x) for x in d["single_process_images_per_s"]),
@@ -233,7 +234,7 @@ def _disk(d: dict, out: Path, section: str = "4c") -> list[str]:
             f"{tuning.get('recall_at_10', '?')}, at {tuning.get('qps', '?')} queries/s "
             "when the tuner asked its 800 queries at once in the build process, against the "
             "served figure above, one query per call." + _default_target(d, tuning)
-            + _previous(d), "",
+            + _previous(d), ""] + _caveat(d) + [
             "The import stages the vectors in the index's work folder a chunk at a time and "
             "writes the item rows a metadata batch at a time; every pass over the vectors "
             "(training sample, list filling, tuning's exact search, the generation's copy) "
@@ -256,6 +257,10 @@ def _default_target(d: dict, tuning: dict) -> str:
     return (f" At the default target ({TARGET_RECALL}) the same curve gives nprobe "
             f"{best['nprobe']}, rerank {best['rerank']}: recall {best['recall']} at "
             f"{best['qps']} queries/s batched, against {tuning.get('qps', '?')} here.")
+
+
+def _caveat(d: dict) -> list[str]:
+    return [f"**Caveat.** {d['caveat']}", ""] if d.get("caveat") else []
 
 
 def _previous(d: dict) -> str:

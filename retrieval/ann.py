@@ -34,8 +34,6 @@ HNSW_M = 32
 RERANK_FACTOR = 8
 RERANK_BLOCK = 64  # queries re-ranked at once: 64 x 160 candidates x 512 floats = 21 MB
 IVF_PARALLEL_OVER_LISTS = 1  # faiss IndexIVF.parallel_mode (see apply_params)
-PREASSIGN_MAX_QUERIES = 20  # fewer queries than this: coarse centroids scored by BLAS
-# (faiss's own threshold for a BLAS distance computation is 20 queries)
 KINDS = ("flat", "hnsw", "ivfpq", "ivfpq-disk")
 DISK_KIND = "ivfpq-disk"  # inverted lists in a file beside the index (retrieval.ondisk)
 # KB/MB/GB are decimal, KiB/MiB/GiB binary; a bare K/M/G/T is binary, as autofaiss reads
@@ -279,8 +277,8 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, params: dict[str, An
     rerank * k candidates and exact inner products with the stored vectors rank them."""
     factor = int(params.get("rerank", 1))
     if factor <= 1 or lookup is None:
-        return _index_search(index, queries, k, search_params)
-    _, candidates = _index_search(index, queries, k * factor, search_params)  # (nq, k*f)
+        return index.search(queries, k, params=search_params)
+    _, candidates = index.search(queries, k * factor, params=search_params)  # (nq, k*f)
     valid = candidates >= 0
     scores = np.empty(candidates.shape, np.float32)
     for start in range(0, len(queries), RERANK_BLOCK):  # bounds the gathered vectors
@@ -294,47 +292,6 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, params: dict[str, An
     best = np.take_along_axis(scores, top, axis=1)
     ids[~np.isfinite(best)] = -1
     return np.where(np.isfinite(best), best, 0.0).astype(np.float32), ids
-
-
-def _index_search(index: faiss.Index, queries: np.ndarray, k: int,
-                  search_params: faiss.SearchParameters | None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """index.search, except a few queries against an on-disk index, whose coarse centroids
-    numpy scores: faiss scans the centroids of a lone query on one core (16,384 x 512: 2.7
-    ms, a tenth of a query at 10,000,000 vectors), BLAS's matrix-vector product on every core
-    in a third of that. The lists are then searched by faiss as usual (search_preassigned)."""
-    ivf = _on_disk_ivf(index) if len(queries) < PREASSIGN_MAX_QUERIES else None
-    if ivf is None:
-        return index.search(queries, k, params=search_params)
-    mapped = np.ascontiguousarray(queries, dtype=np.float32)
-    if isinstance(index, faiss.IndexPreTransform):
-        for step in range(index.chain.size()):
-            mapped = np.ascontiguousarray(index.chain.at(step).apply(mapped), dtype=np.float32)
-    quantizer = faiss.downcast_index(ivf.quantizer)
-    centroids = faiss.rev_swig_ptr(quantizer.get_xb(), quantizer.ntotal * quantizer.d)
-    scores = mapped @ centroids.reshape(quantizer.ntotal, quantizer.d).T  # (nq, nlist)
-    nprobe = min(int(getattr(search_params, "nprobe", 0) or ivf.nprobe), ivf.nlist)
-    probed = np.argpartition(-scores, nprobe - 1, axis=1)[:, :nprobe]
-    near = np.take_along_axis(scores, probed, axis=1)
-    order = np.argsort(-near, axis=1, kind="stable")
-    probed = np.ascontiguousarray(np.take_along_axis(probed, order, axis=1), dtype=np.int64)
-    near = np.ascontiguousarray(np.take_along_axis(near, order, axis=1), dtype=np.float32)
-    distances = np.empty((len(mapped), k), np.float32)
-    labels = np.empty((len(mapped), k), np.int64)
-    params = search_params or faiss.SearchParametersIVF(nprobe=nprobe)
-    ivf.search_preassigned_c(len(mapped), faiss.swig_ptr(mapped), k, faiss.swig_ptr(probed),
-                             faiss.swig_ptr(near), faiss.swig_ptr(distances),
-                             faiss.swig_ptr(labels), False, params)
-    return distances, labels
-
-
-def _on_disk_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
-    """The inner-product IVF of an on-disk index with a flat coarse quantizer, else None."""
-    if not ondisk.lists_on_disk(index):
-        return None
-    ivf = faiss.extract_index_ivf(index)
-    flat = isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexFlat)
-    return ivf if flat and ivf.metric_type == faiss.METRIC_INNER_PRODUCT else None
 
 
 def sorted_lookup(ids: np.ndarray, vectors: np.ndarray) -> VectorLookup:

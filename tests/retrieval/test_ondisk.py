@@ -199,27 +199,3 @@ def test_a_refused_budget_leaves_no_half_written_generation(tmp_path):
                          StoreOptions(max_memory="1KB"))
     assert list(layout.generations_dir(tmp_path).iterdir()) == []
 
-
-def test_a_lone_query_scores_the_coarse_centroids_in_numpy_and_finds_what_faiss_finds(
-        tmp_path):
-    """Single queries against an on-disk index take `ann`'s preassigned path (BLAS scores
-    the centroids, faiss scans the lists): the same neighbours and scores as faiss's own
-    search, through OPQ's rotation, and with a tombstone filter."""
-    images, captions = modality_gap_data(3000, 12, dim=64)
-    files = ondisk.DiskFiles(tmp_path / "x.index", tmp_path / "x.ivfdata")
-    index = ondisk.build("OPQ8,IVF64,PQ8np", images, np.arange(1, 3001), files,
-                         ondisk.Training(3000))
-    ann.apply_params(index, {"nprobe": 6})
-    assert ann._on_disk_ivf(index) is not None  # the path under test is taken
-    deleted = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.arange(1, 1500)))
-    for params in (None, ann.search_parameters("ivfpq-disk", {"nprobe": 9}, deleted)):
-        for query in captions:
-            scores, ids = ann.search(index, query[None], 10, {"nprobe": 6},
-                                     search_params=params)
-            want_scores, want_ids = index.search(query[None], 10, params=params)
-            np.testing.assert_array_equal(ids, want_ids)
-            np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
-            assert params is None or ids.min() >= 1500
-    _, batched = ann.search(index, captions, 10, {"nprobe": 6})  # faiss's own path
-    np.testing.assert_array_equal(batched[:1], ann.search(index, captions[:1], 10,
-                                                          {"nprobe": 6})[1])
