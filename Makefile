@@ -51,7 +51,8 @@ bench: $(STAMP)
 # 2 cores, ~30 GB of scratch disk), filtered search and the ANN at 1,000,000 vectors.
 bench-scale: $(STAMP)
 	$(PY) bench/run_all.py --parts disk,disk_1m,ray,ann,filtered,scaling --disk-count 10000000 \
-	  --disk-memory 2GB --disk-index-type ivfpq-disk --disk-target-recall 0.92 --ann-count 1000000 --filtered-count 1000000 \
+	  --disk-memory 2GB --disk-index-type ivfpq-disk --disk-target-recall 0.92 \
+	  --ann-count 1000000 --filtered-count 1000000 \
 	  --scale-sizes 10000,100000,1000000
 
 # The long reliability runs (crash loop with 100 random kills, Schemathesis, 30 s of

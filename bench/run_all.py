@@ -128,8 +128,7 @@ def indexing_part(args: argparse.Namespace) -> dict:
                "--repeat", str(args.index_repeat), "--workers", "2"]
     runs = []
     for _ in range(3):  # single runs swung from 0.66 to 0.96 on a shared 2-core VM
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
-        figures = json.loads(result.stdout[result.stdout.index("{"):])
+        figures = _run_script(command)
         figures["ratio"] = round(figures["end_to_end_img_s"] / figures["encode_only_img_s"], 3)
         # Decode-only and encode-only each had every core; sharing them, an image costs at
         # least 1/encode + 1/decode seconds of the machine: the bound on the ratio.
@@ -139,18 +138,13 @@ def indexing_part(args: argparse.Namespace) -> dict:
     runs.sort(key=lambda run: run["ratio"])
     median = runs[len(runs) // 2]
     median["ratios"] = [run["ratio"] for run in runs]
-    median["command"] = " ".join(["python", *command[1:]])
     return median
 
 
 # --- 2b. reduced-size decoding ------------------------------------------------------------
 
 def decode_part(args: argparse.Namespace) -> dict:
-    command = [sys.executable, "bench/decode.py", "--model", "default"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
-    figures = json.loads(result.stdout[result.stdout.index("{"):])
-    figures["command"] = " ".join(["python", *command[1:]])
-    return figures
+    return _run_script([sys.executable, "bench/decode.py", "--model", "default"])
 
 
 # --- 3. short text queries -----------------------------------------------------------------
@@ -235,12 +229,8 @@ def disk_part(args: argparse.Namespace) -> dict:
 
 def ray_part(args: argparse.Namespace) -> dict:
     """Ray local mode ÷ single-process `index build` images/s, same corpus, one run."""
-    command = [sys.executable, "bench/ray_indexing.py", "--model", "default", "--repeat",
-               str(args.ray_repeat)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
-    out = json.loads(result.stdout[result.stdout.index("{"):])
-    out["command"] = " ".join(["python", *command[1:]])
-    return out
+    return _run_script([sys.executable, "bench/ray_indexing.py", "--model", "default",
+                        "--repeat", str(args.ray_repeat)])
 
 
 def disk_1m_part(args: argparse.Namespace) -> dict:
@@ -256,10 +246,16 @@ def _scale_disk(count: int, memory: str, index_type: str | None,
                "--max-memory", memory]
     command += ["--index-type", index_type] if index_type else []
     command += ["--target-recall", str(target_recall)] if target_recall else []
+    return _run_script(command)
+
+
+def _run_script(command: list[str]) -> dict:
+    """Run a bench script in its own process: the JSON object it prints, with the command
+    that reproduces it."""
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
-    out = json.loads(result.stdout[result.stdout.index("{"):])
-    out["command"] = " ".join(["python", *command[1:]])
-    return out
+    figures = json.loads(result.stdout[result.stdout.index("{"):])
+    figures["command"] = " ".join(["python", *command[1:]])
+    return figures
 
 
 # --- 5. service ----------------------------------------------------------------------------

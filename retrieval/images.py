@@ -289,10 +289,8 @@ def split_tensor_tail(preprocess: Any) -> tuple[Callable, tuple[float, ...], tup
     on_tensor = _tensor_steps(head)
 
     def to_uint8(image: Image.Image) -> torch.Tensor:
-        import torch
-
         if on_tensor is not None and image.mode == "RGB":
-            pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+            pixels = _chw(image)
             for step in on_tensor:
                 pixels = step(pixels)
             return pixels.contiguous()
@@ -301,9 +299,16 @@ def split_tensor_tail(preprocess: Any) -> tuple[Callable, tuple[float, ...], tup
         if not isinstance(image, Image.Image) or image.mode != "RGB":
             raise BadImageError(f"preprocessing gave {type(image).__name__} "
                                 f"{getattr(image, 'mode', '')}, expected an RGB image")
-        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return _chw(image)
 
     return to_uint8, tuple(map(float, normalize.mean)), tuple(map(float, normalize.std))
+
+
+def _chw(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a (3, H, W) uint8 tensor that owns its pixels."""
+    import torch
+
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def _tensor_steps(head: Sequence[Any]) -> list[Callable] | None:
