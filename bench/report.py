@@ -46,9 +46,13 @@ def goals(r: dict) -> list[tuple[str, str, str, str]]:
     if "indexing" in r:
         i = r["indexing"]
         bound = f" (their bound here: {i['bound']:.2f})" if "bound" in i else ""
-        rows.append(("indexing end-to-end / encode-only img/s", "≥ 0.9", f"{i['ratio']:.2f}",
-                     _met(i["ratio"] >= 0.9, f"decode and encode share 2 cores{bound}: "
-                          "see §2")))
+        rows.append(("indexing end-to-end / encode-only img/s, demo PNGs", "≥ 0.9",
+                     f"{i['ratio']:.2f}", _met(i["ratio"] >= 0.9, "decode and encode share 2 "
+                                               f"cores{bound}: see §2")))
+        if "photos" in i:
+            value = i["photos"]["ratio"]
+            rows.append(("indexing end-to-end / encode-only img/s, JPEG photographs", "≥ 0.9",
+                         f"{value:.2f}", _met(value >= 0.9, "see §2")))
     if "ray" in r:
         value = r["ray"]["ratio"]
         rows.append((f"Ray local mode / single-process index build img/s, {r['ray']['cpus']} "
@@ -344,7 +348,8 @@ def write(r: dict, out: Path) -> None:
            "## Goals", "", _table(["figure", "goal", "measured", "met?"],
                                   [list(g) for g in goals(r)]), ""]
     for part, render in (("encoder", _encoder), ("onnx", _onnx), ("decode", _decode),
-                         ("indexing", _indexing), ("ray", _ray),
+                         ("indexing", lambda i, out: _indexing(i, out, r.get("decode"))),
+                         ("ray", _ray),
                          ("text_trim", _text_trim), ("ann", _ann), ("ann_at_goal", _ann),
                          ("filtered", _filtered), ("filtered_at_goal", _filtered),
                          ("disk", _disk),
@@ -397,24 +402,30 @@ def _encoder(e: dict, out: Path) -> list[str]:
             ""]
 
 
-def _indexing(i: dict, out: Path) -> list[str]:
+def _indexing(i: dict, out: Path, decode: dict | None = None) -> list[str]:
     fig, ax = plt.subplots(figsize=(5, 3))
     names = ["decode only", "encode only", "end to end"]
     ax.bar(names, [i["decode_only_img_s"], i["encode_only_img_s"], i["end_to_end_img_s"]])
     ax.set_ylabel("images/s")
     ax.set_title(f"end-to-end / encode-only = {i['ratio']:.2f}")
     _save(fig, out / "bench_indexing.png")
+    runs = [(f"demo corpus ×{i['images'] // i['distinct_images']} (PNGs)", i)]
+    if "photos" in i:
+        runs.append((f"{i['photos']['images']} photographs (Flickr8k JPEGs, 224 px)",
+                     i["photos"]))
     return ["## 2. Indexing pipeline", "",
-            f"Default model, demo corpus ×{i['images'] // i['distinct_images']} "
-            f"({i['images']} images), {i['workers']} decode workers, the encoder on "
+            f"Default model, {i['workers']} decode workers, the encoder on "
             f"{i.get('backend', 'torch')} (what `index build` picks here; `bench/indexing.py`).",
             "",
-            _table(["decode-only img/s", "encode-only img/s", "end-to-end img/s",
-                    "end-to-end / encode-only"],
-                   [[i["decode_only_img_s"], i["encode_only_img_s"], i["end_to_end_img_s"],
-                     f"**{i['ratio']:.2f}**"]]), "",
+            _table(["images", "decode-only img/s", "encode-only img/s", "end-to-end img/s",
+                    "end-to-end / encode-only", "bound"],
+                   [[name, run["decode_only_img_s"], run["encode_only_img_s"],
+                     run["end_to_end_img_s"], f"**{run['ratio']:.2f}**", run.get("bound", "")]
+                    for name, run in runs]), "",
             "![indexing](bench_indexing.png)", "",
-            f"Reproduce: `{RUN} indexing` (or `{i['command']}`)", "",
+            f"Reproduce: `{RUN} indexing` (or "
+            + " and ".join(f"`{run['command']}`" for _, run in runs) + ")", "",
+            *_photos_reading(i, decode),
             f"The median of three runs is shown; the three ratios were {i.get('ratios')}. "
             "On 2 cores the decode workers and the encoder compete for the same cores "
             "(decode-only and encode-only each have both cores to themselves), so an image "
@@ -434,6 +445,23 @@ def _indexing(i: dict, out: Path) -> list[str]:
             "where Pillow's bicubic took 2.5 ms: decode-only 247 -> 358 images/s; pixels "
             "within one level of Pillow's, embeddings cosine >= 0.9999, "
             "tests/retrieval/test_pipeline.py).", ""]
+
+
+def _photos_reading(i: dict, decode: dict | None) -> list[str]:
+    if "photos" not in i:
+        return []
+    photos = i["photos"]
+    camera = ""
+    if decode:  # one process decodes reduced-size 12 MP JPEGs at this rate (§2b)
+        rate = decode["reduced_decode_per_s"] * i["workers"]
+        camera = (f" Camera-size JPEGs cost more, even at reduced size: §2b decodes 12 MP "
+                  f"photographs at {decode['reduced_decode_per_s']} a second in one process, "
+                  f"so with {i['workers']} workers their bound would be about "
+                  f"{rate / (rate + i['encode_only_img_s']):.2f}, below the PNGs'.")
+    return [f"Photographs: the ratios of three runs were {photos['ratios']}. A JPEG of the "
+            "size the model reads (Flickr8k's are 224×224; img2dataset, which web-scale corpora "
+            "are fetched with, writes 256–384 px by default) decodes several times faster "
+            "than a demo PNG, so decoding no longer holds the encoder back." + camera, ""]
 
 
 def _decode(d: dict, out: Path) -> list[str]:

@@ -13,7 +13,6 @@ from typing import Any
 from retrieval.images import DEFAULT_MAX_PIXELS
 from retrieval.ondisk import BlockFiller, fill_here
 from retrieval.store import StoreOptions
-from retrieval.tuning import TARGET_RECALL
 
 
 @dataclass(frozen=True)
@@ -25,7 +24,7 @@ class BuildConfig:
     max_memory: str = "4GB"
     index_kind: str | None = None
     precision: str = "auto"
-    target_recall: float = TARGET_RECALL
+    target_recall: float | None = None  # None: the index's recorded one, else tuning's 0.95
 
     def store_options(self, fill_blocks: BlockFiller = fill_here) -> StoreOptions:
         """The store's options; `fill_blocks` runs an on-disk index's blocks (`--engine ray`:

@@ -30,7 +30,8 @@ BUILD_FLAGS = {
                        name="--index-type", choices=KINDS),
     "precision": Flag("autocast precision", choices=("auto", "fp32", "fp16", "bf16")),
     "target_recall": Flag("recall@10 against exact search that an approximate index's search "
-                          "settings are tuned to reach; lower answers faster"),
+                          "settings are tuned to reach; lower answers faster (default: 0.95, "
+                          "or for `add` the index's own)"),
 }
 RAY_FLAGS = {
     "ray_address": Flag("with --engine ray: join this cluster ('auto', or ray://HOST:PORT) "
@@ -121,7 +122,7 @@ def _config(args: argparse.Namespace):
         parse_memory(args.max_memory)  # fail early on "4 gallons"
     except ValueError as error:
         raise IndexStoreError(f"--max-memory: {error}") from None
-    if not 0 < args.target_recall <= 1:
+    if args.target_recall is not None and not 0 < args.target_recall <= 1:
         raise IndexStoreError(f"--target-recall must be above 0 and at most 1 (a recall@10), "
                               f"got {args.target_recall}")
     return config_from(args, BuildConfig)

@@ -10,7 +10,7 @@ import os
 import shutil
 import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,18 @@ class StoreOptions:
     index_kind: str | None = None  # force "flat", "hnsw", "ivfpq" or "ivfpq-disk"
     compact_ratio: float = COMPACT_RATIO
     # recall@10 against exact search that the search settings are tuned to reach: a lower
-    # target probes fewer lists (faster queries); see retrieval.tuning
-    target_recall: float = tuning.TARGET_RECALL
+    # target probes fewer lists (faster queries); see retrieval.tuning. None: the parent
+    # generation's target (an `index add` keeps what the build chose), else TARGET_RECALL
+    target_recall: float | None = None
+
+    def inheriting(self, parent: GenerationManifest) -> StoreOptions:
+        """These options with the parent's recall target when none was given."""
+        if self.target_recall is not None:
+            return self
+        targets = [section.get("tuning", {}).get("target")
+                   for section in parent.data["modalities"].values()]
+        recorded = next((float(t) for t in targets if t is not None), None)
+        return replace(self, target_recall=recorded)
     # who fills an on-disk index's blocks: this process, or Ray tasks (`--engine ray`)
     fill_blocks: ondisk.BlockFiller = ondisk.fill_here
 
@@ -187,7 +197,7 @@ def _write_tables(folder: Path, tables: dict[str, Table],
         index, spec = _index_for(table, options, ondisk.DiskFiles(files.index, files.lists))
         spec, report = tuning.tune(index, spec, table.vectors, table.ids, queries,
                                    query_source=PLURAL[other_modality],
-                                   target=options.target_recall)
+                                   target=options.target_recall or tuning.TARGET_RECALL)
         if spec.kind != ann.DISK_KIND:  # an on-disk index wrote its own files
             faiss.write_index(index, str(files.index))
         save_rows(files.vectors, table.vectors)

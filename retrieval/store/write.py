@@ -196,7 +196,8 @@ def _commit_derived(root: Path, parent: Generation, model: ModelIdentity,
 
     info = {**build_info, "compacted": bool(compact), "deleted_now": len(doomed)}
     changes = None if compact else ([r.id for r in add], sorted(doomed))
-    return commit(root, Plan(model, next_id, parent.name, info, options, changes), tables, fill)
+    plan = Plan(model, next_id, parent.name, info, options.inheriting(parent.info), changes)
+    return commit(root, plan, tables, fill)
 
 
 def _doomed(root: Path, parent: Generation, changes: Changes) -> set[int]:

@@ -15,6 +15,7 @@ from clipdex.main import main
 from indexer.embeddings import ExternalModel, build_from_embeddings, find_shards
 from retrieval.errors import ExternalModelError, ManifestError
 from retrieval.store import (
+    StoreOptions,
     model_identity,
     open_generation,
     read_generation_manifest,
@@ -178,6 +179,15 @@ def test_a_lower_recall_target_tunes_a_faster_search_and_is_recorded(tmp_path, c
     assert tuned["0.99"]["target"] == 0.99 and tuned["0.6"]["target"] == 0.6
     assert tuned["0.6"]["tuning_recall_at_10"] >= 0.6
     assert tuned["0.6"]["value"] < tuned["0.99"]["value"]  # fewer lists probed
+
+    # later updates keep the target the index was built for, unless given another
+    out = tmp_path / "idx-0.6"
+    model = read_generation_manifest(out).model
+    update_generation(out, model, delete_ids=[1])
+    assert read_generation_manifest(out).section("image")["tuning"]["target"] == 0.6
+    update_generation(out, model, delete_ids=[2], options=StoreOptions(target_recall=0.9))
+    assert read_generation_manifest(out).section("image")["tuning"]["target"] == 0.9
+
     for bad in ("0", "1.5"):
         assert main(["index", "build", "--from-embeddings", str(folder), "--out",
                      str(tmp_path / "bad"), "--model", "external:x",
