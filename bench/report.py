@@ -268,19 +268,25 @@ def _caveat(d: dict) -> list[str]:
 
 
 def _previous(d: dict) -> str:
-    """The run this one follows, when the results keep it."""
-    before = d.get("previous")
-    if not before:
-        return ""
-    params = before.get("params") or {}
-    return (f" The run before ({before['note']}, target {before['target_recall']}): nprobe "
-            f"{params.get('nprobe')}, rerank {params.get('rerank')}, recall@10 "
-            f"{before['recall_at_10']}, {before['qps']} queries/s served. A served query "
-            f"takes {1000 / d['qps']:.1f} ms where the tuner's batch took "
-            f"{1000 / d['summary']['tuning']['image']['qps']:.1f} ms a query, and an HTTP round "
-            "trip on a small index about 3.5 ms: the rest is not the PQ scan, which the batch "
-            "pays too. Not yet measured apart: the re-rank's reads of a 20 GB images.npy and "
-            "list pages that a 23 GB machine's page cache does not all keep.")
+    """The run this one follows, when the results keep it, and where a served query's time
+    goes (`scale_disk.py --probe`), when measured."""
+    before, probe = d.get("previous"), d.get("probe")
+    text = ""
+    if before:
+        params = before.get("params") or {}
+        text += (f" The run before ({before['note']}, target {before['target_recall']}): "
+                 f"nprobe {params.get('nprobe')}, rerank {params.get('rerank')}, recall@10 "
+                 f"{before['recall_at_10']}, {before['qps']} queries/s served.")
+    served, batched = 1000 / d["qps"], 1000 / d["summary"]["tuning"]["image"]["qps"]
+    text += (f" A served query takes {served:.1f} ms where the tuner's batch took "
+             f"{batched:.1f} ms a query.")
+    if probe:
+        text += (f" In process, one query per call on the kept index (`{probe['command']}`, "
+                 f"{probe['queries']} stored captions) takes {probe['warm_ms']} ms warm and "
+                 f"{probe['vectors_evicted_ms']} ms with images.npy evicted from the page "
+                 "cache: the re-rank's reads, asked for together, cost under a millisecond; "
+                 f"HTTP and the service add the other {served - probe['warm_ms']:.1f} ms.")
+    return text
 
 
 def _disk_beside_hnsw(pair: dict, out: Path) -> list[str]:

@@ -170,6 +170,31 @@ def measure(count: int, dim: int, max_memory: str, index_type: str | None, parti
     return result
 
 
+def probe(index: Path, queries: int = 200) -> dict:
+    """Where a lone query's time goes, in process on a kept index (`--keep`): the stored
+    captions one per call, with the image vectors' pages as the build left them, warm, and
+    evicted from the page cache (what the re-rank's reads of images.npy cost)."""
+    with open_generation(index) as generation:
+        _ids, vectors = generation.all_vectors("text")
+        asked = np.asarray(vectors[:queries], dtype=np.float32)
+        stored = generation.path / "images.npy"
+
+        def per_query_ms() -> float:
+            started = time.perf_counter()
+            for query in asked:
+                generation.search("image", query[None], K)
+            return round((time.perf_counter() - started) / len(asked) * 1e3, 2)
+
+        out = {"queries": len(asked), "as_left_ms": per_query_ms(), "warm_ms": per_query_ms()}
+        descriptor = os.open(stored, os.O_RDONLY)
+        try:
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
+        out["vectors_evicted_ms"] = per_query_ms()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=10_000_000)
@@ -186,7 +211,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="move the built index here instead of deleting it")
     parser.add_argument("--target-recall", type=float, default=None,
                         help="index build --target-recall (default: the store's, 0.95)")
+    parser.add_argument("--probe", type=Path, default=None,
+                        help="only time lone queries in process on an index kept by --keep")
     args = parser.parse_args(argv)
+    if args.probe is not None:
+        print(json.dumps(probe(args.probe), indent=2))
+        return 0
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         result = measure(args.count, args.dim, args.max_memory, args.index_type,
                          args.partition, Path(work), args.port, args.target_recall)
