@@ -130,7 +130,7 @@ def indexing_part(args: argparse.Namespace) -> dict:
     if args.photos.is_dir():
         out["photos"] = _indexing_median(
             [sys.executable, "bench/indexing.py", "--model", "default", "--workers", "2",
-             "--images", str(args.photos), "--count", str(args.photo_count), "--repeat", "1"])
+             "--images", os.path.relpath(args.photos, ROOT), "--count", str(args.photo_count), "--repeat", "1"])
     return out
 
 
