@@ -125,12 +125,11 @@ def onnx_part(args: argparse.Namespace) -> dict:
 
 def indexing_part(args: argparse.Namespace) -> dict:
     """The demo corpus's PNGs, and photographs (JPEGs) where `--photos` is a folder."""
-    out = _indexing_median([sys.executable, "bench/indexing.py", "--model", "default",
-                            "--repeat", str(args.index_repeat), "--workers", "2"])
+    command = [sys.executable, "bench/indexing.py", "--model", "default", "--workers", "2"]
+    out = _indexing_median([*command, "--repeat", str(args.index_repeat)])
     if args.photos.is_dir():
-        out["photos"] = _indexing_median(
-            [sys.executable, "bench/indexing.py", "--model", "default", "--workers", "2",
-             "--images", os.path.relpath(args.photos, ROOT), "--count", str(args.photo_count), "--repeat", "1"])
+        out["photos"] = _indexing_median([*command, "--images", os.path.relpath(args.photos, ROOT),
+                                          "--count", str(args.photo_count), "--repeat", "1"])
     return out
 
 
@@ -370,7 +369,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--text-n", type=int, default=256)
     parser.add_argument("--index-repeat", type=int, default=20,
                         help="passes over the 22 demo images (440: fixed costs amortised)")
-    parser.add_argument("--photos", type=Path, default=ROOT.parent / "shared/data/flickr8k/images",
+    parser.add_argument("--photos", type=Path,
+                        default=ROOT.parent / "shared/data/flickr8k/images",
                         help="the indexing part's folder of photographs, where it exists")
     parser.add_argument("--photo-count", type=int, default=1000)
     parser.add_argument("--ann-count", type=int, default=100_000, help="goal size: 1000000")

@@ -41,6 +41,8 @@ class StoreOptions:
     # target probes fewer lists (faster queries); see retrieval.tuning. None: the parent
     # generation's target (an `index add` keeps what the build chose), else TARGET_RECALL
     target_recall: float | None = None
+    # who fills an on-disk index's blocks: this process, or Ray tasks (`--engine ray`)
+    fill_blocks: ondisk.BlockFiller = ondisk.fill_here
 
     def inheriting(self, parent: GenerationManifest) -> StoreOptions:
         """These options with the parent's recall target when none was given."""
@@ -50,8 +52,6 @@ class StoreOptions:
                    for section in parent.data["modalities"].values()]
         recorded = next((float(t) for t in targets if t is not None), None)
         return replace(self, target_recall=recorded)
-    # who fills an on-disk index's blocks: this process, or Ray tasks (`--engine ray`)
-    fill_blocks: ondisk.BlockFiller = ondisk.fill_here
 
 
 @dataclass
