@@ -102,3 +102,9 @@ def test_index_and_search_with_a_hub_model_then_refuse_another(hub_cache, tmp_pa
     other = load_model(str(write_open_clip_folder(tmp_path / "other", seed=3)), device="cpu")
     with pytest.raises(IndexMismatchError, match="hf-hub:clipdex-test/tiny-clip"):
         open_generation(out, model_fingerprint(other), other.embed_dim)
+    assert main(["search", "--index", str(out), "a green square", "--model", spec,
+                 "--target", "text"]) == 0
+    assert "a green square" in capsys.readouterr().out.splitlines()[0]
+    other_folder = str(tmp_path / "other")
+    assert main(["search", "--index", str(out), "a green square", "--model", other_folder]) != 0
+    assert "rebuild the index" in capsys.readouterr().err
