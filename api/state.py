@@ -167,9 +167,9 @@ class ServiceState:
                                            self.settings.device, self.settings.backend)
         self.clip = clip
         self.model = await asyncio.to_thread(model_identity, clip)
-        self._start_batchers(clip)
+        self._start_batchers(clip, self.model)
 
-    def _start_batchers(self, clip: ClipModel) -> None:
+    def _start_batchers(self, clip: ClipModel, model: ModelIdentity) -> None:
         config = self.settings.batching
         self.text_batcher = MicroBatcher(
             "text", lambda texts: list(encode_texts(clip, texts, batch_size=config.max_batch)),
@@ -186,7 +186,7 @@ class ServiceState:
         self.encoder = BatchedEncoder(
             clip, self.text_batcher, self.image_batcher, asyncio.get_running_loop(),
             self.upload_limits, self.settings.max_concurrent_decodes,
-            wave=min(config.max_batch, config.queue_size))
+            wave=min(config.max_batch, config.queue_size), model_sha256=model.sha256)
 
     def _searcher(self, generation: GenerationLike) -> Searcher:
         external = external_of(generation)

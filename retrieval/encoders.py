@@ -25,12 +25,16 @@ from retrieval.encode import encode_image_batch, encode_texts
 from retrieval.errors import ExternalModelError
 from retrieval.images import DecodeLimits, draft_side_of, model_pixels
 from retrieval.model import ClipModel
+from retrieval.store.manifest import model_fingerprint
 
 ImageLike = bytes | Image.Image  # an encoded file, or a decoded image
 
 
 class Encoder(Protocol):
     embed_dim: int
+    # the fingerprint an index built with this model records (None: no model is loaded), so a
+    # Searcher refuses an index built with other weights instead of answering nonsense
+    model_sha256: str | None
     logit_scale: float  # the model's softmax scale for zero-shot classification
     calibrations: dict[str, Calibration]  # direction ("text_to_image", ...) -> relevance fit
 
@@ -52,12 +56,14 @@ def model_logit_scale(clip: ClipModel) -> float:
 
 
 class ModelEncoder:
-    """Encodes on the calling thread, one model call per method call."""
+    """Encodes on the calling thread, one model call per method call. Made once per model:
+    it takes the model's fingerprint, which hashes the weights of a model without a card."""
 
     def __init__(self, clip: ClipModel, limits: DecodeLimits | None = None):
         self.clip = clip
         self.limits = limits or DecodeLimits(draft_side=draft_side_of(clip.preprocess))
         self.embed_dim = int(clip.embed_dim)
+        self.model_sha256: str | None = model_fingerprint(clip)
         self.logit_scale = model_logit_scale(clip)
         self.calibrations = model_calibrations(clip)
 
@@ -76,6 +82,7 @@ class UnavailableEncoder:
     vector and item queries, and every text or image raises ExternalModelError(`reason`)."""
 
     logit_scale = 100.0  # never used: classification needs images encoded first
+    model_sha256 = None  # the index's model is not loaded: nothing to compare
 
     def __init__(self, embed_dim: int, reason: str):
         self.embed_dim, self.reason = int(embed_dim), reason
@@ -93,12 +100,14 @@ class BatchedEncoder:
 
     Images are decoded on the calling thread, at most `decode_slots` at once: with the
     decoder's byte cap that bounds the memory hostile uploads can take. Long lists go to the
-    batcher `wave` inputs at a time, so one request cannot fill the queue by itself."""
+    batcher `wave` inputs at a time, so one request cannot fill the queue by itself.
+    `model_sha256` is the model's fingerprint, which its owner has already computed."""
 
     def __init__(self, clip: ClipModel, text_batcher: MicroBatcher, image_batcher: MicroBatcher,
                  loop: asyncio.AbstractEventLoop, limits: DecodeLimits, decode_slots: int,
-                 wave: int):
+                 wave: int, model_sha256: str):
         self.clip, self.loop, self.limits, self.wave = clip, loop, limits, wave
+        self.model_sha256: str | None = model_sha256
         self.text_batcher, self.image_batcher = text_batcher, image_batcher
         self.decodes = threading.BoundedSemaphore(decode_slots)
         self.embed_dim = int(clip.embed_dim)

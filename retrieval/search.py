@@ -32,6 +32,7 @@ from retrieval.filters import Filter, parse_filter
 from retrieval.hybrid import HYBRID_DEPTH, fuse
 from retrieval.query import TARGETS, ZERO_SHOT_TEMPLATE, Listing, Query, Term
 from retrieval.store.layout import resolve_stored
+from retrieval.store.manifest import mismatch_note
 
 MODALITIES = TARGETS
 MAX_DEPTH = 10_000  # deepest hit reachable by paging
@@ -44,6 +45,7 @@ class GenerationLike(Protocol):
 
     name: str
     embed_dim: int
+    model_sha256: str | None  # the fingerprint of the model that built it (None: not known)
     root: Path | None  # the index directory (stored relative paths resolve against it)
 
     def count(self, modality: str) -> int: ...
@@ -132,6 +134,10 @@ class Searcher:
             raise IndexMismatchError(
                 f"model embed_dim {encoder.embed_dim} does not match the index's "
                 f"{generation.embed_dim}; serve the index with the model that built it")
+        built = generation.model_sha256
+        loaded = encoder.model_sha256 if encoder is not None else None
+        if built and loaded and built != loaded:  # same size, other weights: answers nonsense
+            raise IndexMismatchError(mismatch_note(built, loaded))
         self.generation, self.encoder, self.max_depth = generation, encoder, max_depth
 
     @property

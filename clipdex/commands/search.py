@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_search(args: argparse.Namespace) -> int:
     from retrieval import ModelEncoder, Query, Searcher, Term, load_model, open_generation
     from retrieval.errors import ExternalModelError, InvalidQueryError
-    from retrieval.store import external_note, model_fingerprint, read_generation_manifest
+    from retrieval.store import external_note, read_generation_manifest
 
     terms = ([Term(text=args.text)] if args.text else []) + (
         [Term(image=args.image.read_bytes())] if args.image else [])
@@ -48,9 +48,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     if built.external:  # its vectors came from a model no --model can load: nothing to encode
         raise ExternalModelError(external_note(built))
     clip = load_model(args.model, args.device, backend=args.backend)
-    # an index built with other weights answers nonsense: refuse it, as the service does
-    with open_generation(args.index, model_fingerprint(clip), clip.embed_dim) as generation:
-        searcher = Searcher(generation, ModelEncoder(clip))
+    with open_generation(args.index) as generation:
+        searcher = Searcher(generation, ModelEncoder(clip))  # refuses another model's index
         result = searcher.search(Query(tuple(terms), target=target, k=args.k,
                                        threshold=args.threshold, filter=args.filter,
                                        mode=args.mode))

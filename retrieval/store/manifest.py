@@ -197,12 +197,17 @@ def check_model(manifest: dict[str, Any], model_sha256: str | None,
     if model_sha256 is not None and model_sha256 != built["sha256"]:
         if built.get("external"):
             raise ExternalModelError(external_note(_identity(built)))
-        raise IndexMismatchError(
-            f"index was built with model sha256 {built['sha256'][:16]}… ({built['arch']}), "
-            f"you loaded {model_sha256[:16]}…; rebuild the index or load the same model")
+        raise IndexMismatchError(mismatch_note(built["sha256"], model_sha256, built["arch"]))
     if embed_dim is not None and int(embed_dim) != int(manifest["embed_dim"]):
         raise IndexMismatchError(f"index has embed_dim {manifest['embed_dim']}, "
                                  f"the model gives {embed_dim}")
+
+
+def mismatch_note(built_sha256: str, loaded_sha256: str, arch: str | None = None) -> str:
+    """Why an index refuses a model's queries, and what to do about it."""
+    built = f"{built_sha256[:16]}…" + (f" ({arch})" if arch else "")
+    return (f"index was built with model sha256 {built}, you loaded {loaded_sha256[:16]}…; "
+            "rebuild the index or load the same model")
 
 
 HASH_ON_OPEN_BYTES = 256 * 2**20  # larger files are hashed when written and by `verify`

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from clipdex.main import main
+from retrieval import ModelEncoder, Searcher
 from retrieval.encode import encode_texts
 from retrieval.errors import IndexMismatchError, ModelLoadError
 from retrieval.model import load_model, read_architecture
@@ -102,6 +103,8 @@ def test_index_and_search_with_a_hub_model_then_refuse_another(hub_cache, tmp_pa
     other = load_model(str(write_open_clip_folder(tmp_path / "other", seed=3)), device="cpu")
     with pytest.raises(IndexMismatchError, match="hf-hub:clipdex-test/tiny-clip"):
         open_generation(out, model_fingerprint(other), other.embed_dim)
+    with open_generation(out) as generation, pytest.raises(IndexMismatchError, match="rebuild"):
+        Searcher(generation, ModelEncoder(other))  # opened without a model: the Searcher checks
     assert main(["search", "--index", str(out), "a green square", "--model", spec,
                  "--target", "text"]) == 0
     assert "a green square" in capsys.readouterr().out.splitlines()[0]

@@ -27,6 +27,7 @@ class WordEncoder:
     """Texts are looked up in a table of vectors: a model stand-in with the real interface."""
 
     embed_dim, logit_scale = DIM, 100.0
+    model_sha256 = None  # no model: the index's own is not checked
 
     def __init__(self, table: dict[str, np.ndarray], calibrations: dict[str, Calibration]):
         self.table, self.calibrations = table, calibrations
