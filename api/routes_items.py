@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mimetypes
 from typing import Annotated
 
 from fastapi import APIRouter
@@ -17,10 +16,9 @@ from retrieval.search import Hit
 
 router = APIRouter(prefix="/items", tags=["items"], dependencies=[ReadAccess],
                    responses=problem_responses(401, 404, 422, 503))
-# The indexer keeps whatever image formats Pillow read; unknown suffixes go out as octet-stream.
+# Only files that sniff as an image under the index's media roots are served (`store.media`).
 IMAGE_FILE = {200: {"description": "the image file as indexed", "content": {
-    media_type: {"schema": {"type": "string", "format": "binary"}}
-    for media_type in ("image/*", "application/octet-stream")}}}
+    "image/*": {"schema": {"type": "string", "format": "binary"}}}}}
 ItemId = Annotated[int, PathParam(ge=0, le=MAX_ITEM_ID, description="an id from a search hit")]
 
 
@@ -34,6 +32,5 @@ async def get_item(item_id: ItemId, state: State, searcher: Leased) -> ItemRespo
 @router.get("/{item_id}/image", response_class=FileResponse, responses=IMAGE_FILE,
             summary="The image file of an image item (or of a text item's image)")
 async def get_item_image(item_id: ItemId, state: State, searcher: Leased) -> FileResponse:
-    path = await state.run(searcher.image_file, item_id)
-    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    path, media_type = await state.run(searcher.image_file, item_id)
     return FileResponse(path, media_type=media_type)

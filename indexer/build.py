@@ -69,7 +69,8 @@ def build(sources: Sequence[Path], out: Path, clip: ClipModel,
     info = {**_build_info(sources, collection, problems, clip), "engine": job.ENGINE}
     records = streamed_records(collection.images, job.texts, encoded, first_id=1)
     with staged(job.work, out, encoded, clip.embed_dim) as vectors:
-        name = write_generation(out, identity, records, vectors, job.store_options(), info)
+        name = write_generation(out, identity, records, vectors, job.store_options(), info,
+                                media_roots(sources, collection, problems))
     counts = {m: len(ids) for m, ids in records.ids.items()}
     return job.finish(read_generation_manifest(out, name), counts, problems, started)
 
@@ -91,7 +92,8 @@ def add(sources: Sequence[Path], index: Path, clip: ClipModel,
     added = streamed_records(collection.images, job.texts, encoded, PROVISIONAL_BASE)
     records = [record for batch in added.batches() for record in batch]
     with staged(job.work, index, encoded, clip.embed_dim) as vectors:
-        appended = append_items(index, identity, records, vectors, config.store_options(), info)
+        appended = append_items(index, identity, records, vectors, config.store_options(), info,
+                                media_roots(sources, collection, problems))
     counts = {m: len(ids) for m, ids in added.ids.items()}
     return job.finish(appended.manifest, counts, problems, started)
 
@@ -119,6 +121,18 @@ def _only_new(collection: Collection, current: Generation) -> Collection:
     seen = current.ids_for_texts(entry.text for entry in collection.texts)
     texts = [entry for entry in collection.texts if entry.text not in seen]
     return Collection(images, texts, collection.problems)
+
+
+def media_roots(sources: Sequence[Path], collection: Collection,
+                problems: list[Problem]) -> list[Path]:
+    """The folders whose files the service may serve: the folder sources, and the folders
+    of the images a manifest named that were indexed (a file that failed to decode adds
+    none: a link to a system file in a photo folder must not make its folder a root)."""
+    skipped = {problem.path for problem in problems}
+    folders = [Path(source) for source in sources if Path(source).is_dir()]
+    return folders + [entry.path.parent for entry in collection.images
+                      if entry.member is None and str(entry.path) not in skipped
+                      and not any(entry.path.is_relative_to(f.resolve()) for f in folders)]
 
 
 def _build_info(sources: Sequence[Path], collection: Collection, problems: list[Problem],

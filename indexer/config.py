@@ -48,6 +48,8 @@ class Summary:
     seconds: float = 0.0
     errors_file: str | None = None
     tuning: dict[str, Any] = field(default_factory=dict)
+    # imported image paths outside the --media-root folders: kept as metadata, never served
+    outside_media_roots: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

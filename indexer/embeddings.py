@@ -9,8 +9,10 @@ the width of the partition count, e.g. `img_emb_07.npy` when there are 10 to 99)
                                        sample's own metadata columns (url, key, ...)
 
 Rows align across a partition's three files. An image row becomes an image item: an absolute
-`image_path` is its path, a relative one (or a webdataset key) stays in its metadata with the
-other columns. Its caption becomes a text item linked to it, embedded by the same row of
+`image_path` under one of the import's `--media-root` folders (links and `..` resolved) is its
+file, which the service may serve; any other path (outside the roots, relative, or a
+webdataset key) stays in its metadata with the other columns and is never opened: a pack's
+metadata comes from strangers and may name `/etc/passwd`. The report counts those. Its caption becomes a text item linked to it, embedded by the same row of
 `text_emb_{n}.npy`; a caption with no text embeddings beside it is skipped and counted. A
 partition with text embeddings only (text-only inference) gives free texts.
 
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ from retrieval.store import (
     StreamedRecords,
     external_identity,
     linked_records,
+    media,
     read_generation_manifest,
     write_error_report,
     write_generation,
@@ -88,6 +91,7 @@ class _Pass:
     images: list[np.ndarray] = field(default_factory=list)  # per shard: (kept,) row numbers
     texts: list[np.ndarray] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)  # by kind
+    outside_roots: int = 0  # absolute image paths outside the media roots: metadata only
     problems: list[dict[str, Any]] = field(default_factory=list)  # errors.jsonl rows
     rescaled: int = 0
 
@@ -193,14 +197,16 @@ def resolve_model(model: ModelIdentity | ExternalModel, dim: int, folder: Path) 
 def build_from_embeddings(folder: Path, out: Path, model: ModelIdentity | ExternalModel,
                           config: BuildConfig = DEFAULT_CONFIG,
                           progress: ProgressFactory | None = None,
-                          fill_blocks: BlockFiller = fill_here) -> Summary:
+                          fill_blocks: BlockFiller = fill_here,
+                          media_roots: Sequence[Path] = ()) -> Summary:
     """A new generation of `out` (ids from 1: images, then texts) from clip-retrieval's
     inference output in `folder`; nothing is encoded.
 
     Memory stays bounded whatever the corpus size: a first pass stages the usable vectors,
     a chunk at a time, in the index's work folder (`StagedRows`), which the store then reads
     memory-mapped; a second pass produces the item records a metadata batch at a time while
-    the items table is written (`StreamedRecords`)."""
+    the items table is written (`StreamedRecords`). `media_roots`: the folders whose image
+    files the index may serve (none by default: an imported path is then metadata only)."""
     started = time.perf_counter()
     shards = find_shards(folder)
     identity = resolve_model(model, shards[0].dim, Path(folder))
@@ -211,19 +217,21 @@ def build_from_embeddings(folder: Path, out: Path, model: ModelIdentity | Extern
         images, texts = kept.counts()
         ids = {"image": np.arange(1, images + 1, dtype=np.int64),
                "text": np.arange(images + 1, images + texts + 1, dtype=np.int64)}
-        records = StreamedRecords(ids, lambda: _records(shards, kept))
+        roots = media.cover(media_roots)
+        records = StreamedRecords(ids, lambda: _records(shards, kept, roots))
         info = {"action": "build", "from_embeddings": str(Path(folder).resolve()),
                 "layout": "clip-retrieval", "shards": len(shards), "rescaled": kept.rescaled,
                 "skipped": sum(kept.skipped.values())}
         name = write_generation(out, identity, records, {m: staged[m].rows() for m in staged},
-                                config.store_options(fill_blocks), info)
+                                config.store_options(fill_blocks), info, roots)
     finally:
         for rows in staged.values():
             rows.remove()
     report = write_error_report(out, kept.problems)
     return Summary(generation=name, images=images, texts=texts, skipped=kept.skipped,
                    seconds=round(time.perf_counter() - started, 2), errors_file=str(report),
-                   shards_read=len(shards), tuning=read_generation_manifest(out, name).tuning())
+                   shards_read=len(shards), tuning=read_generation_manifest(out, name).tuning(),
+                   outside_media_roots=kept.outside_roots)
 
 
 def _stage(shards: list[EmbeddingShard], staged: dict[str, StagedRows],
@@ -296,12 +304,14 @@ def _caption_mask(metadata: Path) -> np.ndarray:
     return np.concatenate(mask) if mask else np.zeros(0, bool)
 
 
-def _records(shards: list[EmbeddingShard], kept: _Pass) -> Iterator[list[ItemRecord]]:
+def _records(shards: list[EmbeddingShard], kept: _Pass,
+             roots: list[str]) -> Iterator[list[ItemRecord]]:
     """Second pass: the item records, a metadata batch at a time, ids as `_stage` ordered
     the vectors (images 1.., then texts). A batch's kept images, and its kept texts, have
     consecutive ids, so `linked_records` links each caption to its row's image."""
     images, _ = kept.counts()
     next_image, next_text = 1, images + 1
+    kept.outside_roots = 0  # the store may read the records twice
     for shard, image_rows, text_rows in zip(shards, kept.images, kept.texts):
         for offset, rows in _metadata_batches(shard.metadata):
             numbers = np.arange(offset, offset + len(rows))
@@ -309,7 +319,8 @@ def _records(shards: list[EmbeddingShard], kept: _Pass) -> Iterator[list[ItemRec
             text_ids = _ids_of(numbers, text_rows, next_text)
             has_image, has_text = image_ids > 0, text_ids > 0
             position = np.cumsum(has_image) - 1  # each row's image among the batch's images
-            new_images = [_image_item(rows[i]) for i in np.flatnonzero(has_image).tolist()]
+            new_images = [_image_item(rows[i], roots, kept)
+                          for i in np.flatnonzero(has_image).tolist()]
             new_texts = [NewText(str(_caption(rows[i].get("caption"))), _metadata(rows[i]),
                                  image=int(position[i]) if has_image[i] else None)
                          for i in np.flatnonzero(has_text).tolist()]
@@ -338,11 +349,13 @@ def _metadata_batches(path: Path, size: int = 1 << 16) -> Iterator[tuple[int, li
         offset += len(rows)
 
 
-def _image_item(row: dict[str, Any]) -> NewImage:
+def _image_item(row: dict[str, Any], roots: list[str], kept: _Pass) -> NewImage:
     path, metadata = row.get("image_path"), _metadata(row)
     if isinstance(path, str) and path.startswith("/"):
-        return NewImage(path, metadata)
-    if path not in (None, ""):  # a relative path or a webdataset key: no file to serve
+        if roots and media.within(path, roots):
+            return NewImage(str(media.real(path)), metadata)
+        kept.outside_roots += 1
+    if path not in (None, ""):  # outside the roots, relative or a webdataset key: not a file
         metadata["image_path"] = str(path)
     return NewImage(None, metadata)
 

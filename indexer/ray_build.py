@@ -130,12 +130,13 @@ def fill_on_ray(trained: Path, jobs: Iterable[BlockJob]) -> None:
 
 def import_on_ray(folder: Path, out: Path, model: ModelIdentity | ExternalModel,
                   config: BuildConfig = DEFAULT_CONFIG, ray_config: RayConfig = DEFAULT_RAY,
-                  progress: ProgressFactory | None = None) -> Summary:
+                  progress: ProgressFactory | None = None,
+                  media_roots: Sequence[Path] = ()) -> Summary:
     """`build_from_embeddings` with an on-disk index's lists filled on Ray (nothing is
     encoded, so only that step runs there)."""
     with ray_session(ray_config):
         return build_from_embeddings(folder, out, model, config, progress,
-                                     fill_blocks=fill_on_ray)
+                                     fill_blocks=fill_on_ray, media_roots=media_roots)
 
 
 class RayJob(Job):

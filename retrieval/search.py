@@ -31,7 +31,6 @@ from retrieval.errors import (
 from retrieval.filters import Filter, parse_filter
 from retrieval.hybrid import HYBRID_DEPTH, fuse
 from retrieval.query import TARGETS, ZERO_SHOT_TEMPLATE, Listing, Query, Term
-from retrieval.store.layout import resolve_stored
 from retrieval.store.manifest import mismatch_note
 
 MODALITIES = TARGETS
@@ -271,8 +270,9 @@ class Searcher:
                                    "ids come from search hits")
         return record
 
-    def image_file(self, item_id: int) -> Path:
-        """The image file of an image item, or of the image a caption belongs to."""
+    def image_file(self, item_id: int) -> tuple[Path, str]:
+        """(file, media type) of an image item, or of the image a caption belongs to; only a
+        file under the index's media roots that is an image by its header is ever given."""
         record = self.item(item_id)
         if record.modality != "image":
             if record.image_id is None:
@@ -281,10 +281,12 @@ class Searcher:
         if record.path is None:  # imported from embeddings made elsewhere, without the file
             raise UnknownItemError(f"image item {record.id} has no file in this index; its "
                                    "metadata may name where it came from (url)")
-        path = resolve_stored(self.generation.root, record.path)
-        if path is None:
-            raise UnknownItemError(f"the image file of item {item_id} is no longer on disk")
-        return path
+        found = self.generation.image_file(record.path)
+        if found is None:
+            raise UnknownItemError(f"the image file of item {item_id} is not served: it is no "
+                                   "longer on disk, not an image, or outside the folders "
+                                   "this index was built from")
+        return found
 
     # --- the parts ---
     def query_vector(self, terms: Sequence[Term]) -> Vector:

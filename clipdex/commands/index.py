@@ -63,6 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               help="build from precomputed embeddings instead of sources: "
                                    "clip-retrieval's inference output (img_emb/, text_emb/, "
                                    "metadata/); nothing is encoded")
+    build_parser.add_argument("--media-root", type=Path, action="append", default=[],
+                              metavar="DIR", dest="media_roots",
+                              help="with --from-embeddings: a folder whose image files the "
+                                   "service may serve (repeatable); image paths outside "
+                                   "every --media-root are kept as metadata, never opened")
     model_options(build_parser, model_default=None, model_help=BUILD_MODEL_HELP)
     config_flags(build_parser, BuildConfig, BUILD_FLAGS)
     build_parser.add_argument("--engine", choices=("local", "ray"), default="local",
@@ -146,6 +151,9 @@ def _report(summary) -> None:
     if skipped:
         reasons = ", ".join(f"{kind} {n}" for kind, n in sorted(summary.skipped.items()))
         log(f"skipped {skipped}: {reasons} (see {summary.errors_file})")
+    if summary.outside_media_roots:
+        log(f"{summary.outside_media_roots} image paths lie outside every --media-root: kept "
+            "as metadata (image_path), never opened or served")
     for modality, report in summary.tuning.items():
         if "skipped" in report:
             log(f"{modality} index tuning skipped: {report['skipped']}")
@@ -162,6 +170,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     from indexer.build import build
     from indexer.config import RayConfig
 
+    if args.media_roots:
+        raise ManifestError("--media-root is for --from-embeddings imports; an index built "
+                            "from folders and manifests serves the images it read")
     if not args.sources:
         raise ManifestError("give the sources to index, or --from-embeddings DIR")
     args.model = args.model or "default"
@@ -204,10 +215,11 @@ def _build_from_embeddings(args: argparse.Namespace) -> int:
         from indexer.ray_build import RayConfig, import_on_ray
 
         _report(import_on_ray(args.from_embeddings, args.out, model, _config(args),
-                              config_from(args, RayConfig), progress=tqdm_progress))
+                              config_from(args, RayConfig), progress=tqdm_progress,
+                              media_roots=args.media_roots))
         return 0
     _report(build_from_embeddings(args.from_embeddings, args.out, model, _config(args),
-                                  progress=tqdm_progress))
+                                  progress=tqdm_progress, media_roots=args.media_roots))
     return 0
 
 

@@ -2,6 +2,7 @@
 
     layout    every path under an index root, the SQLite schema, the format tag
     manifest  a generation's manifest.json: model identity, a cheap read (no FAISS)
+    media     which files a generation may serve: its media roots, resolved and sniffed
     records   item records and the builder of images linked with their captions
     read      `open_generation` and the read-only `Generation`
     write     writer transactions under the file lock (`append_items` allocates ids)
@@ -17,7 +18,6 @@ from retrieval.store.layout import (
     current_name,
     keep_upload,
     read_current,
-    resolve_stored,
     upload_path,
 )
 from retrieval.store.manifest import (
@@ -82,7 +82,6 @@ __all__ = [
     "open_generation",
     "read_current",
     "read_generation_manifest",
-    "resolve_stored",
     "text_records",
     "update_generation",
     "upload_path",

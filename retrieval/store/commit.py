@@ -92,6 +92,7 @@ class Plan:
     # (ids added, ids deleted) when the items table is the parent's plus these changes, so
     # the field and keyword tables are updated; None: they are built from scratch
     changes: tuple[list[int], list[int]] | None = None
+    media_roots: tuple[str, ...] = ()  # the folders whose files it may serve (`store.media`)
 
 
 def commit(root: Path, plan: Plan, tables: dict[str, Table], fill: Fill) -> GenerationManifest:
@@ -158,7 +159,7 @@ def _write_files(temp: Path, name: str, plan: Plan, tables: dict[str, Table],
     data = manifest.new(plan.model, sections, plan.next_id, name, plan.parent, plan.build_info,
                         {p.name: sha256_file(p) for p in files},
                         {p.name: p.stat().st_size for p in files}, field_types,
-                        {"index": "fts5"})
+                        {"index": "fts5"}, plan.media_roots)
     data = manifest.sealed(data)
     layout.manifest_file(temp).write_text(json.dumps(data, indent=2) + "\n")
     for path in temp.iterdir():

@@ -224,15 +224,3 @@ def keep_upload(root: Path, stored: str, data: bytes) -> None:
         os.fsync(handle.fileno())
     os.replace(temp, path)
 
-
-def resolve_stored(root: Path | None, stored: str | None) -> Path | None:
-    """The file an item's stored path names (relative ones are under the index root), or
-    None when it is gone."""
-    if not stored:
-        return None
-    path = Path(stored)
-    if not path.is_absolute():
-        if root is None:
-            return None
-        path = Path(root) / path
-    return path if path.is_file() else None

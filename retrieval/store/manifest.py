@@ -9,11 +9,13 @@ or the tuning report).
      "modalities": {"image"|"text": {"rows", "live", "deleted", "index": IndexSpec, "tuning"}},
      "files": {file name: SHA-256}, "build": {what wrote it},
      "fields": {name: {"type": "string"|"number"|"boolean"|"datetime", "items": n}},
+     "media_roots": [folder, ...],
      "keywords": {"index": "fts5"}}
 
 `fields` are the filterable metadata fields (`retrieval.fieldtypes`, `store.fields`); a
 generation written before they existed has none, and every filter names its field unknown;
-`keywords` says the generation has a keyword (FTS5) index (`store.keywords`).
+`keywords` says the generation has a keyword (FTS5) index (`store.keywords`); `media_roots`
+are the folders whose files it may serve (`store.media`).
 
 A generation built from embeddings made elsewhere (`clipdex index build --from-embeddings
 --model external:NAME`) records its model as external: `arch` is NAME and `sha256` a hash of
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -241,10 +244,11 @@ def check_files(folder: Path, manifest: dict[str, Any], full: bool = False) -> N
 def new(model: ModelIdentity, sections: dict[str, Any], next_id: int, name: str,
         parent: str | None, build_info: dict[str, Any], files: dict[str, str],
         sizes: dict[str, int], fields: dict[str, dict[str, Any]] | None = None,
-        keywords: dict[str, Any] | None = None) -> dict[str, Any]:
+        keywords: dict[str, Any] | None = None,
+        media_roots: Sequence[str] = ()) -> dict[str, Any]:
     """The manifest of a generation being committed (`files`: name -> SHA-256, `sizes`:
     name -> bytes, `fields`: the filterable metadata fields and their types, `keywords`:
-    the keyword index)."""
+    the keyword index, `media_roots`: the folders whose files it may serve)."""
     return {
         "format": layout.FORMAT, "generation": name, "parent": parent,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -253,7 +257,7 @@ def new(model: ModelIdentity, sections: dict[str, Any], next_id: int, name: str,
                   **({"external": True} if model.external else {})},
         "embed_dim": model.embed_dim, "metric": "inner_product", "normalization": "l2",
         "next_id": next_id, "modalities": sections, "files": files, "sizes": sizes,
-        "build": build_info, "fields": fields or {},
+        "build": build_info, "fields": fields or {}, "media_roots": list(media_roots),
         **({"keywords": keywords} if keywords is not None else {}),
     }
 

@@ -28,7 +28,7 @@ from retrieval.errors import (
 )
 from retrieval.filters import Filter
 from retrieval.rowscan import gather_rows, rows_of
-from retrieval.store import fields, keywords, layout, manifest, reduced
+from retrieval.store import fields, keywords, layout, manifest, media, reduced
 from retrieval.store.filtered import Stored, exact_within, search_within
 from retrieval.store.layout import MODALITIES
 from retrieval.store.manifest import GenerationManifest
@@ -67,6 +67,16 @@ class Generation:
     def items_path(self) -> Path:
         """Its items table (a writer copies it into the next generation)."""
         return layout.items_file(self.path)
+
+    @property
+    def media_roots(self) -> list[str]:
+        """The folders whose files this generation may serve (`store.media`)."""
+        return media.recorded_roots(self.manifest)
+
+    def image_file(self, stored: str | None) -> tuple[Path, str] | None:
+        """(file, media type) of an item's stored path when it may be served: under a media
+        root once links and `..` are resolved, and an image by its header; else None."""
+        return media.servable(self.root, stored, self.media_roots)
 
     @property
     def next_id(self) -> int:

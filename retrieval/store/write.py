@@ -17,7 +17,7 @@ import numpy as np
 
 from retrieval import ann
 from retrieval.errors import IndexStoreError, UnknownItemError
-from retrieval.store import layout
+from retrieval.store import layout, media
 from retrieval.store.commit import Plan, StoreOptions, Table, commit, save_rows
 from retrieval.store.layout import MODALITIES, SCHEMA
 from retrieval.store.manifest import GenerationManifest, ModelIdentity
@@ -44,15 +44,17 @@ class Changes:
     delete_ids: Iterable[int] = ()
     delete_paths: Sequence[str] = ()  # live images by stored path
     compact: bool | None = None
+    media_roots: Sequence[str | Path] = ()  # joining the parent's
 
 
 def write_generation(root: Path, model: ModelIdentity,
                      records: Sequence[ItemRecord] | StreamedRecords,
                      vectors: dict[str, np.ndarray], options: StoreOptions = DEFAULT_OPTIONS,
-                     build_info: dict[str, Any] | None = None) -> str:
+                     build_info: dict[str, Any] | None = None,
+                     media_roots: Sequence[str | Path] = ()) -> str:
     """Write a whole new generation from records and their (n_modality, d) embeddings
     (rows in record order per modality; they may be memory-mapped); returns the
-    generation's name. StreamedRecords keep the records out of memory: their rows must be
+    generation's name. `media_roots`: the folders whose files it may serve. StreamedRecords keep the records out of memory: their rows must be
     in ascending id order already."""
     if isinstance(records, StreamedRecords):
         ids = {m: np.asarray(records.ids.get(m, np.zeros(0)), np.int64) for m in MODALITIES}
@@ -69,7 +71,8 @@ def write_generation(root: Path, model: ModelIdentity,
     tables = {m: _new_table(ids[m], _as_matrix(vectors.get(m), len(ids[m]), model.embed_dim, m))
               for m in MODALITIES}
     next_id = int(every.max(initial=0)) + 1 if len(every) else 1
-    plan = Plan(model, next_id, None, build_info or {}, options)
+    plan = Plan(model, next_id, None, build_info or {}, options,
+                media_roots=tuple(media.cover(media_roots)))
     with _writer_lock(root):
         return commit(root, plan, tables, fill).name
 
@@ -111,12 +114,14 @@ def update_generation(root: Path, model: ModelIdentity, add: Sequence[ItemRecord
                       add_vectors: dict[str, np.ndarray] | None = None,
                       delete_ids: Iterable[int] = (), options: StoreOptions = DEFAULT_OPTIONS,
                       compact: bool | None = None, build_info: dict[str, Any] | None = None,
-                      delete_paths: Sequence[str] = ()) -> str:
+                      delete_paths: Sequence[str] = (),
+                      media_roots: Sequence[str | Path] = ()) -> str:
     """Derive a new generation from CURRENT: append items (ids >= next_id, embeddings given),
     tombstone `delete_ids` and the live images stored under `delete_paths` (an image takes
     its captions along), and compact when asked or when tombstones pass
-    `options.compact_ratio`. Nothing already stored is re-encoded. Returns its name."""
-    changes = Changes(list(add), add_vectors, delete_ids, delete_paths, compact)
+    `options.compact_ratio`. Nothing already stored is re-encoded. Returns its name.
+    `media_roots` join the parent's (the folders whose files may be served)."""
+    changes = Changes(list(add), add_vectors, delete_ids, delete_paths, compact, media_roots)
     with _writer_lock(root):
         parent = open_generation(root, model.sha256, model.embed_dim)
         try:
@@ -127,7 +132,8 @@ def update_generation(root: Path, model: ModelIdentity, add: Sequence[ItemRecord
 
 def append_items(root: Path, model: ModelIdentity, records: Sequence[ItemRecord],
                  vectors: dict[str, np.ndarray], options: StoreOptions = DEFAULT_OPTIONS,
-                 build_info: dict[str, Any] | None = None) -> Appended:
+                 build_info: dict[str, Any] | None = None,
+                 media_roots: Sequence[str | Path] = ()) -> Appended:
     """Add `records` with ids allocated under the writer lock, so concurrent writers (an
     `index add` and the service's admin API) never collide or fail on stale ids.
 
@@ -146,7 +152,8 @@ def append_items(root: Path, model: ModelIdentity, records: Sequence[ItemRecord]
             placed = [replace(r, id=r.id + shift, image_id=(
                 r.image_id + shift if r.image_id is not None and base <= r.image_id < end
                 else r.image_id)) for r in records]
-            written = _derive(root, parent, model, Changes(placed, vectors), options,
+            written = _derive(root, parent, model,
+                              Changes(placed, vectors, media_roots=media_roots), options,
                               build_info or {})
         finally:
             parent.close()
@@ -167,8 +174,9 @@ def _derive(root: Path, parent: Generation, model: ModelIdentity, changes: Chang
     try:
         tables = {m: _grown_table(parent, m, [r for r in add if r.modality == m],
                                   vectors.get(m), doomed, scratch[m]) for m in MODALITIES}
+        roots = media.cover([*media.recorded_roots(parent.manifest), *changes.media_roots])
         return _commit_derived(root, parent, model, add, doomed, tables, changes.compact,
-                               options, build_info, live)
+                               options, build_info, live, tuple(roots))
     finally:
         for path in [*scratch.values(), *live.values()]:
             path.unlink(missing_ok=True)
@@ -177,7 +185,8 @@ def _derive(root: Path, parent: Generation, model: ModelIdentity, changes: Chang
 def _commit_derived(root: Path, parent: Generation, model: ModelIdentity,
                     add: list[ItemRecord], doomed: set[int], tables: dict[str, Table],
                     compact: bool | None, options: StoreOptions,
-                    build_info: dict[str, Any], live: dict[str, Path]) -> GenerationManifest:
+                    build_info: dict[str, Any], live: dict[str, Path],
+                    media_roots: tuple[str, ...]) -> GenerationManifest:
     rows = sum(len(t.ids) for t in tables.values())
     dead = sum(int(t.deleted.sum()) for t in tables.values())
     on_disk = any(t.spec is not None and t.spec.kind == ann.DISK_KIND for t in tables.values())
@@ -196,7 +205,8 @@ def _commit_derived(root: Path, parent: Generation, model: ModelIdentity,
 
     info = {**build_info, "compacted": bool(compact), "deleted_now": len(doomed)}
     changes = None if compact else ([r.id for r in add], sorted(doomed))
-    plan = Plan(model, next_id, parent.name, info, options.inheriting(parent.info), changes)
+    plan = Plan(model, next_id, parent.name, info, options.inheriting(parent.info), changes,
+                media_roots)
     return commit(root, plan, tables, fill)
 
 

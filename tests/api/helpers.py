@@ -145,5 +145,6 @@ def build_index(root: Path, clip, image_paths: dict[str, Path]) -> Path:
 
     resolved = {colour: path.resolve() for colour, path in image_paths.items()}
     records = colour_records(resolved)
-    write_generation(root, model_identity(clip), records, _encode(clip, records, resolved))
+    write_generation(root, model_identity(clip), records, _encode(clip, records, resolved),
+                     media_roots={path.parent for path in resolved.values()})
     return root

@@ -36,8 +36,10 @@ def _build(capsys, folder: Path, out: Path, *extra: str) -> dict:
 def test_clip_retrieval_output_becomes_a_generation_with_the_same_vectors(tmp_path, capsys):
     partitions = sample_partitions(DIM, sizes=(5, 3), image_root=tmp_path / "photos")
     folder = write_clip_retrieval(tmp_path / "embeddings", partitions)
-    summary = _build(capsys, folder, tmp_path / "idx", "--model", "external:ViT-B-32:openai")
+    summary = _build(capsys, folder, tmp_path / "idx", "--model", "external:ViT-B-32:openai",
+                     "--media-root", str(tmp_path / "photos"))
     assert (summary["images"], summary["texts"], summary["shards_read"]) == (8, 8, 2)
+    assert summary["outside_media_roots"] == 0
     assert summary["skipped"] == {}
     with open_generation(tmp_path / "idx") as generation:
         image_ids, image_vectors = generation.all_vectors("image")
