@@ -13,7 +13,9 @@ from api.errors import Problem
 from retrieval.errors import BadImageError
 from retrieval.images import DecodeLimits
 
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")  # GIF: the first frame
+# GIF and animations: the first frame; MPO (phones' and cameras' multi-picture JPEG): the
+# primary image
+ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF")
 UPLOAD_MEDIA_TYPES = "image/jpeg, image/png, image/webp, image/gif"
 
 

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # Peak bytes of one decode (raster + conversions): a 40 MP RGB photograph needs 320 MiB.
     max_decode_bytes: int = 384 * 1024 * 1024
     max_concurrent_decodes: int = 2  # uploads decoded at once (each up to max_decode_bytes)
+    # A request's images must be decoded within this; past it the request gets 413 and the
+    # decode is abandoned (it keeps its slot until it ends; `retrieval.imagecost` bounds it)
+    decode_deadline_s: float = 2.0
     max_depth: int = 10_000  # deepest hit reachable by paging
     watch_seconds: float = 0.0  # >0: poll the index root for a new current generation
     retry_after_s: int = 1

@@ -186,7 +186,8 @@ class ServiceState:
         self.encoder = BatchedEncoder(
             clip, self.text_batcher, self.image_batcher, asyncio.get_running_loop(),
             self.upload_limits, self.settings.max_concurrent_decodes,
-            wave=min(config.max_batch, config.queue_size), model_sha256=model.sha256)
+            wave=min(config.max_batch, config.queue_size), model_sha256=model.sha256,
+            decode_deadline_s=self.settings.decode_deadline_s)
 
     def _searcher(self, generation: GenerationLike) -> Searcher:
         external = external_of(generation)
@@ -199,12 +200,15 @@ class ServiceState:
         """`call(*args)` on a request thread: Searcher calls block while the batchers work."""
         return await asyncio.get_running_loop().run_in_executor(
             self.request_executor, functools.partial(call, *args))
+
     async def stop(self) -> None:
         for batcher in (self.text_batcher, self.image_batcher):
             if batcher is not None:
                 await batcher.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.request_executor.shutdown(wait=False, cancel_futures=True)
+        if self.encoder is not None:
+            self.encoder.close()
 
     # --- generations ---
     def ready_problem(self) -> str | None:

@@ -37,7 +37,7 @@ from retrieval.manifest import (
 )
 from retrieval.pipeline import ImageFile, TarMember
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".mpo", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 MANIFEST_EXTENSIONS = {".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"}
 SIDECAR_CAPTION_KEYS = ("caption", "captions", "text", "texts")
 

@@ -11,8 +11,10 @@ index needs and nobody can load (embeddings made elsewhere): texts and images ra
 from __future__ import annotations
 
 import asyncio
-import threading
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Protocol
 
 import numpy as np
@@ -22,7 +24,7 @@ from PIL import Image
 from retrieval.batcher import MicroBatcher
 from retrieval.calibration import DIRECTIONS, Calibration, calibration_of
 from retrieval.encode import encode_image_batch, encode_texts
-from retrieval.errors import ExternalModelError
+from retrieval.errors import ExternalModelError, ImageTooLargeError
 from retrieval.images import DecodeLimits, draft_side_of, model_pixels
 from retrieval.model import ClipModel
 from retrieval.store.manifest import model_fingerprint
@@ -98,18 +100,23 @@ class UnavailableEncoder:
 class BatchedEncoder:
     """Submits inputs to the text and image MicroBatchers on `loop`.
 
-    Images are decoded on the calling thread, at most `decode_slots` at once: with the
-    decoder's byte cap that bounds the memory hostile uploads can take. Long lists go to the
-    batcher `wave` inputs at a time, so one request cannot fill the queue by itself.
-    `model_sha256` is the model's fingerprint, which its owner has already computed."""
+    Images are decoded on `decode_slots` threads of their own: with the decoder's byte cap
+    that bounds the memory hostile uploads can take, and their CPU. A call's images must be
+    decoded within `decode_deadline_s`, else ImageTooLargeError: the caller is answered at
+    the deadline and the decode running then is abandoned, not waited for (it keeps its
+    slot until it ends; the decoder's work caps bound how long), and those not yet started
+    are cancelled. Long lists go to the batcher `wave` inputs at a time, so one request
+    cannot fill the queue by itself. `model_sha256` is the model's fingerprint, which its
+    owner has already computed."""
 
     def __init__(self, clip: ClipModel, text_batcher: MicroBatcher, image_batcher: MicroBatcher,
                  loop: asyncio.AbstractEventLoop, limits: DecodeLimits, decode_slots: int,
-                 wave: int, model_sha256: str):
+                 wave: int, model_sha256: str, decode_deadline_s: float = 2.0):
         self.clip, self.loop, self.limits, self.wave = clip, loop, limits, wave
         self.model_sha256: str | None = model_sha256
         self.text_batcher, self.image_batcher = text_batcher, image_batcher
-        self.decodes = threading.BoundedSemaphore(decode_slots)
+        self.decodes = ThreadPoolExecutor(decode_slots, thread_name_prefix="clipdex-decode")
+        self.decode_deadline_s = decode_deadline_s
         self.embed_dim = int(clip.embed_dim)
         self.logit_scale = model_logit_scale(clip)
         self.calibrations = model_calibrations(clip)
@@ -118,11 +125,26 @@ class BatchedEncoder:
         return self._through(self.text_batcher, list(texts))
 
     def images(self, images: Sequence[ImageLike]) -> np.ndarray:
-        pixels = []
-        for image in images:
-            with self.decodes:
-                pixels.append(model_pixels(image, self.clip.preprocess, self.limits))
-        return self._through(self.image_batcher, pixels)
+        return self._through(self.image_batcher, self.decoded(images))
+
+    def decoded(self, images: Sequence[ImageLike]) -> list[torch.Tensor]:
+        """Each image decoded and preprocessed on a decode thread, all by the deadline."""
+        deadline = time.monotonic() + self.decode_deadline_s
+        jobs = [self.decodes.submit(model_pixels, image, self.clip.preprocess, self.limits)
+                for image in images]
+        try:
+            return [job.result(timeout=max(deadline - time.monotonic(), 0.0)) for job in jobs]
+        except FutureTimeout:
+            raise ImageTooLargeError(
+                f"decoding the request's {len(jobs)} image(s) took over "
+                f"{self.decode_deadline_s:g} s; send smaller or simpler images") from None
+        finally:
+            for job in jobs:
+                job.cancel()  # a no-op for those done or running
+
+    def close(self) -> None:
+        """Stop the decode threads (a running decode finishes on its own)."""
+        self.decodes.shutdown(wait=False, cancel_futures=True)
 
     def _through(self, batcher: MicroBatcher, inputs: list) -> np.ndarray:
         if _running_loop() is self.loop:

@@ -7,6 +7,8 @@ import ctypes
 import ctypes.util
 import functools
 import io
+import mmap
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +22,7 @@ from PIL import Image, ImageOps
 
 from retrieval.errors import BadImageError, ImageTooLargeError, UnsupportedImageError
 from retrieval.fieldtypes import parse_datetime
+from retrieval.imagecost import WEBP_CANVASES, Structure, coefficient_bytes, inspect
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: decoding alone needs none
     import torch
@@ -47,6 +50,13 @@ class DecodeLimits:
     # smallest DCT scale (1/2, 1/4, 1/8) that keeps it at least this big. 5x faster on 12 MP
     # photographs; embeddings within cosine 0.997 of a full decode (tests/retrieval).
     draft_side: int | None = None
+    # Decode work (`retrieval.imagecost`): a multi-scan JPEG is decoded once per scan over
+    # the whole image. Encoders' standard progressions use 6-10 scans; a scan over 1 MP of a
+    # flat image costs about 1 ms here, so scans x pixels under 600M keeps a decode near
+    # half a second of CPU. Animated WebP and PNG name their frames (the first is decoded).
+    max_scans: int = 100
+    max_scan_pixels: int = 600_000_000
+    max_frames: int = 1000
 
 
 def decode_cost(mode: str, width: int, height: int) -> int:
@@ -113,10 +123,10 @@ def load_image(source: ImageInput | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     limits = limits or DecodeLimits(max_pixels=max_pixels)
     name = name or ("the image" if isinstance(source, bytes) else str(source))
     try:
-        with _open(source) as image:
+        with _open(source, limits, name) as (image, extra):
             _draft(image, limits.draft_side)
-            check_header(image, limits, name)
-            image.load()  # a GIF decodes its first frame
+            check_header(image, limits, name, extra)
+            image.load()  # a GIF, an MPO or an animation decodes its first frame
             return to_rgb(image)
     except BadImageError:
         raise
@@ -131,8 +141,8 @@ def load_image(source: ImageInput | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
 def image_format(data: bytes, limits: DecodeLimits) -> str:
     """The format name ("PNG", ...) of an image's bytes after the same header checks."""
     try:
-        with _open(data) as image:
-            check_header(image, limits, "the image")
+        with _open(data, limits, "the image") as (image, extra):
+            check_header(image, limits, "the image", extra)
             return str(image.format)
     except BadImageError:
         raise
@@ -151,7 +161,7 @@ def header_facts(path: str | Path) -> dict[str, Any]:
     DateTimeOriginal, ISO-8601, no zone) read from the file's header without decoding its
     pixels; {} for a file Pillow cannot open (the decode that follows reports it)."""
     try:
-        with _open(path) as image:
+        with _open(path, DecodeLimits(), str(path)) as (image, _):
             width, height = image.size
             exif = _header_exif(image)
             taken = exif.get_ifd(EXIF_IFD).get(DATE_TIME_ORIGINAL)
@@ -182,7 +192,7 @@ def _header_exif(image: Image.Image) -> Image.Exif:
 def _draft(image: Image.Image, side: int | None) -> None:
     """Ask a JPEG decoder for its smallest scale whose shortest side is still >= `side`; the
     size checks then count what is really decoded."""
-    if side is None or image.format != "JPEG":
+    if side is None or image.format not in ("JPEG", "MPO"):
         return
     width, height = image.size
     shortest = min(width, height)
@@ -202,17 +212,72 @@ def draft_side_of(preprocess: Any) -> int | None:
 
 
 @contextmanager
-def _open(source: str | Path | bytes) -> Iterator[Image.Image]:
-    """Image.open with the bomb warning raised as an error, for a path or bytes."""
+def _open(source: str | Path | bytes, limits: DecodeLimits,
+          name: str) -> Iterator[tuple[Image.Image, int]]:
+    """(image, bytes its decoder allocates beside the raster): Image.open with the bomb
+    warning raised as an error, for a path or bytes, after the bytes' structure is checked
+    (`retrieval.imagecost`): too many scans or frames, or a WebP canvas over the byte cap,
+    is refused before any decoder sees the file."""
     if isinstance(source, bytes) and not source:
         raise BadImageError("the image is empty; send a JPEG, PNG, WebP or GIF file")
+    structure = _structure(source, limits, name)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source)) as image:
-            yield image
+            yield image, _check_work(image, structure, limits, name)
 
 
-def check_header(image: Image.Image, limits: DecodeLimits, name: str) -> None:
+def _structure(source: str | Path | bytes, limits: DecodeLimits, name: str) -> Structure:
+    """The bytes' structure, refused when it alone is over the limits. A file is mapped,
+    not read: counting a JPEG's scans touches its pages once, as the decode would."""
+    if isinstance(source, bytes):
+        structure = inspect(source, limits.max_scans)
+    else:
+        with open(source, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size == 0:
+                raise BadImageError(f"{name}: the file is empty")
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                structure = inspect(data, limits.max_scans)
+    if structure.jpeg_scans > limits.max_scans:
+        raise ImageTooLargeError(f"{name}: a JPEG of over {limits.max_scans} scans costs a "
+                                 "full decode per scan; save it as baseline or standard "
+                                 "progressive")
+    if structure.frames > limits.max_frames:
+        raise ImageTooLargeError(f"{name}: {structure.frames:,} frames are over the cap of "
+                                 f"{limits.max_frames:,}; send a still image")
+    if structure.webp_size is not None:
+        width, height = structure.webp_size
+        canvases = width * height * 4 * WEBP_CANVASES
+        if width * height > limits.max_pixels or \
+                canvases + decode_cost("RGBA", width, height) > limits.max_bytes:
+            raise ImageTooLargeError(
+                f"{name}: a {width}x{height} WebP needs about "
+                f"{(canvases + decode_cost('RGBA', width, height)) / 2**20:,.0f} MiB to "
+                f"decode, over the {limits.max_bytes / 2**20:,.0f} MiB cap; downscale it")
+    return structure
+
+
+def _check_work(image: Image.Image, structure: Structure, limits: DecodeLimits,
+                name: str) -> int:
+    """Refuse a multi-scan JPEG whose scans x pixels pass the work cap; return the bytes the
+    decoder allocates beside the raster (a multi-scan JPEG's full-size coefficients, WebP's
+    canvases), counted against the byte cap with the raster by `check_header`."""
+    width, height = image.size  # before any draft: scans and coefficients are full-size
+    if structure.jpeg_scans > 1:
+        work = structure.jpeg_scans * width * height
+        if work > limits.max_scan_pixels:
+            raise ImageTooLargeError(
+                f"{name}: {structure.jpeg_scans} scans over {width}x{height} pixels are over "
+                f"the decode work cap of {limits.max_scan_pixels:,} scan-pixels; save it as a "
+                "baseline JPEG or downscale it")
+        sampling = [(h, v) for _, h, v, _ in getattr(image, "layer", [])]
+        return coefficient_bytes(width, height, sampling)
+    if structure.webp_size is not None:
+        return width * height * 4 * WEBP_CANVASES
+    return 0
+
+
+def check_header(image: Image.Image, limits: DecodeLimits, name: str, extra: int = 0) -> None:
     if limits.formats is not None and image.format not in limits.formats:
         raise UnsupportedImageError(
             f"{name}: {image.format or 'this'} images are not accepted; send "
@@ -221,7 +286,7 @@ def check_header(image: Image.Image, limits: DecodeLimits, name: str) -> None:
     if width * height > limits.max_pixels:
         raise ImageTooLargeError(f"{name}: {width}x{height} is over the pixel cap of "
                                  f"{limits.max_pixels:,}; downscale it")
-    cost = decode_cost(image.mode, width, height)
+    cost = decode_cost(image.mode, width, height) + extra
     if cost > limits.max_bytes:
         raise ImageTooLargeError(
             f"{name}: decoding this {width}x{height} {image.mode} image needs about "

@@ -50,6 +50,45 @@ def _bomb_png(width: int = 200_000, height: int = 200_000) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
 
 
+def progressive_jpeg(side: int, repeats: int = 0, subsampling: int = 2) -> bytes:
+    """A flat progressive JPEG whose last AC scan is repeated `repeats` more times: each
+    copy is ~50 bytes and costs a decode pass over the whole image (a scan bomb)."""
+    data = _save(Image.new("RGB", (side, side), (120, 130, 140)), "JPEG", progressive=True,
+                 quality=90, subsampling=subsampling)
+    last = data.rfind(b"\xff\xda")
+    return data[:-2] + data[last:-2] * repeats + b"\xff\xd9"
+
+
+def animated(fmt: str, side: int = 16, frames: int = 2) -> bytes:
+    """A small animation (WEBP, PNG or GIF) whose frames differ in colour."""
+    images = [Image.new("RGB", (side, side), (40 * i, 90, 200)) for i in range(frames)]
+    return _save(images[0], fmt, save_all=True, append_images=images[1:], duration=100,
+                 lossless=True)
+
+
+def webp_canvas_bomb(side: int = 6000) -> bytes:
+    """A few hundred bytes of animated WebP whose header names a side x side canvas, which
+    libwebp allocates twice when the file is opened."""
+    data = bytearray(animated("WEBP"))
+    at = data.index(b"VP8X") + 8  # canvas width-1 and height-1, 24 bits each
+    data[at + 4:at + 10] = (side - 1).to_bytes(3, "little") * 2
+    return bytes(data)
+
+
+def apng_frames_bomb(frames: int = 10**6) -> bytes:
+    """An animated PNG whose acTL claims `frames` frames."""
+    data = bytearray(animated("PNG"))
+    at = data.index(b"acTL") + 4
+    data[at:at + 4] = frames.to_bytes(4, "big")
+    return bytes(data)
+
+
+def mpo(primary: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    """A two-picture MPO (phones' and cameras' multi-picture JPEG) of a flat primary image."""
+    return _save(Image.new("RGB", (64, 48), primary), "MPO", save_all=True,
+                 append_images=[Image.new("RGB", (64, 48))])
+
+
 def good_images() -> dict[str, tuple[str, bytes]]:
     """Odd but valid: each must be accepted."""
     return {
@@ -62,6 +101,9 @@ def good_images() -> dict[str, tuple[str, bytes]]:
         "1x1 png": ("dot.png", _save(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG")),
         "20000x1 png": ("strip.png", _save(Image.new("L", (20000, 1), 128), "PNG")),
         "rgba png": ("rgba.png", _save(_photo().convert("RGBA"), "PNG")),
+        "mpo": ("camera.jpg", mpo()),
+        "animated webp": ("animated.webp", animated("WEBP")),
+        "progressive jpeg": ("progressive.jpg", progressive_jpeg(64)),
     }
 
 
@@ -73,4 +115,7 @@ def bad_images() -> dict[str, tuple[str, bytes]]:
         "zero-byte file": ("empty.png", b""),
         "html renamed .jpg": ("page.jpg", b"<!doctype html><html><body>hi</body></html>"),
         "decompression bomb header": ("bomb.png", _bomb_png()),
+        "jpeg scan bomb": ("scans.jpg", progressive_jpeg(400, repeats=3000)),
+        "webp canvas bomb": ("canvas.webp", webp_canvas_bomb()),
+        "apng frames bomb": ("frames.png", apng_frames_bomb()),
     }

@@ -22,7 +22,8 @@ from tests.reliability.image_zoo import bad_images, good_images
 TRAVERSAL = "../../etc/passwd"
 MAX_PIXELS = 250_000  # the service's --max-image-pixels in these tests
 BAD_IMAGE_STATUS = {"truncated png": {422}, "zero-byte file": {422},
-                    "html renamed .jpg": {415, 422}, "decompression bomb header": {413}}
+                    "html renamed .jpg": {415, 422}, "decompression bomb header": {413},
+                    "jpeg scan bomb": {413}, "webp canvas bomb": {413}, "apng frames bomb": {413}}
 
 
 @pytest.fixture(scope="module")
