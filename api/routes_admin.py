@@ -22,6 +22,7 @@ from api.limits import body_limit
 from api.schemas import MAX_ITEM_ID, AddTextsRequest, ReloadResponse, WriteResponse
 from api.settings import EMPTY_BODY_BYTES, MAX_TEXT_CHARS
 from api.state import ServiceState
+from retrieval.errors import DuplicateItemError
 from retrieval.images import image_format
 from retrieval.store import (
     ItemRecord,
@@ -37,7 +38,7 @@ from retrieval.store import (
 # fits the model or cannot be read (a core error); bodies add 400/413, uploads 415.
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminAccess],
                    responses=problem_responses(401, 403, 409, 422, 503))
-SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif"}
+SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif"}
 Caption = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 MAX_METADATA_CHARS = 16_384
 
@@ -90,7 +91,11 @@ async def add_image(state: State, searcher: Leased, image: Annotated[UploadFile,
     vectors = {"image": image_vectors}
     if captions:
         vectors["text"] = caption_vectors
-    return await _append(state, records, vectors)
+    try:  # the check above is a shortcut; the store's, under its lock, is the one that holds
+        return await _append(state, records, vectors, unique_paths=True)
+    except DuplicateItemError as duplicate:
+        _, current = await state.reload()
+        return _duplicate(duplicate.item_id, captions, current)
 
 
 def _duplicate(existing: int, captions: list[str], generation: str) -> WriteResponse:
@@ -125,11 +130,12 @@ def _root(state: ServiceState) -> Path:
 
 
 async def _append(state: ServiceState, records: list[ItemRecord],
-                  vectors: dict[str, np.ndarray]) -> WriteResponse:
+                  vectors: dict[str, np.ndarray], unique_paths: bool = False) -> WriteResponse:
     """The store allocates the ids under its writer lock (the records carry provisional ones),
     so this never conflicts with an `index add` running beside the service."""
     root, model = _root(state), state.write_model()
     async with state.write_lock:
-        appended = await asyncio.to_thread(append_items, root, model, records, vectors)
+        appended = await asyncio.to_thread(append_items, root, model, records, vectors,
+                                           unique_paths=unique_paths)
         _, current = await state.reload()
     return WriteResponse(ids=appended.ids, generation=current)

@@ -14,10 +14,16 @@ ClipdexError
  │    ├── IndexMismatchError   the index was built with another model or dimension
  │    │    └── ExternalModelError  its embeddings came from a model clipdex cannot load
  │    │                            (vector and item queries only)
- │    └── UnknownItemError     an item id that the index does not hold (or was deleted)
+ │    ├── UnknownItemError     an item id that the index does not hold (or was deleted)
+ │    └── DuplicateItemError   an image whose stored path is already a live item
+ │                             (`item_id` names it)
+ ├── QueryTimeoutError   a statement on the items table ran past its time limit, or was
+ │                       interrupted because its generation was closed
  └── InvalidQueryError   a query array or modality the index cannot answer
       ├── FilterError         a metadata filter that is malformed, names an unknown field or
       │                       gives a value of the wrong type (`field`, `field_type` say which)
+      ├── MetadataError       item metadata holding a value no field can store (`field` says
+      │                       which key)
       ├── BadCursorError      a paging cursor that was not issued for this query (or tampered)
       ├── StaleCursorError    a cursor issued by another generation of the index
       └── TooDeepError        paging past the deepest hit a searcher serves
@@ -83,6 +89,18 @@ class UnknownItemError(IndexStoreError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class DuplicateItemError(IndexStoreError):
+    """`item_id` is the live item that already holds the path."""
+
+    def __init__(self, message: str, item_id: int):
+        super().__init__(message)
+        self.item_id = item_id
+
+
+class QueryTimeoutError(ClipdexError):
+    pass
+
+
 class InvalidQueryError(ClipdexError, ValueError):
     pass
 
@@ -94,6 +112,14 @@ class FilterError(InvalidQueryError):
     def __init__(self, message: str, field: str | None = None, field_type: str | None = None):
         super().__init__(message)
         self.field, self.field_type = field, field_type
+
+
+class MetadataError(InvalidQueryError):
+    """`field` names the metadata key at fault."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class BadCursorError(InvalidQueryError):

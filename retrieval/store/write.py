@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 
 from retrieval import ann
-from retrieval.errors import IndexStoreError, UnknownItemError
+from retrieval.errors import DuplicateItemError, IndexStoreError, UnknownItemError
 from retrieval.store import layout, media
 from retrieval.store.commit import Plan, StoreOptions, Table, commit, save_rows
 from retrieval.store.layout import MODALITIES, SCHEMA
@@ -133,14 +133,18 @@ def update_generation(root: Path, model: ModelIdentity, add: Sequence[ItemRecord
 def append_items(root: Path, model: ModelIdentity, records: Sequence[ItemRecord],
                  vectors: dict[str, np.ndarray], options: StoreOptions = DEFAULT_OPTIONS,
                  build_info: dict[str, Any] | None = None,
-                 media_roots: Sequence[str | Path] = ()) -> Appended:
+                 media_roots: Sequence[str | Path] = (), unique_paths: bool = False) -> Appended:
     """Add `records` with ids allocated under the writer lock, so concurrent writers (an
     `index add` and the service's admin API) never collide or fail on stale ids.
 
     The records' ids are provisional: a contiguous block (any base; the builders in
     `retrieval.store.records` use one below every stored id) that is shifted to start at
     the current generation's next id; `image_id` links that point into the block shift with
-    it, links to items already stored are kept."""
+    it, links to items already stored are kept.
+
+    With `unique_paths`, an image whose path is already a live item raises
+    DuplicateItemError, checked under the lock: eight concurrent uploads of the same bytes
+    (stored by content hash) make one item, not eight."""
     block = [r.id for r in records]
     base = min(block, default=0)
     if sorted(block) != list(range(base, base + len(block))):
@@ -148,6 +152,8 @@ def append_items(root: Path, model: ModelIdentity, records: Sequence[ItemRecord]
     with _writer_lock(root):
         parent = open_generation(root, model.sha256, model.embed_dim)
         try:
+            if unique_paths:
+                _refuse_known_paths(parent, records)
             shift, end = parent.next_id - base, base + len(block)
             placed = [replace(r, id=r.id + shift, image_id=(
                 r.image_id + shift if r.image_id is not None and base <= r.image_id < end
@@ -158,6 +164,14 @@ def append_items(root: Path, model: ModelIdentity, records: Sequence[ItemRecord]
         finally:
             parent.close()
     return Appended(written.name, [r.id for r in placed], written)
+
+
+def _refuse_known_paths(parent: Generation, records: Sequence[ItemRecord]) -> None:
+    paths = [r.path for r in records if r.modality == "image" and r.path]
+    known = parent.ids_for_paths(paths)
+    if known:
+        path, item_id = next(iter(known.items()))
+        raise DuplicateItemError(f"{Path(path).name} is already item {item_id}", item_id)
 
 
 def _derive(root: Path, parent: Generation, model: ModelIdentity, changes: Changes,
