@@ -1,7 +1,8 @@
 """The app factory: `create_app(settings, clip=None, generation=None)`.
 
 Nothing is loaded at import time; the lifespan loads the model and index (unless injected, as
-tests do), starts the batchers and, with `watch_seconds`, follows the index root's CURRENT.
+tests do), starts the batchers and, with `watch_seconds`, follows the index root's CURRENT;
+it caps malloc's arenas and hands freed heap back after bursts (`retrieval.heap`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from api.routes_search import router as search_router
 from api.settings import Settings
 from api.state import ServiceState
 from retrieval.errors import ClipdexError
+from retrieval.heap import cap_arenas, release_freed_memory, resident_bytes
 from retrieval.model import ClipModel
 from retrieval.search import GenerationLike
 
@@ -44,13 +46,16 @@ def create_app(settings: Settings, clip: ClipModel | None = None,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = ServiceState(settings, metrics)
         app.state.service = state
+        cap_arenas(settings.malloc_arenas)  # before the request threads allocate
         await state.start(clip, generation)
-        watcher = (asyncio.create_task(_watch(state)) if settings.watch_seconds > 0 else None)
+        tasks = [asyncio.create_task(_watch(state))] if settings.watch_seconds > 0 else []
+        if settings.heap_trim_s > 0:
+            tasks.append(asyncio.create_task(_keep_heap(settings.heap_trim_s)))
         try:
             yield
         finally:
-            if watcher is not None:
-                watcher.cancel()
+            for task in tasks:
+                task.cancel()
             await state.stop()
 
     # FastAPIOffline serves the /docs and /redoc assets itself: the default FastAPI pages
@@ -101,6 +106,23 @@ def _searching_needs_no_key(app: FastAPI) -> None:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+HEAP_SLACK_BYTES = 32 * 2**20  # growth since the last trim that is worth a trim
+
+
+async def _keep_heap(period_s: float) -> None:
+    """Every `period_s`, hand freed heap back to the system when resident memory has grown
+    since the last look (`retrieval.heap`): after a burst of uploads or large bodies the
+    service returns near its idle size instead of keeping the burst's peak for good."""
+    floor = resident_bytes()
+    while True:
+        await asyncio.sleep(period_s)
+        now = resident_bytes()
+        if now > floor + HEAP_SLACK_BYTES:
+            await asyncio.to_thread(release_freed_memory)
+            now = resident_bytes()
+        floor = now if now > floor + HEAP_SLACK_BYTES else min(floor, now)
 
 
 async def _watch(state: ServiceState) -> None:

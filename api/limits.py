@@ -5,6 +5,13 @@
      without a valid key is answered 401/403 before one byte of its body is read;
    - the route's own body cap (a text query needs kilobytes, an upload megabytes): a declared
      Content-Length over it is refused with 413 at once, a streamed body as soon as it passes;
+   - on JSON routes that take images as base64 strings, a second, smaller cap on the bytes
+     outside the JSON's strings (numbers, brackets), checked as they stream: parsing turns
+     those into many small objects (10 MB of numbers are ~1 GB of floats and lists), while a
+     string stays one object;
+   - a multipart form may hold at most MAX_FORM_DELIMITERS boundary delimiters: the form
+     parser steps through each one in Python on the event loop (a 10 MB part made of them
+     held the loop for 1.5 s);
    - the whole body is read before the request counts as in flight, within an idle timeout
      and a total deadline (408 past either), and within a byte budget shared by every body
      being received (503 past it). A stalled or trickling upload therefore holds only its
@@ -22,11 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import Headers
 from starlette.routing import BaseRoute, Match
 
@@ -40,12 +49,22 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 AccessCheck = Callable[[str, Headers], None]  # (need, headers) -> raises Problem
 
 BODY_LIMIT_KEY = "x-max-body-bytes"  # in a route's openapi_extra: its body cap
+STRUCTURE_LIMIT_KEY = "x-max-json-structure-bytes"  # ... and its cap outside JSON strings
 NO_BODY_LIMIT = 4 * 1024  # routes without a request body (GET, DELETE)
+# A form here has at most ~110 parts (an image, 100 labels, a few fields); each part costs
+# one delimiter, the end one more.
+MAX_FORM_DELIMITERS = 256
 
 
 def body_limit(max_bytes: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """A route's `openapi_extra` naming its body cap (the Door enforces it; /docs shows it)."""
     return {**(extra or {}), BODY_LIMIT_KEY: max_bytes}
+
+
+def structure_limit(max_bytes: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A JSON route's `openapi_extra` capping the bytes outside its strings: its numbers and
+    brackets may take `max_bytes`, its strings (base64 images) the whole body cap."""
+    return {**(extra or {}), STRUCTURE_LIMIT_KEY: max_bytes}
 
 
 @dataclass(frozen=True)
@@ -60,10 +79,13 @@ class DoorConfig:
 class RoutePolicy:
     need: str | None  # "read", "admin" or None (public)
     max_body: int
+    max_structure: int | None = None  # bytes outside JSON strings; None: no such cap
 
 
 class BodyTooLarge(Exception):
-    pass
+    def __init__(self, detail: str | None = None):
+        super().__init__(detail)
+        self.detail = detail
 
 
 class BodyTimeout(Exception):
@@ -92,15 +114,15 @@ class Door:
                 self.check(policy.need, Headers(scope=scope))
             if declared is not None and declared > policy.max_body:
                 raise BodyTooLarge
-            body = await self._read_body(receive, declared, policy.max_body)
+            body = await self._read_body(receive, declared, policy)
         except Problem as problem:
             await send_problem(send, problem.status, problem.title, problem.slug,
                                problem.detail, extra_headers=[(k.lower().encode(), v.encode())
                                                               for k, v in problem.headers.items()])
             return
-        except BodyTooLarge:
+        except BodyTooLarge as error:
             await send_problem(send, 413, "Request too large", "request-too-large",
-                               too_large_detail(policy.max_body))
+                               error.detail or too_large_detail(policy.max_body))
             return
         except ClientGone:
             return  # nobody to answer
@@ -110,23 +132,36 @@ class Door:
                                f"{self.config.body_idle_s:g} s, or not all of it in "
                                f"{self.config.body_deadline_s:g} s)", close=True)
             return
+        if _too_many_parts(Headers(scope=scope), body):
+            await send_problem(send, 400, "Malformed form", "malformed-form",
+                               f"the multipart body holds more than {MAX_FORM_DELIMITERS} "
+                               "boundary delimiters; a form here has a few parts")
+            return
         await self.app(scope, _replay(body, receive), send)
 
     def _policy(self, scope: Scope) -> RoutePolicy:
+        route = self._route(scope)
+        if route is None:
+            return RoutePolicy(None, NO_BODY_LIMIT)
+        extra = getattr(route, "openapi_extra", None) or {}
+        return replace(self.policy_of(route, self.config.max_body_bytes),
+                       max_structure=extra.get(STRUCTURE_LIMIT_KEY))
+
+    def _route(self, scope: Scope) -> BaseRoute | None:
         partial = None
         for route in self.routes:
             match, _ = route.matches(scope)
             if match is Match.FULL:
-                return self.policy_of(route, self.config.max_body_bytes)
+                return route
             if match is Match.PARTIAL and partial is None:
                 partial = route
-        if partial is not None:  # the path exists, not with this method: 405 follows
-            return self.policy_of(partial, self.config.max_body_bytes)
-        return RoutePolicy(None, NO_BODY_LIMIT)
+        return partial  # the path exists, not with this method: 405 follows
 
-    async def _read_body(self, receive: Receive, declared: int | None, cap: int) -> bytes:
+    async def _read_body(self, receive: Receive, declared: int | None,
+                         policy: RoutePolicy) -> bytes:
         """The whole body, or BodyTooLarge / BodyTimeout / a 503 Problem (budget spent)."""
-        reserved = 0
+        reserved, cap = 0, policy.max_body
+        shape = JsonShape(policy.max_structure) if policy.max_structure else None
         chunks: list[bytes] = []
         started = time.monotonic()
         try:
@@ -146,6 +181,8 @@ class Door:
                 received += len(chunk)
                 if received > cap:
                     raise BodyTooLarge
+                if shape is not None:
+                    shape.feed(chunk)
                 if received > reserved:
                     reserved += self._reserve(received - reserved)
                 chunks.append(chunk)
@@ -160,6 +197,54 @@ class Door:
                           "retry after 1 s", slug="service-busy", headers={"Retry-After": "1"})
         self.buffered += count
         return count
+
+
+_STRING_CONTENT = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*', re.DOTALL)  # up to a quote
+
+
+class JsonShape:
+    """Counts the bytes of a JSON text outside its strings (numbers, brackets, commas, quotes,
+    backslashes) chunk by chunk, and raises BodyTooLarge past `limit`. Strings are skipped by
+    one regular expression each, so the Python work is bounded by the bytes counted."""
+
+    def __init__(self, limit: int):
+        self.limit, self.outside = limit, 0
+        self.in_string = self.escaped = False
+
+    def feed(self, chunk: bytes) -> None:
+        at, size = 0, len(chunk)
+        if self.escaped and size:  # the byte a backslash at the last chunk's end escaped
+            self.escaped, at = False, 1
+            self.outside += chunk[0] == 0x5C
+        while at < size and self.outside <= self.limit:
+            if self.in_string:
+                end = _STRING_CONTENT.match(chunk, at).end()  # type: ignore[union-attr]
+                self.outside += chunk.count(b"\\", at, end) + (end < size)
+                if end == size:
+                    break
+                if chunk[end] == 0x5C:  # a backslash whose escaped byte comes next chunk
+                    self.escaped = True
+                    break
+                self.in_string, at = False, end + 1
+            else:
+                quote = chunk.find(b'"', at)
+                self.outside += (size if quote == -1 else quote + 1) - at
+                if quote == -1:
+                    break
+                self.in_string, at = True, quote + 1
+        if self.outside > self.limit:
+            raise BodyTooLarge(
+                f"the request's JSON holds over {self.limit:,} bytes outside its strings "
+                "(numbers, brackets, keys); only base64 images (strings) may use the rest of "
+                "the body limit")
+
+
+def _too_many_parts(headers: Headers, body: bytes) -> bool:
+    media, options = parse_options_header(headers.get("content-type", ""))
+    boundary = options.get(b"boundary")
+    if media != b"multipart/form-data" or not boundary:
+        return False
+    return body.count(b"\r\n--" + boundary) > MAX_FORM_DELIMITERS
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

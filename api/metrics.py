@@ -43,9 +43,14 @@ class Metrics:
         self.queue_depth.labels(kind).set_function(depth)
 
 
+CLIENT_GONE = "499"  # the status label of a request whose client left before its answer
+
+
 class RequestMetricsMiddleware:
     """Counts requests and times them under the route's template (/items/{item_id}),
-    never the raw path, so ids in URLs do not explode the label set."""
+    never the raw path, so ids in URLs do not explode the label set. A request the app
+    returned from without answering had lost its client (the Door heard it leave, or the
+    server stopped its connection): it is counted as 499, not as a server error."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -55,18 +60,22 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = {"code": 500}
+        status = {"code": CLIENT_GONE}
 
         async def tracking_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"] = str(message["status"])
             await send(message)
 
         try:
             await self.app(scope, receive, tracking_send)
+        except BaseException:
+            if status["code"] == CLIENT_GONE:
+                status["code"] = "500"
+            raise
         finally:
             route = _route_template(scope)
-            self.metrics.requests.labels(scope["method"], route, str(status["code"])).inc()
+            self.metrics.requests.labels(scope["method"], route, status["code"]).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 

@@ -15,9 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import Leased, ReadAccess, State
 from api.errors import Problem, problem_responses
 from api.images import decode_base64
+from api.limits import structure_limit
 from api.responses import hit_body
 from api.schemas import INTEGRAL
-from api.settings import MAX_K, MAX_TEXT_CHARS
+from api.settings import MAX_K, MAX_TEXT_CHARS, VECTOR_QUERY_BODY_BYTES
 from retrieval.query import Query, Term
 
 router = APIRouter(tags=["clip-retrieval compatibility"], dependencies=[ReadAccess],
@@ -67,7 +68,8 @@ async def indices_list(state: State) -> list[str]:
 # ClipClient sends its JSON without a content type; with strict_content_type off (on this
 # router) FastAPI parses such a body as JSON, so the route shares every route's parsing path.
 @router.post("/knn-service", summary="clip-retrieval: nearest neighbours of text/image/vector",
-             responses=problem_responses(404, 409, 413, 415, 422))
+             responses=problem_responses(404, 409, 413, 415, 422),
+             openapi_extra=structure_limit(VECTOR_QUERY_BODY_BYTES))
 async def knn_service(body: KnnRequest, state: State, searcher: Leased,
                       response: Response) -> list[dict[str, Any]]:
     if body.indice_name not in (None, state.settings.index_name):

@@ -11,7 +11,7 @@ from pydantic import AfterValidator, Field, WithJsonSchema
 from api.deps import Leased, ReadAccess, State
 from api.errors import Problem, problem_responses
 from api.images import decode_base64, form_json, upload_openapi
-from api.limits import body_limit
+from api.limits import body_limit, structure_limit
 from api.responses import hit_body, search_response
 from api.schemas import (
     FILTER_DESCRIPTION,
@@ -92,6 +92,7 @@ async def search_vector(body: SearchVectorRequest, state: State,
 
 @router.post("/search/multi", response_model=SearchResponse,
              responses=problem_responses(404, 409, 415),
+             openapi_extra=structure_limit(VECTOR_QUERY_BODY_BYTES),
              summary="Weighted multi-query: sum of weight x unit embedding, normalised")
 async def search_multi(body: SearchMultiRequest, state: State,
                        searcher: Leased) -> SearchResponse:

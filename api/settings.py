@@ -46,6 +46,14 @@ class Settings(BaseSettings):
     body_idle_s: float = 10.0  # a body that sends nothing this long gets 408
     body_deadline_s: float = 60.0  # a body not complete in this long gets 408
     max_buffered_bytes: int = 256 * 1024 * 1024  # all bodies being received at once
+    # Connections (api/server.py): in all (None: the file-descriptor limit less 160) and from
+    # one address (0 or None: no cap; behind a reverse proxy every client has its address).
+    # Past either cap, `reserved_connections` more are let in for one health check or keyed
+    # request each.
+    max_connections: int | None = None
+    max_connections_per_address: int | None = 256
+    reserved_connections: int = 32
+    refused_drain_s: float = 5.0  # a refused request's body is read and dropped this long
     max_image_pixels: int = 40_000_000
     # Peak bytes of one decode (raster + conversions): a 40 MP RGB photograph needs 320 MiB.
     max_decode_bytes: int = 384 * 1024 * 1024
@@ -53,6 +61,10 @@ class Settings(BaseSettings):
     # A request's images must be decoded within this; past it the request gets 413 and the
     # decode is abandoned (it keeps its slot until it ends; `retrieval.imagecost` bounds it)
     decode_deadline_s: float = 2.0
+    # The heap (`retrieval.heap`): malloc arenas the request threads share, and how often
+    # freed memory is handed back when resident memory grew (0: never)
+    malloc_arenas: int = 4
+    heap_trim_s: float = 2.0
     max_depth: int = 10_000  # deepest hit reachable by paging
     watch_seconds: float = 0.0  # >0: poll the index root for a new current generation
     retry_after_s: int = 1

@@ -3,8 +3,6 @@ turns whatever Pillow can open into a safe, upright 8-bit RGB image at a bounded
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 import io
 import mmap
@@ -22,6 +20,7 @@ from PIL import Image, ImageOps
 
 from retrieval.errors import BadImageError, ImageTooLargeError, UnsupportedImageError
 from retrieval.fieldtypes import parse_datetime
+from retrieval.heap import release_freed_memory
 from retrieval.imagecost import WEBP_CANVASES, Structure, coefficient_bytes, inspect
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: decoding alone needs none
@@ -316,22 +315,6 @@ def model_pixels(image: bytes | Image.Image, preprocess: Callable, limits: Decod
     if large:
         release_freed_memory()
     return pixels
-
-
-def release_freed_memory() -> None:
-    """malloc_trim(0) where the C library has it (glibc); a no-op elsewhere."""
-    if _LIBC_TRIM is not None:
-        _LIBC_TRIM(0)
-
-
-def _libc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC_TRIM = _libc_trim()
 
 
 def split_tensor_tail(preprocess: Any) -> tuple[Callable, tuple[float, ...], tuple[float, ...]] | None:

@@ -31,10 +31,11 @@ import numpy as np
 
 from retrieval import coarse
 from retrieval.errors import IndexStoreError
+from retrieval.heap import release_freed_memory
 from retrieval.rowscan import gather_rows, row_chunks
 
 BLOCK_ROWS = 1 << 16  # vectors a block holds: 128 MiB of float32 at 512 dimensions
-_LIBC = ctypes.CDLL(None, use_errno=True)  # this process's C library (madvise, malloc_trim)
+_LIBC = ctypes.CDLL(None, use_errno=True)  # this process's C library (madvise)
 OPQ_ITERATIONS = 10  # faiss's default 50 rounds cost minutes on a few cores for little recall
 OPQ_MAX_TRAIN = 65_536  # faiss's OPQMatrix.max_train_points: the subsample OPQ trains on
 MERGE_LISTS = 512  # lists merged between page releases (see merge_blocks)
@@ -225,17 +226,8 @@ def build(factory: str, vectors: np.ndarray, ids: np.ndarray, files: DiskFiles,
     trained = files.index.with_name(files.index.name + ".trained")
     faiss.write_index(train(factory, gather_rows(vectors, np.sort(rows)), sizes,
                             two_level if picked is not None else None), str(trained))
-    _return_freed_heap()  # the sample and training's copies: the rest of the build is small
+    release_freed_memory()  # the sample and training's copies: the rest of the build is small
     return _fill_and_merge(trained, vectors, ids, files, None, fill)
-
-
-def _return_freed_heap() -> None:
-    """Hand the heap that training freed back to the kernel: glibc keeps freed blocks in its
-    arenas otherwise, and they count in the process's resident memory for the rest of the
-    build (a no-op where the C library is not glibc)."""
-    trim = getattr(_LIBC, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
 
 
 def extend(base: faiss.Index, vectors: np.ndarray, ids: np.ndarray,

@@ -62,6 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base of the links in responses, e.g. https://search.example "
                              "(default: relative links; the request's Host is never used)")
     parser.add_argument("--max-body-mb", type=float, default=10.0)
+    parser.add_argument("--max-connections", type=int, default=None,
+                        help="connections held at once (default: the file-descriptor limit "
+                             "less 160, or env CLIPDEX_MAX_CONNECTIONS)")
+    parser.add_argument("--max-connections-per-address", type=int, default=None,
+                        help="connections from one client address; 0 turns it off, as behind "
+                             "a reverse proxy (default: 256, or env "
+                             "CLIPDEX_MAX_CONNECTIONS_PER_ADDRESS)")
     parser.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
                         help="poll the index root for a new current generation")
 
@@ -89,7 +96,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_in_flight=(IN_FLIGHT_PER_BATCH * max_batch if args.max_in_flight is None
                        else args.max_in_flight or None),
         public_url=args.public_url, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-        watch_seconds=args.watch, **_keys(args))
+        watch_seconds=args.watch, **_connections(args), **_keys(args))
+
+
+def _connections(args: argparse.Namespace) -> dict[str, object]:
+    """The connection caps given as flags; the others are left to the environment."""
+    caps = {"max_connections": args.max_connections,
+            "max_connections_per_address": args.max_connections_per_address}
+    return {name: value for name, value in caps.items() if value is not None}
 
 
 def _keys(args: argparse.Namespace) -> dict[str, object]:
@@ -136,12 +150,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import create_app
-    from api.server import server_config
+    from api.server import connection_limits, server_config
 
     settings = settings_from(args)
     for warning in exposure_warnings(settings):
         log.warning("%s", warning)
     config = server_config(create_app(settings), settings.host, settings.port,
-                           log_level="info", access_log=False)
+                           connections=connection_limits(settings), log_level="info",
+                           access_log=False)
     uvicorn.Server(config).run()
     return 0

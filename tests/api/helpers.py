@@ -12,7 +12,7 @@ from typing import Any, Self
 import numpy as np
 import uvicorn
 
-from api.server import HeadLimits, server_config
+from api.server import ConnectionLimits, HeadLimits, server_config
 from retrieval.store import ItemRecord, NewImage, NewText, linked_records
 
 __all__ = ["InMemoryGeneration", "ItemRecord", "ServerThread", "build_index",
@@ -112,9 +112,11 @@ def keyed_service(tiny: Any, root: Path, **settings: Any) -> ServerThread:
 class ServerThread:
     """uvicorn serving `app` on 127.0.0.1:<free port> until `stop()`."""
 
-    def __init__(self, app: Any, limits: HeadLimits | None = None):
-        # The service's own server config (its request-head limits included).
-        config = server_config(app, "127.0.0.1", 0, limits or HeadLimits(), log_level="warning",
+    def __init__(self, app: Any, limits: HeadLimits | None = None,
+                 connections: ConnectionLimits | None = None):
+        # The service's own server config (its request-head and connection limits included).
+        config = server_config(app, "127.0.0.1", 0, limits or HeadLimits(),
+                               connections or ConnectionLimits(), log_level="warning",
                                access_log=False, lifespan="on", timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

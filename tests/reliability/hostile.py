@@ -24,9 +24,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from tests.reliability.image_zoo import progressive_jpeg
 from tests.reliability.overload import (
     ServeOptions,
     build_index,
+    cpu_seconds,
     free_port,
     memory_kib,
     sample_memory,
@@ -50,6 +52,15 @@ class HostileConfig:
     header_floods: int = 4
     header_mib: int = 64
     busy_uploads: int = 100
+    # scan bombs (issue 32): clients resending a 2000x2000 progressive JPEG of `bomb_scans`
+    # scans for `flood_seconds` while a keyed client searches by text
+    bomb_clients: int = 40
+    bomb_scans: int = 2000
+    flood_seconds: float = 60.0
+    # memory that stays: concurrent uploads of a 5 MP photograph and 10 MB JSON bodies,
+    # then the service idles; its RSS must come back near where it started
+    memory_uploads: int = 64
+    memory_bodies: int = 32
     # what the service's decode limits allow at once (concurrent decodes x bytes each), plus
     # room for the preprocessed tensors and the allocator's slack
     decode_allowance_mib: float = field(default_factory=lambda: _decode_budget_mib() + 192)
@@ -237,6 +248,89 @@ async def decode_bombs(port: int, pid: int, config: HostileConfig) -> dict[str, 
     return {"figures": figures, "checks": checks}
 
 
+async def scan_bomb_flood(port: int, pid: int, config: HostileConfig) -> dict[str, Any]:
+    """Clients resend a JPEG of thousands of scans (~14 ms of decode each over 2000x2000):
+    each must be refused from its markers, text searches must keep their latency, and the
+    service must be idle once the flood stops (not decoding a backlog)."""
+    bomb = upload("/search/image", progressive_jpeg(2000, repeats=config.bomb_scans))
+    quiet = await legit_loop(port, 3.0)
+    stop, statuses = asyncio.Event(), []
+
+    async def attacker() -> None:
+        while not stop.is_set():
+            status, _, _ = await exchange(port, bomb, 60.0)
+            statuses.append(status)
+
+    cpu = cpu_seconds(pid)
+    attackers = [asyncio.ensure_future(attacker()) for _ in range(config.bomb_clients)]
+    legit = await legit_loop(port, config.flood_seconds)
+    stop.set()
+    await asyncio.gather(*attackers)
+    flood_cpu = cpu_seconds(pid) - cpu
+    await asyncio.sleep(1.0)
+    after = cpu_seconds(pid)
+    await asyncio.sleep(2.0)
+    idle_cpu = cpu_seconds(pid) - after
+    multi = json.dumps({"terms": [{"image_base64": base64.b64encode(
+        progressive_jpeg(2000, repeats=config.bomb_scans)).decode(), "weight": 1.0}] * 16})
+    cpu = cpu_seconds(pid)
+    multi_status, _, multi_s = await exchange(port, request("POST", "/search/multi",
+                                                            multi.encode()), 60.0)
+    multi_cpu = cpu_seconds(pid) - cpu
+    # the bombs cost what any 50 KB upload costs to receive and refuse (~3 ms of CPU each at
+    # a few hundred a second on 2 cores), so text searches share the CPU with the flood
+    bound = max(10 * quiet["p99_ms"], 250.0)
+    figures = {"clients": config.bomb_clients, "seconds": config.flood_seconds,
+               "upload_kb": round(len(bomb) / 1024, 1), "bombs_sent": len(statuses),
+               "statuses": sorted(set(statuses)), "text_p99_quiet_ms": quiet["p99_ms"],
+               "text_p99_flood_ms": legit["p99_ms"], "text_non_200": legit["non_200"],
+               "service_cpu_ms_per_bomb": round(1000 * flood_cpu / max(len(statuses), 1), 2),
+               "service_cpu_s_idle_after": round(idle_cpu, 2),
+               "multi_16_bombs": {"status": multi_status, "ms": _ms(multi_s),
+                                  "service_cpu_s": round(multi_cpu, 2)}}
+    checks = {"every bomb refused (413, or 503 when the service is full)":
+              413 in figures["statuses"] and set(figures["statuses"]) <= {413, 503},
+              "every text search answered 200": legit["non_200"] == 0,
+              f"text p99 within 10x quiet (or 250 ms): {bound:.0f} ms": legit["p99_ms"] <= bound,
+              "idle once the flood stops (< 0.5 s CPU in 2 s)": idle_cpu < 0.5,
+              "16 bombs in one multi-query: 413, < 1 s of CPU": multi_status == 413
+              and multi_cpu < 1.0}
+    return {"figures": figures, "checks": checks}
+
+
+async def memory_returns(port: int, pid: int, config: HostileConfig) -> dict[str, Any]:
+    """Bursts that allocate (photographs decoded two at a time, 10 MB JSON bodies), then
+    idle: the service's RSS must come back within 20 % of where it was before."""
+    noise = np.random.default_rng(1).integers(0, 255, (1920, 2560, 3), np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "JPEG", quality=80)
+    photo = upload("/search/image", buffer.getvalue())
+    body = request("POST", "/search/multi", json.dumps(
+        {"terms": [{"vector": [0.1] * 1_000_000, "weight": 1.0}]}).encode())
+    await legit_loop(port, 2.0)
+    await asyncio.sleep(5.0)  # the heap keeper's first trims after start-up
+    before = memory_kib(pid)["VmRSS"]
+    peak: dict[str, int] = {}
+    sampler = asyncio.ensure_future(sample_memory(pid, peak, 0.05))
+    answers = await asyncio.gather(
+        *(exchange(port, photo, 120.0) for _ in range(config.memory_uploads)),
+        *(exchange(port, body, 120.0) for _ in range(config.memory_bodies)))
+    sampler.cancel()
+    await asyncio.sleep(6.0)  # idle: the service trims what the burst freed
+    after = memory_kib(pid)["VmRSS"]
+    threads = int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text()
+                       .splitlines() if line.startswith("Threads:")))
+    figures = {"uploads": config.memory_uploads, "bodies": config.memory_bodies,
+               "statuses": sorted({a[0] for a in answers}),
+               "rss_before_mib": round(before / 1024),
+               "rss_peak_mib": round(max(peak.get("rss", before), before) / 1024),
+               "rss_after_mib": round(after / 1024), "threads_after": threads}
+    checks = {"answered, no 500 (503: the service was full)":
+              all(a[0] in (200, 413, 503) for a in answers),
+              "RSS back within 20 % of before": after <= 1.2 * before}
+    return {"figures": figures, "checks": checks}
+
+
 async def header_floods(port: int, pid: int, config: HostileConfig) -> dict[str, Any]:
     chunk = b"a" * (1024 * 1024)
 
@@ -382,6 +476,8 @@ def run_hostile(config: HostileConfig = HostileConfig(), clip=None) -> dict[str,
             results["stalled bodies"] = asyncio.run(stalled_bodies(port, config))
             results["slow bodies"] = asyncio.run(slow_bodies(port, config))
             results["decode bombs"] = asyncio.run(decode_bombs(port, pid, config))
+            results["scan bomb flood"] = asyncio.run(scan_bomb_flood(port, pid, config))
+            results["memory returns"] = asyncio.run(memory_returns(port, pid, config))
             results["header floods"] = asyncio.run(header_floods(port, pid, config))
             results["catalogue"] = asyncio.run(run_catalogue(port, _dim(index)))
         busy = ServeOptions(max_batch=2, model_delay_ms=200.0,
