@@ -48,9 +48,7 @@ def create_app(settings: Settings, clip: ClipModel | None = None,
         app.state.service = state
         cap_arenas(settings.malloc_arenas)  # before the request threads allocate
         await state.start(clip, generation)
-        tasks = [asyncio.create_task(_watch(state))] if settings.watch_seconds > 0 else []
-        if settings.heap_trim_s > 0:
-            tasks.append(asyncio.create_task(_keep_heap(settings.heap_trim_s)))
+        tasks = _background(state)
         try:
             yield
         finally:
@@ -106,6 +104,15 @@ def _searching_needs_no_key(app: FastAPI) -> None:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _background(state: ServiceState) -> list[asyncio.Task]:
+    """The lifespan's own tasks: following CURRENT, and keeping the heap."""
+    settings = state.settings
+    tasks = [asyncio.create_task(_watch(state))] if settings.watch_seconds > 0 else []
+    if settings.heap_trim_s > 0:
+        tasks.append(asyncio.create_task(_keep_heap(settings.heap_trim_s)))
+    return tasks
 
 
 HEAP_SLACK_BYTES = 32 * 2**20  # growth since the last trim that is worth a trim

@@ -39,6 +39,7 @@ CORE_ERRORS: dict[str, tuple[int, str]] = {
     "UnsupportedImageError": (415, "Unsupported image format"),
     "BadCursorError": (422, "Bad cursor"),
     "FilterError": (422, "Bad filter"),
+    "MetadataError": (422, "Bad metadata"),
     "StaleCursorError": (409, "Stale cursor"),
     "TooDeepError": (422, "Too deep"),
     "InvalidQueryError": (422, "Bad query"),
@@ -51,6 +52,9 @@ CORE_ERRORS: dict[str, tuple[int, str]] = {
     "IndexStoreError": (503, "Index not available"),
     "ModelLoadError": (503, "Model not loaded"),
     "CheckpointError": (503, "Model not loaded"),
+    # The query is valid and may pass when the service is less loaded; the detail says how
+    # to make it cheaper. 503, not 422: a client must not take a valid query for a bad one.
+    "QueryTimeoutError": (503, "Query timed out"),
 }
 
 
@@ -107,7 +111,8 @@ PROBLEM_STATUSES: dict[int, str] = {
     413: "The request body or the image is over the service's limit",
     415: "The image is in a format the service does not accept",
     422: "The request is well formed but its values are not valid; the detail says which",
-    503: "Not ready, busy, or the index is unavailable; retry later",
+    503: "Not ready, busy, the index is unavailable, or the query ran past the statement time "
+         "limit; retry later",
 }
 RETRY_AFTER = {"description": "seconds to wait before retrying (when the state is temporary)",
                "schema": {"type": "string", "pattern": "^[0-9]+$"}}

@@ -23,6 +23,7 @@ from api.schemas import MAX_ITEM_ID, AddTextsRequest, ReloadResponse, WriteRespo
 from api.settings import EMPTY_BODY_BYTES, MAX_TEXT_CHARS
 from api.state import ServiceState
 from retrieval.errors import DuplicateItemError
+from retrieval.fieldtypes import check_metadata
 from retrieval.images import image_format
 from retrieval.store import (
     ItemRecord,
@@ -77,6 +78,7 @@ async def add_image(state: State, searcher: Leased, image: Annotated[UploadFile,
                     ) -> WriteResponse:
     data = await image.read()
     fields = form_json(metadata, "metadata") or {}
+    check_metadata(fields)  # before the upload is decoded, encoded or kept
     captions = [c.strip() for c in captions or [] if c.strip()]
     root = _root(state)
     suffix = SUFFIX[await asyncio.to_thread(image_format, data, state.upload_limits)]

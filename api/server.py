@@ -12,11 +12,12 @@ enforced on the bytes as they arrive, before httptools buffers them.
   parsed, the rest wait unparsed (reading pauses) until those are answered.
 - Refused connections: a connection whose request was answered before its body arrived (401,
   413, 503) is read and dropped for at most `refused_drain_s`, then closed.
-- Connections: at most `max_connections` in all and `max_connections_per_address` from one
-  client address; past either, `reserved_connections` more are let in for one request each,
-  which must be a health check or carry a key. The rest are answered 503 (or 429) and closed.
+- Connections (`api.connections`): at most `max_connections` in all and
+  `max_connections_per_address` from one client address; past either, `reserved_connections`
+  more are let in for one request each, which must be a health check or carry a key. The
+  rest are answered 503 (or 429) and closed.
 
-Every refusal is an RFC 9457 problem, protocol errors (bad framing, smuggling attempts,
+Every refusal is an RFC 9457 problem (`api.refusals`), protocol errors (bad framing, smuggling attempts,
 obsolete line folding) included. A refused connection is closed gracefully: our side is shut
 for writing and whatever the client still sends is read and dropped for a moment, so it
 receives the answer rather than a reset (those turned away on arrival are closed at once).
@@ -31,24 +32,20 @@ and let the proxy cap each client.
 from __future__ import annotations
 
 import asyncio
-import json
-import resource
-from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from api.errors import PROBLEM_TYPE
-from api.settings import Settings
+from api.connections import ConnectionCounts, ConnectionLimits, admit
+from api.refusals import problem_500, refusal_bytes
 
 LINGER_S = 2.0  # how long a refused connection's late bytes are read and dropped
 # A chunked body is parsed this much at a time, so that bytes carrying no body data (trailers)
 # are counted to within this many; a 10 MiB upload is ~1,300 parser calls (a few ms).
 CHUNKED_PIECE = 8 * 1024
-FD_RESERVE = 128  # descriptors kept for the process's own files when max_connections is derived
 HEALTH_PATHS = ("/healthz", "/readyz", "/metrics")
 # A connection let in past a cap has this long to send its head: health checkers and keyed
 # clients send theirs at once, and an idle one would hold a reserved place.
@@ -75,66 +72,10 @@ class HeadLimits:
     max_pipelined: int = 16
 
 
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """How many connections the server holds, and how long it holds a refused one."""
-
-    # None: the file-descriptor limit, less FD_RESERVE and the reserved connections
-    max_connections: int | None = None
-    max_connections_per_address: int | None = 256  # None: no cap by address
-    reserved_connections: int = 32  # past either cap: health checks and keyed requests only
-    refused_drain_s: float = 5.0  # a refused request's body is read and dropped this long
-
-    def resolved(self) -> ConnectionLimits:
-        """These limits with `max_connections` set: below the descriptor limit, so that the
-        process can still open its files (and accept) when every connection is taken."""
-        if self.max_connections is not None:
-            return self
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        derived = 65536 if soft == resource.RLIM_INFINITY else max(soft - FD_RESERVE, 64)
-        return replace(self, max_connections=derived - self.reserved_connections)
-
-
-def connection_limits(settings: Settings) -> ConnectionLimits:
-    return ConnectionLimits(settings.max_connections,
-                            settings.max_connections_per_address or None,
-                            settings.reserved_connections, settings.refused_drain_s)
-
-
-REFUSALS = {  # status: (reason phrase, title, slug, detail with the limits' fields)
-    400: ("Bad Request", "Malformed request", "malformed-request",
-          ("the request is not well-formed HTTP/1.1 (its framing, a header line or the "
-           "request line is invalid, or it sends both Content-Length and Transfer-Encoding); "
-           "the connection is closed")),
-    414: ("URI Too Long", "URI too long", "uri-too-long",
-          "the request target is over the {max_url_bytes:,}-byte limit"),
-    408: ("Request Timeout", "Request timeout", "request-timeout",
-          "the request headers (or trailers) did not arrive within {head_timeout_s:g} s"),
-    429: ("Too Many Requests", "Too many connections", "too-many-connections",
-          ("this address has {max_connections_per_address:,} connections open; reuse them "
-           "(keep-alive) or retry after 1 s")),
-    431: ("Request Header Fields Too Large", "Request headers too large", "headers-too-large",
-          ("the request line and headers are over the {max_head_bytes:,}-byte limit (a "
-           "chunked body's trailers over {max_trailer_bytes:,})")),
-    503: ("Service Unavailable", "Service busy", "service-busy",
-          ("the service holds its maximum of connections; only health checks and requests "
-           "with a key are served now; retry after 1 s")),
-}
-RETRY_AFTER = (429, 503)
-
-
 class _Refusal(Exception):
     def __init__(self, status: int):
         super().__init__(status)
         self.status = status
-
-
-class ConnectionCounts:
-    """Open connections of one server, in all and by client address."""
-
-    def __init__(self) -> None:
-        self.total = 0  # one event loop: plain counters are race-free
-        self.by_address: Counter[str] = Counter()
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -175,22 +116,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _admit(self) -> int | None:
         """Count this connection in, or the status it is refused with."""
-        caps, counts = self.connection_limits, self.counts
         address = self.client[0] if self.client else ""
-        total, per_address = caps.max_connections or 0, caps.max_connections_per_address
-        from_address = counts.by_address[address] if address else 0
-        if counts.total >= total + caps.reserved_connections:
-            return 503
-        if per_address and from_address >= per_address + caps.reserved_connections:
-            return 429
-        if counts.total >= total:
-            self._reserve_only = 503
-        elif per_address and from_address >= per_address:
-            self._reserve_only = 429
-        counts.total += 1
-        counts.by_address[address] += 1
-        self._address = address
-        return None
+        refusal, self._reserve_only = admit(self.counts, self.connection_limits, address)
+        if refusal is None:
+            self._address = address
+        return refusal
 
     def _turn_away(self, status: int) -> None:
         """Answer a connection refused on arrival and close it at once: lingering would let a
@@ -203,10 +133,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm_head_timer()
         self._disarm_drain_timer()
         if self._address is not None:
-            self.counts.total -= 1
-            self.counts.by_address[self._address] -= 1
-            if not self.counts.by_address[self._address]:
-                del self.counts.by_address[self._address]
+            self.counts.leave(self._address)
             self._address = None
         super().connection_lost(exc)
 
@@ -303,7 +230,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._body_left = _declared_length(self.headers)
         super().on_headers_complete()
         if self.cycle is not None:
-            self.cycle.send_500_response = _problem_500(self.cycle)  # type: ignore[method-assign]
+            self.cycle.send_500_response = problem_500(self.cycle)  # type: ignore[method-assign]
             if self._reserve_only is not None:
                 self.cycle.keep_alive = False  # one request, then the place is free again
 
@@ -414,14 +341,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.loop.call_later(LINGER_S, self.transport.close)
 
     def _problem(self, status: int) -> bytes:
-        reason, title, slug, detail = REFUSALS[status]
-        values = {**vars(self.limits), **vars(self.connection_limits)}
-        body = json.dumps({"type": PROBLEM_TYPE + slug, "title": title, "status": status,
-                           "detail": detail.format(**values)}).encode()
-        retry = "retry-after: 1\r\n" if status in RETRY_AFTER else ""
-        return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/problem+json\r\n"
-                f"content-length: {len(body)}\r\n{retry}connection: close\r\n\r\n".encode()
-                + body)
+        return refusal_bytes(status, {**vars(self.limits), **vars(self.connection_limits)})
 
 
 def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
@@ -436,21 +356,6 @@ def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     return length
 
 
-def _problem_500(cycle: RequestResponseCycle) -> Any:
-    """uvicorn's answer when the app fails before responding, as a problem (it is plain text)."""
-
-    async def send_500_response() -> None:
-        body = json.dumps({"type": PROBLEM_TYPE + "internal-error", "title": "Internal error",
-                           "status": 500, "detail": "the service failed unexpectedly; the log "
-                           "has details"}).encode()
-        await cycle.send({"type": "http.response.start", "status": 500, "headers": [
-            (b"content-type", b"application/problem+json"),
-            (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
-        await cycle.send({"type": "http.response.body", "body": body, "more_body": False})
-
-    return send_500_response
-
-
 def guarded_protocol(limits: HeadLimits,
                      connections: ConnectionLimits) -> type[GuardedHttpToolsProtocol]:
     """The protocol class of one server: its limits, and its own connection counts."""
@@ -460,8 +365,9 @@ def guarded_protocol(limits: HeadLimits,
 
 
 def server_config(app: Any, host: str, port: int, limits: HeadLimits = HeadLimits(),
-                  connections: ConnectionLimits = ConnectionLimits(),
+                  connections: ConnectionLimits | None = None,
                   **options: Any) -> uvicorn.Config:
     """uvicorn's config for clipdex: the guarded protocol, and the other options as given."""
+    connections = connections or ConnectionLimits()
     return uvicorn.Config(app, host=host, port=port,
                           http=guarded_protocol(limits, connections), **options)

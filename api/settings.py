@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     malloc_arenas: int = 4
     heap_trim_s: float = 2.0
     max_depth: int = 10_000  # deepest hit reachable by paging
+    # One statement on the items table (filters, browse, keywords, lookups); past it 503
+    query_seconds: float = 10.0
     watch_seconds: float = 0.0  # >0: poll the index root for a new current generation
     retry_after_s: int = 1
     public_url: str = ""  # base of links in responses ("https://search.example"); "": relative

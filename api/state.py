@@ -89,17 +89,19 @@ def _close(generation: GenerationLike) -> None:
     generation.close()
 
 
-def open_index(root: Path, model: ModelIdentity | None) -> GenerationLike:
+def open_index(root: Path, model: ModelIdentity | None,
+               query_seconds: float) -> GenerationLike:
     """The current generation under `root`, checked against the served model. One made of
     embeddings from an external model fits no model: it opens as it is, for vector and item
-    queries (its Searcher's encoder says why texts and images are refused)."""
+    queries (its Searcher's encoder says why texts and images are refused). Each statement
+    on its items table stops after `query_seconds` (QueryTimeoutError)."""
     info = read_generation_manifest(Path(root))
     if info.model.external:
-        return open_generation(Path(root), name=info.name)
+        return open_generation(Path(root), name=info.name, query_seconds=query_seconds)
     if model is None:
         raise ClipdexError("the model is not loaded")
     return open_generation(Path(root), model_sha256=model.sha256, embed_dim=model.embed_dim,
-                           name=info.name)
+                           name=info.name, query_seconds=query_seconds)
 
 
 def holds_external(root: Path | None, generation: GenerationLike | None) -> bool:
@@ -151,7 +153,8 @@ class ServiceState:
             if clip is not None or not await asyncio.to_thread(holds_external, index, generation):
                 await self._load_model(clip)
             if generation is None and index is not None:
-                generation = await asyncio.to_thread(open_index, index, self.model)
+                generation = await asyncio.to_thread(open_index, index, self.model,
+                                                      self.settings.query_seconds)
             if generation is not None:
                 self.slot = GenerationSlot(self._searcher(generation))
                 self._observe_counts()
@@ -245,7 +248,8 @@ class ServiceState:
                     raise ClipdexError("this service was started without --index; nothing to "
                                        "reload")
                 await self._model_for(self.settings.index, None)
-                generation = await asyncio.to_thread(open_index, self.settings.index, self.model)
+                generation = await asyncio.to_thread(open_index, self.settings.index, self.model,
+                                                      self.settings.query_seconds)
             else:
                 await self._model_for(None, generation)
             if previous is not None and generation.name == previous:

@@ -12,7 +12,9 @@ all its values in a generation:
               non-string values are compared as their JSON text (3, 1.5, true)
 
 A list value gives the field several values (a filter matches when any of them does); null,
-objects and non-finite numbers are no values at all (the item lacks that field).
+objects and non-finite numbers are no values at all (the item lacks that field), and so is an
+integer beyond a float's range (about ±1.8e308), which no field can store (writers that take
+metadata from a client refuse it instead: `check_metadata`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
 
+from retrieval.errors import MetadataError
+
 TYPES = ("string", "number", "boolean", "datetime")
 _ISO = re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?)?"
                   r"(Z|[+-]\d{2}:?\d{2})?")
@@ -33,10 +37,37 @@ _ISO = re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?)?"
 
 def scalars(value: Any) -> Iterator[bool | float | str]:
     """The field values in one metadata value (a list gives each element)."""
-    for element in value if isinstance(value, list | tuple) else (value,):
-        finite = isinstance(element, int | float) and math.isfinite(element)
-        if isinstance(element, bool | str) or finite:
+    for element in _elements(value):
+        if isinstance(element, bool | str) or number(element) is not None:
             yield element
+
+
+def number(value: Any) -> float | None:
+    """A JSON number (not a boolean) as the finite float it is stored as, else None. JSON
+    integers have no size limit and float() of one beyond ±1.8e308 raises OverflowError."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        stored = float(value)
+    except OverflowError:
+        return None
+    return stored if math.isfinite(stored) else None
+
+
+def check_metadata(metadata: dict[str, Any]) -> None:
+    """MetadataError naming the first key whose value holds an integer no field can store;
+    what `scalars` would silently drop is refused when a client sent it."""
+    for name, value in metadata.items():
+        for element in _elements(value):
+            whole = isinstance(element, int) and not isinstance(element, bool)
+            if whole and number(element) is None:
+                digits = round(element.bit_length() * math.log10(2))  # str() of one may fail
+                raise MetadataError(f"metadata.{name}: an integer of about {digits} digits is "
+                                    "beyond the range of a number field (about ±1.8e308)", name)
+
+
+def _elements(value: Any) -> tuple[Any, ...] | list[Any]:
+    return value if isinstance(value, list | tuple) else (value,)
 
 
 def parse_datetime(text: Any) -> float | None:

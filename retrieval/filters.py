@@ -28,13 +28,12 @@ when a field is involved: nothing is silently ignored.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from retrieval.errors import FilterError
-from retrieval.fieldtypes import parse_datetime, storable
+from retrieval.fieldtypes import number, parse_datetime, storable
 
 MAX_IN = 500  # values in one in / nin list
 MAX_CONDITIONS = 64
@@ -48,7 +47,8 @@ ALLOWED = {"string": OPERATORS,
            "number": tuple(op for op in OPERATORS if op != "prefix"),
            "datetime": tuple(op for op in OPERATORS if op != "prefix"),
            "boolean": ("eq", "ne", "in", "nin", "exists")}
-_EXPECTED = {"string": "a string", "number": "a number", "boolean": "true or false",
+_EXPECTED = {"string": "a string", "number": "a number within about ±1.8e308",
+             "boolean": "true or false",
              "datetime": "an ISO-8601 date or date-time string (e.g. 2024-06-01)"}
 
 
@@ -157,9 +157,9 @@ def _value(value: Any, name: str, kind: str, where: str) -> Any:
         return storable(value)
     if kind == "boolean" and isinstance(value, bool):
         return float(value)
-    if (kind == "number" and isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(value)):
-        return float(value)
+    stored = number(value) if kind == "number" else None  # None also for a huge integer
+    if stored is not None:
+        return stored
     if kind == "datetime":
         seconds = parse_datetime(value)
         if seconds is not None:

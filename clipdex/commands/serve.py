@@ -150,7 +150,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import create_app
-    from api.server import connection_limits, server_config
+    from api.connections import connection_limits
+    from api.server import server_config
 
     settings = settings_from(args)
     for warning in exposure_warnings(settings):

@@ -115,7 +115,7 @@ def commit(root: Path, plan: Plan, tables: dict[str, Table], fill: Fill) -> Gene
                 and _is_disk_full(error, generations))
         shutil.rmtree(temp, ignore_errors=True)
         layout.current_temp_file(root).unlink(missing_ok=True)
-        if layout.current_file(root).is_file() and layout.current_name(root) != name:
+        if layout.current_file(root).is_file() and layout.read_current(root) != name:
             shutil.rmtree(layout.generation_dir(root, name), ignore_errors=True)
         if full:
             raise IndexStoreError(f"disk full while writing generation {generations / name} "
@@ -174,7 +174,7 @@ def _switch(root: Path, temp: Path, name: str) -> None:
     os.rename(temp, layout.generation_dir(root, name))
     _fsync(generations)
     fault_point("before_current")
-    previous = layout.current_name(root) if layout.current_file(root).is_file() else None
+    previous = layout.read_current(root)  # kept by the prune (a garbled one matches nothing)
     pointer = layout.current_temp_file(root)
     pointer.write_text(name + "\n")
     _fsync(pointer)

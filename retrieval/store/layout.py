@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import NamedTuple
 
-from retrieval.errors import IndexNotFoundError
+from retrieval.errors import IndexCorruptError, IndexNotFoundError
 
 FORMAT = "clipdex-index/1"
 MODALITIES = ("image", "text")
@@ -39,6 +40,8 @@ PLURAL = {"image": "images", "text": "texts"}  # file-name stem of each modality
 MANIFEST = "manifest.json"
 ITEMS = "items.sqlite"
 UPLOADS = "uploads"
+CURRENT_CHARS = 256  # read of CURRENT; a generation name is a few digits
+_GENERATION_NAME = re.compile(r"[0-9]{1,20}")
 SCHEMA = """
 CREATE TABLE items (id INTEGER PRIMARY KEY, modality TEXT NOT NULL, path TEXT, text TEXT,
                     captions TEXT NOT NULL, metadata TEXT NOT NULL, image_id INTEGER,
@@ -95,7 +98,17 @@ def generations_dir(root: Path) -> Path:
 
 
 def generation_dir(root: Path, name: str) -> Path:
+    """generations/<name>; IndexNotFoundError for anything but a plain generation name, so no
+    name (from CURRENT, a command line or a client) reaches outside generations/."""
+    if not is_generation_name(name):
+        raise IndexNotFoundError(f"no generation {_shown(name)} in {root}: generation names "
+                                 "are digits, e.g. 000007")
     return generations_dir(root) / name
+
+
+def is_generation_name(name: str) -> bool:
+    """Digits only, as `commit` names generations ("000007"), and never a path."""
+    return bool(_GENERATION_NAME.fullmatch(name))
 
 
 def work_dir(root: Path) -> Path:
@@ -128,21 +141,39 @@ def errors_file(root: Path) -> Path:
 
 
 def current_name(root: Path) -> str:
-    """The live generation's name; IndexNotFoundError when `root` holds no index."""
+    """The live generation's name; IndexNotFoundError when `root` holds no index,
+    IndexCorruptError when CURRENT holds anything but a generation name."""
     pointer = current_file(root)
     if not pointer.is_file():
         raise IndexNotFoundError(f"{root} is not a clipdex index (no CURRENT file); "
                                  "build one with `clipdex index build`")
-    return pointer.read_text().strip()
+    try:
+        name = _read_pointer(pointer)
+    except (OSError, UnicodeDecodeError) as error:
+        raise IndexCorruptError(f"{pointer}: unreadable ({error})") from None
+    if not is_generation_name(name):
+        raise IndexCorruptError(f"{pointer} holds {_shown(name)}, not a generation name "
+                                "(digits, e.g. 000007); point it at a folder of generations/")
+    return name
 
 
 def read_current(root: Path) -> str | None:
-    """What CURRENT names now, or None when it is absent, empty or unreadable (a poller's
-    question: it opens nothing)."""
+    """What CURRENT says now (at most its first CURRENT_CHARS characters), or None when it is
+    absent, empty or unreadable: a poller's question, which opens nothing. Whether it names a
+    generation is `current_name`'s to say, when the generation is opened."""
     try:
-        return current_file(root).read_text().strip() or None
-    except OSError:
+        return _read_pointer(current_file(root)) or None
+    except (OSError, UnicodeDecodeError):
         return None
+
+
+def _read_pointer(pointer: Path) -> str:
+    with open(pointer, encoding="utf-8") as handle:
+        return handle.read(CURRENT_CHARS).strip()
+
+
+def _shown(name: str) -> str:
+    return repr(name) if len(name) <= 40 else f"{name[:37]!r}... ({len(name)} characters)"
 
 
 # ----------------------------------------------------------------------------- a generation

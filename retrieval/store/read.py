@@ -2,8 +2,9 @@
 counts) and fits the model, then `Generation` answers searches and item lookups.
 
 The files are named in `retrieval.store.layout`; a generation never changes once CURRENT has
-named it, so readers take no lock. Deletes are tombstones (filtered inside FAISS by an
-IDSelector); compaction drops them.
+named it, so readers take no lock: each thread reads the items table through its own
+connection, every statement under a time limit (`retrieval.store.readers`). Deletes are
+tombstones (filtered inside FAISS by an IDSelector); compaction drops them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from retrieval.store import fields, keywords, layout, manifest, media, reduced
 from retrieval.store.filtered import Stored, exact_within, search_within
 from retrieval.store.layout import MODALITIES
 from retrieval.store.manifest import GenerationManifest
+from retrieval.store.readers import QUERY_SECONDS, Readers
 from retrieval.store.records import COLUMNS, ItemRecord, from_row
 from retrieval.store.reduced import Reduced
 
@@ -44,13 +46,14 @@ class Generation:
 
     def __init__(self, root: Path, info: GenerationManifest, indexes: dict[str, faiss.Index],
                  ids: dict[str, np.ndarray], vectors: dict[str, np.ndarray],
-                 copies: dict[str, Reduced | None], db: sqlite3.Connection):
+                 copies: dict[str, Reduced | None], readers: Readers):
         self.root, self.info, self.name = root, info, info.name
         self.manifest = info.data  # the manifest.json object
         self.embed_dim = info.embed_dim
         self.model_sha256 = info.model.sha256
-        self._indexes, self._ids, self._vectors, self._db = indexes, ids, vectors, db
-        self._lock = threading.Lock()
+        self._indexes, self._ids, self._vectors = indexes, ids, vectors
+        self._readers = readers
+        self._lock = threading.Lock()  # guards the cache of matches
         self._deleted = {m: self._tombstones(m) for m in MODALITIES}
         # the tombstone selectors, built once; SearchParameters are made per search, because
         # IndexIDMap's search swaps their `sel` for a moment (two threads must not share one)
@@ -110,9 +113,9 @@ class Generation:
     def listing(self, modality: str, where: Filter | None, order: tuple[str, str] | None,
                 descending: bool, offset: int, limit: int) -> list[int]:
         """One page of the live ids a filter matches, by id or by a field (`fields.listing_sql`)."""
-        sql, params = fields.listing_sql(self._modality(modality), where, order, descending,
-                                         int(offset), int(limit))
-        return [int(row[0]) for row in self._query(sql, params)]
+        sql, params = fields.listing_sql(self._modality(modality), where, order, descending)
+        return self._readers.take(sql, params, lambda rows: fields.first_distinct(
+            rows, int(offset), int(limit)))
 
     def keyword(self, modality: str, text: str, where: Filter | None,
                 limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -223,8 +226,9 @@ class Generation:
         return ann.IndexSpec(**self._section(modality)["index"])
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        """Release the generation; a statement still running on it stops at once (its caller
+        gets QueryTimeoutError), so closing never waits for a slow query."""
+        self._readers.close()
         self._indexes, self._selectors, self._vectors = {}, {}, {}  # unmaps the files
         self._reduced = {}
         self._matches.clear()
@@ -257,8 +261,7 @@ class Generation:
         return queries
 
     def _query(self, sql: str, args: Sequence[Any]) -> list[tuple]:
-        with self._lock:
-            return self._db.execute(sql, list(args)).fetchall()
+        return self._readers.rows(sql, args)
 
     def _tombstones(self, modality: str) -> np.ndarray:
         rows = self._query("SELECT id FROM items WHERE deleted = 1 AND modality = ?", [modality])
@@ -293,8 +296,10 @@ def verify_generation(root: Path, name: str | None = None) -> GenerationManifest
 
 
 def open_generation(root: Path, model_sha256: str | None = None, embed_dim: int | None = None,
-                    name: str | None = None, verify_checksums: bool = True) -> Generation:
-    """Open the CURRENT (or the named) generation after checking it is whole and fits the model."""
+                    name: str | None = None, verify_checksums: bool = True,
+                    query_seconds: float = QUERY_SECONDS) -> Generation:
+    """Open the CURRENT (or the named) generation after checking it is whole and fits the model;
+    each statement on its items table may run `query_seconds`."""
     root = Path(root)
     name = name or layout.current_name(root)
     folder = layout.generation_dir(root, name)
@@ -307,11 +312,11 @@ def open_generation(root: Path, model_sha256: str | None = None, embed_dim: int 
         (indexes[modality], ids[modality], vectors[modality],
          copies[modality]) = _load_modality(folder, info, modality)
     path = layout.items_file(folder)
-    db = sqlite3.connect(layout.read_only_uri(path), uri=True, check_same_thread=False)
+    readers = Readers(path, query_seconds)
     try:
-        generation = Generation(root, info, indexes, ids, vectors, copies, db)
+        generation = Generation(root, info, indexes, ids, vectors, copies, readers)
     except sqlite3.DatabaseError as error:  # reached when checksums were not verified
-        db.close()
+        readers.close()
         raise IndexCorruptError(f"{path}: unreadable ({error})") from None
     _check_rows(generation)
     return generation

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.fieldtypes import storable
+from retrieval.fieldtypes import check_metadata, storable
 
 # Provisional ids of records built for `append_items` count up from here: below every stored
 # id (ids are >= 0), so a link to an item already in the index is never taken for one into
@@ -86,7 +86,9 @@ def linked_records(images: Sequence[NewImage], texts: Sequence[NewText] = (),
 def image_with_captions(path: str, captions: Sequence[str] = (),
                         metadata: dict[str, Any] | None = None,
                         start_id: int | None = None) -> list[ItemRecord]:
-    """One image and its caption texts, linked (ids `start_id`, `start_id + 1`, ...)."""
+    """One image and its caption texts, linked (ids `start_id`, `start_id + 1`, ...).
+    MetadataError when `metadata` holds a value no field can store (it comes from a client)."""
+    check_metadata(metadata or {})
     return linked_records([NewImage(path, metadata or {})],
                           [NewText(caption, image=0) for caption in captions], start_id)
 
@@ -95,7 +97,9 @@ def text_records(texts: Sequence[str], image_id: int | None = None,
                  start_id: int | None = None,
                  metadata: dict[str, Any] | None = None) -> list[ItemRecord]:
     """Texts, each a caption of the stored image `image_id` when given, else free texts
-    (each with `metadata`: a caption is filtered by its image's)."""
+    (each with `metadata`: a caption is filtered by its image's). MetadataError when
+    `metadata` holds a value no field can store (it comes from a client)."""
+    check_metadata(metadata or {})
     start_id = PROVISIONAL_BASE if start_id is None else start_id
     return [ItemRecord(start_id + n, "text", text=text, image_id=image_id,
                        metadata=dict(metadata or {}) if image_id is None else {})

@@ -3,6 +3,7 @@ running in a background thread on a free loopback port."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from api.server import ConnectionLimits, HeadLimits, server_config
 from retrieval.store import ItemRecord, NewImage, NewText, linked_records
 
 __all__ = ["InMemoryGeneration", "ItemRecord", "ServerThread", "build_index",
-           "colour_generation", "colour_records"]
+           "colour_generation", "colour_records", "raw_socket", "read_response", "status_of"]
 
 
 class InMemoryGeneration:
@@ -150,3 +151,39 @@ def build_index(root: Path, clip, image_paths: dict[str, Path]) -> Path:
     write_generation(root, model_identity(clip), records, _encode(clip, records, resolved),
                      media_roots={path.parent for path in resolved.values()})
     return root
+
+
+# --- raw sockets: what a hostile client sends and reads, byte for byte ---
+
+
+def raw_socket(server: ServerThread) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    return sock
+
+
+def read_response(sock: socket.socket, limit_s: float = 10.0) -> bytes:
+    """Everything the server sends until it closes or stops for a moment."""
+    sock.settimeout(limit_s)
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data or not _complete(data):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except TimeoutError:
+        pass
+    return data
+
+
+def _complete(data: bytes) -> bool:
+    head, _, body = data.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":")[1])
+    return True
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])

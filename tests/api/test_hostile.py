@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import threading
 import time
 from contextlib import ExitStack
@@ -22,7 +21,17 @@ from api.app import create_app
 from api.server import HeadLimits
 from api.settings import Settings
 from retrieval.batcher import BatcherConfig
-from tests.api.helpers import ADMIN, AUTH, READ, ServerThread, build_index, keyed_service
+from tests.api.helpers import (
+    ADMIN,
+    AUTH,
+    READ,
+    ServerThread,
+    build_index,
+    keyed_service,
+    raw_socket,
+    read_response,
+    status_of,
+)
 from tests.conftest import COLOURS, make_image
 
 
@@ -36,39 +45,6 @@ def server(tiny, index_root):
     with serve(tiny, index_root) as running:
         yield running
 
-
-
-def raw_socket(server: ServerThread) -> socket.socket:
-    host, port = server.url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
-    return sock
-
-
-def read_response(sock: socket.socket, limit_s: float = 10.0) -> bytes:
-    """Everything the server sends until it closes or stops for a moment."""
-    sock.settimeout(limit_s)
-    data = b""
-    try:
-        while b"\r\n\r\n" not in data or not _complete(data):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    except TimeoutError:
-        pass
-    return data
-
-
-def _complete(data: bytes) -> bool:
-    head, _, body = data.partition(b"\r\n\r\n")
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            return len(body) >= int(line.split(b":")[1])
-    return True
-
-
-def status_of(response: bytes) -> int:
-    return int(response.split(b" ", 2)[1])
 
 
 # --- 1. stalled and trickling bodies hold no place that complete requests need ---

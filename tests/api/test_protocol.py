@@ -23,8 +23,15 @@ from api.limits import BodyTooLarge, JsonShape
 from api.server import ConnectionLimits, HeadLimits
 from api.settings import Settings
 from retrieval.batcher import BatcherConfig
-from tests.api.helpers import ADMIN, AUTH, READ, ServerThread
-from tests.api.test_hostile import raw_socket, read_response, status_of
+from tests.api.helpers import (
+    ADMIN,
+    AUTH,
+    READ,
+    ServerThread,
+    raw_socket,
+    read_response,
+    status_of,
+)
 
 LIMITS = HeadLimits(head_timeout_s=1.0)
 CONNECTIONS = ConnectionLimits(refused_drain_s=1.0)

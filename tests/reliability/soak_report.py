@@ -189,6 +189,8 @@ def _ms(value: float | None) -> str:
 def promises() -> list[str]:
     """What `clipdex serve` promises, from the defaults in the code (so it cannot go stale);
     the hostile part of `make soak` checks each against a running service."""
+    from api.limits import MAX_FORM_DELIMITERS
+    from api.connections import FD_RESERVE
     from api.server import HeadLimits
     from api.settings import (
         EMPTY_BODY_BYTES,
@@ -196,8 +198,9 @@ def promises() -> list[str]:
         VECTOR_QUERY_BODY_BYTES,
         Settings,
     )
+    from retrieval.images import DecodeLimits
 
-    s, h = Settings(), HeadLimits()
+    s, h, d = Settings(), HeadLimits(), DecodeLimits()
     mib = 2**20
     return [
         "## What the service promises", "",
@@ -208,12 +211,27 @@ def promises() -> list[str]:
         "arrive (never buffered) |",
         f"| request target (path + query) | {h.max_url_bytes // 1024} KiB | 414 |",
         f"| time to send the request head | {h.head_timeout_s:g} s | 408, connection closed |",
+        f"| chunk lines and trailers of a chunked body | {h.max_trailer_bytes // 1024} KiB, "
+        f"within {h.head_timeout_s:g} s | 431 (408), connection closed |",
+        f"| pipelined requests parsed ahead on one connection | {h.max_pipelined} | reading "
+        "pauses until they are answered, in order |",
+        f"| connections in all | the descriptor limit less {FD_RESERVE} and the reserve "
+        "(`--max-connections`) | 503, closed at once |",
+        f"| connections from one address | {s.max_connections_per_address} "
+        "(`--max-connections-per-address`; 0 behind a proxy) | 429, closed at once |",
+        f"| reserve past either cap | {s.reserved_connections} connections, one health check or "
+        "keyed request each, head within 2 s | 503 / 429 |",
+        f"| a refused request's body (after 401, 413, 503) | read and dropped for "
+        f"{s.refused_drain_s:g} s | connection closed |",
         f"| body of `/search/text` | {TEXT_QUERY_BODY_BYTES // 1024} KiB | 413 before parsing |",
         f"| body of `/search/vector` | {VECTOR_QUERY_BODY_BYTES // 1024} KiB | 413 before parsing |",
         f"| body of `/admin/reload` and of routes without a body | {EMPTY_BODY_BYTES // 1024} "
         "KiB | 413 |",
         f"| body of upload routes, `/search/multi`, `/knn-service`, admin writes | "
         f"{s.max_body_bytes // mib} MiB (`--max-body-mb`) | 413 |",
+        f"| JSON outside strings (numbers, arrays) on `/search/multi`, `/knn-service` | "
+        f"{VECTOR_QUERY_BODY_BYTES // 1024} KiB, counted while it streams | 413 |",
+        f"| multipart delimiters in one form | {MAX_FORM_DELIMITERS} | 400 before parsing |",
         f"| silence while a body arrives | {s.body_idle_s:g} s | 408 |",
         f"| whole body | {s.body_deadline_s:g} s | 408 |",
         f"| bodies being received, all together | {s.max_buffered_bytes // mib} MiB | 503 + "
@@ -221,10 +239,20 @@ def promises() -> list[str]:
         "| complete requests inside the service | 4 x `--max-batch` (32 on CPU) | 503 + "
         "Retry-After, before routing |",
         f"| pixels of one image | {s.max_image_pixels:,} | 413 |",
-        f"| bytes one decode may allocate (raster and conversions) | "
-        f"{s.max_decode_bytes // mib} MiB | 413 |",
+        f"| bytes one decode may allocate (raster, conversions, a multi-scan JPEG's full-size "
+        f"coefficients, WebP's two canvases) | {s.max_decode_bytes // mib} MiB | 413, from the "
+        "header, before decoding |",
+        f"| scans of one JPEG | {d.max_scans} | 413, counted from the markers before decoding |",
+        f"| scans x pixels of one JPEG (decode work) | {d.max_scan_pixels:,} | 413 before "
+        "decoding |",
+        f"| frames an animation may name (the first is decoded) | {d.max_frames:,} | 413 |",
         f"| images decoded at once | {s.max_concurrent_decodes} | the rest wait their turn |",
-        "| encode queue | 256 inputs or 500 ms of expected wait | 503 + Retry-After |", "",
+        f"| time to decode one request's images | {s.decode_deadline_s:g} s | 413 at the "
+        "deadline; the decode is abandoned |",
+        "| encode queue | 256 inputs or 500 ms of expected wait | 503 + Retry-After |",
+        f"| one statement on the index's metadata (filters, browse, keywords, item lookups) | "
+        f"{s.query_seconds:g} s | 503; the statement is stopped, and other requests read "
+        "through their own connections |", "",
         "What a client without a key can and cannot do to a service started with read keys:",
         "- it is answered 401 from its headers alone, before one byte of its body is read; it "
         "never holds a place among the requests in flight, and its stalled body is dropped;",
@@ -240,9 +268,16 @@ def promises() -> list[str]:
         "is an RFC 9457 problem read by the client, not a connection reset. A stalled or "
         "trickling body holds only its own connection and bytes: requests that have arrived are "
         "served around it.", "",
-        "Left to the deployment: a client with many addresses can still open many connections "
-        "(put a reverse proxy with per-address limits in front of a public service), and the "
-        "process's file-descriptor limit (`ulimit -n`) bounds how many it holds at once.",
+        "`/items/{id}/image` serves only image files under the index's media roots (the "
+        "folders it was built from, an import's `--media-root`, its uploads), links and `..` "
+        "resolved first; an imported path outside them is metadata, never opened.", "",
+        "Memory: the service caps malloc at "
+        f"{s.malloc_arenas} arenas and hands freed heap back every {s.heap_trim_s:g} s when "
+        "its resident memory grew, so it returns near its idle size after a burst.", "",
+        "Left to the deployment: a client with many addresses can fill the connection caps "
+        "(each address has its own, and any key header enters the reserve), TLS, and rate "
+        "limits over time: put a reverse proxy in front of a public service, and run "
+        "`clipdex serve` behind it with `--max-connections-per-address 0`.",
     ]
 
 
