@@ -97,7 +97,7 @@ class Readers:
             return reader
         with self._lock:
             if self._closed:
-                raise QueryTimeoutError(f"{self.path}: the generation was closed")
+                raise QueryTimeoutError(f"generation {self.path.parent.name} was closed")
             db = sqlite3.connect(self._uri, uri=True, check_same_thread=False)
             reader = _Reader(db)
             db.set_progress_handler(lambda: self._closed or time.monotonic() > reader.deadline,
@@ -108,6 +108,6 @@ class Readers:
 
     def _why(self) -> str:
         if self._closed:
-            return f"{self.path.parent.name}: the generation was closed while the query ran"
+            return f"generation {self.path.parent.name} was closed while the query ran"
         return (f"the query ran past the {self.seconds:g} s limit on the index's metadata; "
                 "narrow its filter or page less deep")
