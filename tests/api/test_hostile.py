@@ -9,6 +9,7 @@ import io
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -304,21 +305,33 @@ def test_a_declared_length_over_the_cap_is_refused_without_the_body(server):
 
 
 def test_uploading_the_same_image_twice_gives_the_same_item(tiny, images, tmp_path):
+    """Also when clients upload the same bytes at once (as many as this service admits): the
+    duplicate check runs under the store's writer lock, so they make one item and every
+    answer names it."""
     root = build_index(tmp_path / "index", tiny, images)
     admin = {"Authorization": f"Bearer {ADMIN}"}
     data = images["red"].read_bytes()
     with serve(tiny, root) as running, \
-            httpx.Client(base_url=running.url, headers=admin, timeout=30) as http:
+            httpx.Client(base_url=running.url, headers=admin, timeout=60) as http:
         first = http.post("/admin/items/image", files={"image": ("a.png", data)}).json()
         again = http.post("/admin/items/image", files={"image": ("b.png", data)}).json()
         with_captions = http.post("/admin/items/image", files={"image": ("b.png", data)},
                                   data={"captions": ["red again"]})
         item = http.get(f"/items/{first['ids'][0]}").json()
+        blue = images["blue"].read_bytes()
+        with ThreadPoolExecutor(4) as pool:  # the in-flight cap of `serve`
+            racing = list(pool.map(lambda n: http.post("/admin/items/image", files={
+                "image": (f"{n}.png", blue)}), range(4)))
+        listed = http.post("/search/browse", json={"k": 100}).json()["hits"]
     assert again["ids"] == first["ids"] and again["duplicate"] and not first["duplicate"]
     assert again["generation"] == first["generation"]
     assert with_captions.status_code == 409
     assert "/admin/items/texts" in with_captions.json()["detail"]
     assert item["modality"] == "image"
+    assert all(answer.status_code == 200 for answer in racing), [a.text for a in racing]
+    assert len({answer.json()["ids"][0] for answer in racing}) == 1
+    assert sum(not answer.json()["duplicate"] for answer in racing) == 1
+    assert len(listed) == len(images) + 2  # the colours, and the two uploads
 
 
 def test_a_head_that_never_ends_gets_408(tiny, index_root):

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from tests.reliability.image_zoo import progressive_jpeg
+from tests.reliability.image_zoo import apng_frames_bomb, progressive_jpeg, webp_canvas_bomb
 from tests.reliability.overload import (
     ServeOptions,
     build_index,
@@ -61,6 +61,7 @@ class HostileConfig:
     # then the service idles; its RSS must come back near where it started
     memory_uploads: int = 64
     memory_bodies: int = 32
+    settle_seconds: float = 5.0  # idle time for the heap keeper (a look every 2 s) to trim
     # what the service's decode limits allow at once (concurrent decodes x bytes each), plus
     # room for the preprocessed tensors and the allocator's slack
     decode_allowance_mib: float = field(default_factory=lambda: _decode_budget_mib() + 192)
@@ -253,7 +254,7 @@ async def scan_bomb_flood(port: int, pid: int, config: HostileConfig) -> dict[st
     each must be refused from its markers, text searches must keep their latency, and the
     service must be idle once the flood stops (not decoding a backlog)."""
     bomb = upload("/search/image", progressive_jpeg(2000, repeats=config.bomb_scans))
-    quiet = await legit_loop(port, 3.0)
+    quiet = await legit_loop(port, min(3.0, config.flood_seconds))
     stop, statuses = asyncio.Event(), []
 
     async def attacker() -> None:
@@ -307,8 +308,8 @@ async def memory_returns(port: int, pid: int, config: HostileConfig) -> dict[str
     photo = upload("/search/image", buffer.getvalue())
     body = request("POST", "/search/multi", json.dumps(
         {"terms": [{"vector": [0.1] * 1_000_000, "weight": 1.0}]}).encode())
-    await legit_loop(port, 2.0)
-    await asyncio.sleep(5.0)  # the heap keeper's first trims after start-up
+    await legit_loop(port, 1.0)
+    await asyncio.sleep(config.settle_seconds)  # the heap keeper's trims after what came before
     before = memory_kib(pid)["VmRSS"]
     peak: dict[str, int] = {}
     sampler = asyncio.ensure_future(sample_memory(pid, peak, 0.05))
@@ -316,7 +317,7 @@ async def memory_returns(port: int, pid: int, config: HostileConfig) -> dict[str
         *(exchange(port, photo, 120.0) for _ in range(config.memory_uploads)),
         *(exchange(port, body, 120.0) for _ in range(config.memory_bodies)))
     sampler.cancel()
-    await asyncio.sleep(6.0)  # idle: the service trims what the burst freed
+    await asyncio.sleep(config.settle_seconds + 1.0)  # idle: it trims what the burst freed
     after = memory_kib(pid)["VmRSS"]
     threads = int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text()
                        .splitlines() if line.startswith("Threads:")))
@@ -427,6 +428,19 @@ def catalogue(cursor: str, dim: int) -> dict[str, bytes]:
                              b"!!!\r\n\r\n",
         "long URL": b"GET /items/1?" + b"q" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
         "readyz": b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n",
+        "webp canvas bomb": upload("/search/image", webp_canvas_bomb()),
+        "apng frames bomb": upload("/caption", apng_frames_bomb()),
+        "400-digit filter": request("POST", "/search/text", json.dumps(
+            {**text, "filter": {"field": "label", "eq": 10**400}}).encode()),
+        "400-digit browse filter": request("POST", "/search/browse", json.dumps(
+            {"filter": {"field": "label", "gt": -10**400}}).encode()),
+        "64 KB trailer": (b"POST /search/text HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                          + READ.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          + b"2\r\n{}\r\n0\r\nX-T: " + b"t" * 65536 + b"\r\n\r\n"),
+        "1000 pipelined healthz": b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 1000,
+        "obs-fold header": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n",
+        "item image file": b"GET /items/1/image HTTP/1.1\r\nHost: x\r\nX-API-Key: "
+        + READ.encode() + b"\r\n\r\n",
     }
     return items
 
