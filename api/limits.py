@@ -137,6 +137,7 @@ class Door:
                                f"the multipart body holds more than {MAX_FORM_DELIMITERS} "
                                "boundary delimiters; a form here has a few parts")
             return
+        scope[UPLOAD_SCOPE_KEY] = _is_upload(scope, body)
         await self.app(scope, _replay(body, receive), send)
 
     def _policy(self, scope: Scope) -> RoutePolicy:
@@ -266,36 +267,58 @@ def too_large_detail(max_bytes: int) -> str:
             "smaller image (downscale or recompress it) or fewer terms")
 
 
+UPLOAD_SCOPE_KEY = "clipdex.upload"  # set by the Door: the request carries an image (or more)
+UPLOAD_MIN_BYTES = 64 * 1024  # a JSON body this large holds base64 images, not a query
+
+
+def _is_upload(scope: Scope, body: bytes) -> bool:
+    content_type = Headers(scope=scope).get("content-type", "")
+    return content_type.startswith("multipart/") or len(body) > UPLOAD_MIN_BYTES
+
+
 class InFlightLimitMiddleware:
-    """At most `max_in_flight` requests inside the app; the next one gets 503 at once."""
+    """At most `max_in_flight` requests inside the app, and of them at most half carrying
+    uploads (the Door marks those); the next one gets 503 at once.
+
+    The uploads' own cap is a bulkhead: forty clients resending scan bombs held every place
+    and the text searches beside them got 503. Each bomb is refused cheaply now, but the
+    places they held were the ones queries need; with half reserved for requests without
+    an upload, a flood of uploads slows queries but never refuses them."""
 
     def __init__(self, app: ASGIApp, max_in_flight: int, retry_after_s: int,
                  exempt: tuple[str, ...] = ("/healthz", "/readyz", "/metrics")):
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
         self.app, self.max_in_flight, self.exempt = app, max_in_flight, exempt
+        self.max_uploads = max(1, max_in_flight // 2)
         self.retry_after = str(retry_after_s)
-        self.in_flight = 0  # one event loop: a plain counter is race-free
+        self.in_flight = self.uploads = 0  # one event loop: plain counters are race-free
         self.refused = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.exempt:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.max_in_flight:
+        upload = bool(scope.get(UPLOAD_SCOPE_KEY))
+        if self.in_flight >= self.max_in_flight or (upload and self.uploads >= self.max_uploads):
             self.refused += 1
+            held, what = ((self.max_uploads, "requests with uploads") if upload and
+                          self.in_flight < self.max_in_flight else (self.max_in_flight,
+                                                                    "requests"))
             # The connection stays open: uvicorn discards any unread body, the client reads
             # its 503 (closing with unread bytes would reset the connection).
             await send_problem(send, 503, "Service busy", "service-busy",
-                               f"{self.max_in_flight} requests are already in progress; retry "
+                               f"{held} {what} are already in progress; retry "
                                f"after {self.retry_after} s",
                                extra_headers=[(b"retry-after", self.retry_after.encode())])
             return
         self.in_flight += 1
+        self.uploads += upload
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+            self.uploads -= upload
 
 
 async def send_problem(send: Send, status: int, title: str, slug: str, detail: str,

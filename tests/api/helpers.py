@@ -17,7 +17,8 @@ from api.server import ConnectionLimits, HeadLimits, server_config
 from retrieval.store import ItemRecord, NewImage, NewText, linked_records
 
 __all__ = ["InMemoryGeneration", "ItemRecord", "ServerThread", "build_index",
-           "colour_generation", "colour_records", "raw_socket", "read_response", "status_of"]
+           "colour_generation", "colour_records", "raw_socket", "read_response", "status_of",
+           "wait_for_generation"]
 
 
 class InMemoryGeneration:
@@ -151,6 +152,18 @@ def build_index(root: Path, clip, image_paths: dict[str, Path]) -> Path:
     write_generation(root, model_identity(clip), records, _encode(clip, records, resolved),
                      media_roots={path.parent for path in resolved.values()})
     return root
+
+
+def wait_for_generation(http: Any, name: str, timeout: float = 20) -> dict:
+    """/readyz once the service serves generation `name` (AssertionError after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    ready: dict = {}
+    while time.monotonic() < deadline:
+        ready = http.get("/readyz").json()
+        if ready.get("generation") == name:
+            return ready
+        time.sleep(0.1)
+    raise AssertionError(f"still serving {ready.get('generation')}, not {name}")
 
 
 # --- raw sockets: what a hostile client sends and reads, byte for byte ---

@@ -13,19 +13,9 @@ import httpx
 import numpy as np
 
 from retrieval.store import model_identity, update_generation
-from tests.api.helpers import ADMIN, AUTH, build_index, keyed_service
+from tests.api.helpers import ADMIN, AUTH, build_index, keyed_service, wait_for_generation
 
 GARBLED = ["../generations/000001", "../../../../etc", "0" * 5000]
-
-
-def wait_for_generation(http: httpx.Client, name: str, timeout: float = 20) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready = http.get("/readyz").json()
-        if ready.get("generation") == name:
-            return ready
-        time.sleep(0.1)
-    raise AssertionError(f"still serving {ready.get('generation')}, not {name}")
 
 
 def point(root: Path, text: str) -> None:

@@ -1,6 +1,7 @@
 """Decode-time bombs against a real service on loopback: a flood of scan bombs is refused
-with 413 while text searches go on being answered, a multi-query of sixteen bombs costs no
-decode, and a request whose images outlast the decode deadline is answered at it."""
+with 413 (503 once uploads hold their half of the places) while text searches go on being
+answered, a multi-query of sixteen bombs costs no decode, and a request whose images
+outlast the decode deadline is answered at it."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def bomb() -> bytes:
 
 @pytest.fixture(scope="module")
 def server(tiny, index_root):
-    with keyed_service(tiny, index_root, max_in_flight=16) as running:
+    # four places, eight attackers: uploads may hold two, so text searches are never refused
+    with keyed_service(tiny, index_root, max_in_flight=4) as running:
         yield running
 
 
@@ -55,7 +57,7 @@ def test_a_flood_of_scan_bombs_is_refused_and_text_search_goes_on(server, bomb):
         for thread in threads:
             thread.join()
     assert texts and all(t.status_code == 200 for t in texts), [t.text for t in texts[:3]]
-    assert answers and set(answers) == {413}, set(answers)
+    assert 413 in answers and set(answers) <= {413, 503}, set(answers)
 
 
 def test_a_multi_query_of_sixteen_bombs_is_refused_at_once(server, bomb):

@@ -15,18 +15,8 @@ from api.app import create_app
 from api.settings import Settings
 from retrieval.encode import encode_images
 from retrieval.store import ItemRecord, model_identity, update_generation
-from tests.api.helpers import ServerThread, build_index
+from tests.api.helpers import ServerThread, build_index, wait_for_generation
 from tests.conftest import COLOURS, make_image
-
-
-def wait_for_generation(http: httpx.Client, name: str, timeout: float = 20) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready = http.get("/readyz").json()
-        if ready.get("generation") == name:
-            return ready
-        time.sleep(0.1)
-    raise AssertionError(f"still serving {ready.get('generation')}, not {name}")
 
 
 def _damaged_generation(root: Path, staging: Path, tiny) -> str:

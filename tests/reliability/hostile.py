@@ -249,50 +249,69 @@ async def decode_bombs(port: int, pid: int, config: HostileConfig) -> dict[str, 
     return {"figures": figures, "checks": checks}
 
 
-async def scan_bomb_flood(port: int, pid: int, config: HostileConfig) -> dict[str, Any]:
-    """Clients resend a JPEG of thousands of scans (~14 ms of decode each over 2000x2000):
-    each must be refused from its markers, text searches must keep their latency, and the
-    service must be idle once the flood stops (not decoding a backlog)."""
-    bomb = upload("/search/image", progressive_jpeg(2000, repeats=config.bomb_scans))
-    quiet = await legit_loop(port, min(3.0, config.flood_seconds))
+async def flood(port: int, pid: int, payload: bytes, clients: int,
+                seconds: float) -> dict[str, Any]:
+    """`clients` resending `payload` as fast as they are answered while a keyed client
+    searches by text: the flood's statuses, the service's CPU per request, the text loop."""
     stop, statuses = asyncio.Event(), []
 
     async def attacker() -> None:
         while not stop.is_set():
-            status, _, _ = await exchange(port, bomb, 60.0)
+            status, _, _ = await exchange(port, payload, 60.0)
             statuses.append(status)
 
     cpu = cpu_seconds(pid)
-    attackers = [asyncio.ensure_future(attacker()) for _ in range(config.bomb_clients)]
-    legit = await legit_loop(port, config.flood_seconds)
+    attackers = [asyncio.ensure_future(attacker()) for _ in range(clients)]
+    legit = await legit_loop(port, seconds)
     stop.set()
     await asyncio.gather(*attackers)
-    flood_cpu = cpu_seconds(pid) - cpu
+    return {"sent": len(statuses), "statuses": sorted(set(statuses)), "legit": legit,
+            "cpu_ms_each": round(1000 * (cpu_seconds(pid) - cpu) / max(len(statuses), 1), 2)}
+
+
+async def scan_bomb_flood(port: int, pid: int, config: HostileConfig) -> dict[str, Any]:
+    """Clients resend a JPEG of thousands of scans (~10 s of decode each over 2000x2000):
+    each must be refused from its markers, so that the flood costs text searches no more
+    than a flood of as many uploads of the same size that are not images (refused 422 by the
+    same path), and the service is idle once it stops (not decoding a backlog).
+
+    The comparison, not a fixed bound, is the check: forty closed-loop clients on 2 cores
+    saturate any HTTP stack whatever they send, and what a flood of cheap requests does to
+    a query's latency is the reverse proxy's to bound (rate limits per client)."""
+    data = progressive_jpeg(2000, repeats=config.bomb_scans)
+    bomb, junk = upload("/search/image", data), upload("/search/image", bytes(len(data)))
+    quiet = await legit_loop(port, min(3.0, config.flood_seconds))
+    half = config.flood_seconds / 2
+    reference = await flood(port, pid, junk, config.bomb_clients, half)
+    bombs = await flood(port, pid, bomb, config.bomb_clients, half)
     await asyncio.sleep(1.0)
     after = cpu_seconds(pid)
     await asyncio.sleep(2.0)
     idle_cpu = cpu_seconds(pid) - after
-    multi = json.dumps({"terms": [{"image_base64": base64.b64encode(
-        progressive_jpeg(2000, repeats=config.bomb_scans)).decode(), "weight": 1.0}] * 16})
+    multi = json.dumps({"terms": [{"image_base64": base64.b64encode(data).decode(),
+                                   "weight": 1.0}] * 16})
     cpu = cpu_seconds(pid)
     multi_status, _, multi_s = await exchange(port, request("POST", "/search/multi",
                                                             multi.encode()), 60.0)
     multi_cpu = cpu_seconds(pid) - cpu
-    # the bombs cost what any 50 KB upload costs to receive and refuse (~3 ms of CPU each at
-    # a few hundred a second on 2 cores), so text searches share the CPU with the flood
-    bound = max(10 * quiet["p99_ms"], 250.0)
-    figures = {"clients": config.bomb_clients, "seconds": config.flood_seconds,
-               "upload_kb": round(len(bomb) / 1024, 1), "bombs_sent": len(statuses),
-               "statuses": sorted(set(statuses)), "text_p99_quiet_ms": quiet["p99_ms"],
-               "text_p99_flood_ms": legit["p99_ms"], "text_non_200": legit["non_200"],
-               "service_cpu_ms_per_bomb": round(1000 * flood_cpu / max(len(statuses), 1), 2),
+    bound = max(2 * reference["legit"]["p99_ms"], 5 * quiet["p99_ms"])
+    figures = {"clients": config.bomb_clients, "seconds_each": half,
+               "upload_kb": round(len(bomb) / 1024, 1), "bombs_sent": bombs["sent"],
+               "statuses": bombs["statuses"], "service_cpu_ms_per_bomb": bombs["cpu_ms_each"],
+               "service_cpu_ms_per_junk_upload": reference["cpu_ms_each"],
+               "text_p99_quiet_ms": quiet["p99_ms"],
+               "text_p99_junk_flood_ms": reference["legit"]["p99_ms"],
+               "text_p99_bomb_flood_ms": bombs["legit"]["p99_ms"],
+               "text_non_200": bombs["legit"]["non_200"] + reference["legit"]["non_200"],
                "service_cpu_s_idle_after": round(idle_cpu, 2),
                "multi_16_bombs": {"status": multi_status, "ms": _ms(multi_s),
                                   "service_cpu_s": round(multi_cpu, 2)}}
-    checks = {"every bomb refused (413, or 503 when the service is full)":
-              413 in figures["statuses"] and set(figures["statuses"]) <= {413, 503},
-              "every text search answered 200": legit["non_200"] == 0,
-              f"text p99 within 10x quiet (or 250 ms): {bound:.0f} ms": legit["p99_ms"] <= bound,
+    checks = {"every bomb refused (413, or 503 when uploads are full)":
+              413 in bombs["statuses"] and set(bombs["statuses"]) <= {413, 503},
+              "every text search answered 200 (uploads hold half the places at most)":
+              figures["text_non_200"] == 0,
+              f"text p99 in the bomb flood within 2x the junk flood's: {bound:.0f} ms":
+              figures["text_p99_bomb_flood_ms"] <= bound,
               "idle once the flood stops (< 0.5 s CPU in 2 s)": idle_cpu < 0.5,
               "16 bombs in one multi-query: 413, < 1 s of CPU": multi_status == 413
               and multi_cpu < 1.0}

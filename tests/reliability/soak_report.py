@@ -236,8 +236,9 @@ def promises() -> list[str]:
         f"| whole body | {s.body_deadline_s:g} s | 408 |",
         f"| bodies being received, all together | {s.max_buffered_bytes // mib} MiB | 503 + "
         "Retry-After |",
-        "| complete requests inside the service | 4 x `--max-batch` (32 on CPU) | 503 + "
-        "Retry-After, before routing |",
+        "| complete requests inside the service | 4 x `--max-batch` (32 on CPU), at most half "
+        "of them carrying uploads (multipart, or JSON over 64 KiB) | 503 + Retry-After, "
+        "before routing |",
         f"| pixels of one image | {s.max_image_pixels:,} | 413 |",
         f"| bytes one decode may allocate (raster, conversions, a multi-scan JPEG's full-size "
         f"coefficients, WebP's two canvases) | {s.max_decode_bytes // mib} MiB | 413, from the "
