@@ -47,14 +47,7 @@ def create_app(settings: Settings, clip: ClipModel | None = None,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = ServiceState(settings, metrics)
         app.state.service = state
-        cap_arenas(settings.malloc_arenas)  # before the request threads allocate
-        await state.start(clip, generation)
-        # What start-up made (the model, half a million objects with the default one) lives
-        # as long as the process: out of the collector's generations, a full collection no
-        # longer walks it (269 ms each time, during which every request waited).
-        gc.collect()
-        gc.freeze()
-        tasks = _background(state)
+        tasks = await _start(state, clip, generation)
         try:
             yield
         finally:
@@ -112,9 +105,18 @@ def _searching_needs_no_key(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _background(state: ServiceState) -> list[asyncio.Task]:
-    """The lifespan's own tasks: following CURRENT, and keeping the heap."""
+async def _start(state: ServiceState, clip: ClipModel | None,
+                 generation: GenerationLike | None) -> list[asyncio.Task]:
+    """Load what the service serves, then start the lifespan's own tasks: following
+    CURRENT, and keeping the heap."""
     settings = state.settings
+    cap_arenas(settings.malloc_arenas)  # before the request threads allocate
+    await state.start(clip, generation)
+    # What start-up made (the model, half a million objects with the default one) lives as
+    # long as the process: out of the collector's generations, a full collection no longer
+    # walks it (269 ms each time, during which every request waited).
+    gc.collect()
+    gc.freeze()
     tasks = [asyncio.create_task(_watch(state))] if settings.watch_seconds > 0 else []
     if settings.heap_trim_s > 0:
         tasks.append(asyncio.create_task(_keep_heap(settings.heap_trim_s)))
