@@ -34,6 +34,7 @@ SUITES = {
     "disk full": "tests/reliability/test_disk_full.py",
     "bad input": "tests/reliability/test_bad_input.py",
     "stateful store": "tests/reliability/test_store_stateful.py",
+    "browse at 200,000 items": "tests/retrieval/test_browse_order.py",
 }
 PYTHON = ".venv/bin/python"
 
@@ -61,11 +62,13 @@ def run_crash_loop_ray(args: argparse.Namespace, workdir: Path) -> dict[str, Any
 
 
 def run_suites(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """The `make test` suites once more, with `--examples` Hypothesis examples."""
+    """The `make test` suites once more, with `--examples` Hypothesis examples (and the
+    ordered browse at 200,000 items)."""
     results = {}
     for name, path in SUITES.items():
         junit = workdir / f"{Path(path).stem}.xml"
-        env = {**os.environ, "CLIPDEX_SOAK_EXAMPLES": str(args.examples)}
+        env = {**os.environ, "CLIPDEX_SOAK_EXAMPLES": str(args.examples),
+               "CLIPDEX_SOAK_BROWSE_ITEMS": "200000"}
         began = time.perf_counter()
         subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path,
                         f"--junitxml={junit}"], cwd=ROOT, env=env, check=False)

@@ -25,7 +25,8 @@ def write_report(results: dict[str, Any], docs: Path) -> None:
              "| suite | verdict | checks |", "|---|---|---|"]
     for part, title in (("crash_loop", "Crash loop"),
                         ("crash_loop_ray", "Crash loop, Ray builds"),
-                        ("suites", "Corruption, disk full, bad input, stateful store"),
+                        ("suites", "Corruption, disk full, bad input, stateful store, "
+                                   "browse at 200k"),
                         ("schemathesis", "Schemathesis"),
                         ("overload", "Overload"), ("hostile", "Hostile clients")):
         if part in results:
@@ -99,9 +100,11 @@ def _crash_loop(result: dict[str, Any], docs: Path, title: str = "Crash loop",
 
 
 def _suites(result: dict[str, Any], docs: Path) -> list[str]:
-    lines = _header("Corruption, disk full, bad input, stateful store", result) + [
+    lines = _header("Corruption, disk full, bad input, stateful store, browse at 200k",
+                    result) + [
         f"The `make test` suites again, with {result['examples']} Hypothesis examples for the "
-        "stateful store test. Disk full includes a real 3 MiB tmpfs filled to several levels "
+        "stateful store test, and the ordered browse on a 200,000-image generation (20,000 in "
+        "`make test`). Disk full includes a real 3 MiB tmpfs filled to several levels "
         "(skipped where mounting is not allowed).", "",
         "| suite | tests | failures | errors | skipped | seconds |", "|---|---|---|---|---|---|"]
     for name, suite in result["suites"].items():

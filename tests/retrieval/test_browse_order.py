@@ -1,4 +1,5 @@
-"""Browsing by a field on a real 200,000-image generation: every ordering (numbers, strings,
+"""Browsing by a field on a real generation (20,000 images in `make test`, 200,000 in
+`make soak`, through CLIPDEX_SOAK_BROWSE_ITEMS): every ordering (numbers, strings,
 list-valued fields, ties, both directions, images and texts, with filters and deletions)
 equals an exact Python sort of the items' metadata, at any offset and through cursors; and a
 statement that never ends holds up no other search, stops at the time limit, and stops at
@@ -6,6 +7,7 @@ once when its generation is closed."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +32,8 @@ from retrieval.store import (
 )
 from retrieval.store.readers import QUERY_SECONDS
 
-DIM, IMAGES, CAPTIONED, FREE = 4, 200_000, 1_000, 500
+DIM, CAPTIONED, FREE = 4, 1_000, 500
+IMAGES = int(os.environ.get("CLIPDEX_SOAK_BROWSE_ITEMS", "20000"))
 MODEL = ModelIdentity(sha256="b0" * 32, arch="synthetic", embed_dim=DIM)
 # Code-point order, not a collation: upper case before lower, accented letters last.
 WORDS = ["Zed", "apple", "b07", "b7", "zed", "éclair", "ß", "b07x"]
@@ -65,7 +68,7 @@ def unit(rows: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, dict[int, ItemRecord]]:
-    """A 200,000-image generation, captions of the first CAPTIONED images (two each) and free
+    """An IMAGES-image generation, captions of the first CAPTIONED images (two each) and free
     texts with their own metadata, written by the store's writer, then some images deleted."""
     rng = np.random.default_rng(7)
     records = [ItemRecord(i, "image", metadata=metadata)
