@@ -109,9 +109,10 @@ class Door:
             return
         policy = self._policy(scope)
         declared = _content_length(scope)
+        headers = Headers(scope=scope)
         try:
             if policy.need is not None:
-                self.check(policy.need, Headers(scope=scope))
+                self.check(policy.need, headers)
             if declared is not None and declared > policy.max_body:
                 raise BodyTooLarge
             body = await self._read_body(receive, declared, policy)
@@ -132,12 +133,12 @@ class Door:
                                f"{self.config.body_idle_s:g} s, or not all of it in "
                                f"{self.config.body_deadline_s:g} s)", close=True)
             return
-        if _too_many_parts(Headers(scope=scope), body):
+        if _too_many_parts(headers, body):
             await send_problem(send, 400, "Malformed form", "malformed-form",
                                f"the multipart body holds more than {MAX_FORM_DELIMITERS} "
                                "boundary delimiters; a form here has a few parts")
             return
-        scope[UPLOAD_SCOPE_KEY] = _is_upload(scope, body)
+        scope[UPLOAD_SCOPE_KEY] = _is_upload(headers, body)
         await self.app(scope, _replay(body, receive), send)
 
     def _policy(self, scope: Scope) -> RoutePolicy:
@@ -271,8 +272,8 @@ UPLOAD_SCOPE_KEY = "clipdex.upload"  # set by the Door: the request carries an i
 UPLOAD_MIN_BYTES = 64 * 1024  # a JSON body this large holds base64 images, not a query
 
 
-def _is_upload(scope: Scope, body: bytes) -> bool:
-    content_type = Headers(scope=scope).get("content-type", "")
+def _is_upload(headers: Headers, body: bytes) -> bool:
+    content_type = headers.get("content-type", "")
     return content_type.startswith("multipart/") or len(body) > UPLOAD_MIN_BYTES
 
 

@@ -135,4 +135,7 @@ def coefficient_bytes(width: int, height: int, sampling: list[tuple[int, int]]) 
     return total
 
 
-WEBP_CANVASES = 2  # libwebp's animation decoder: the current frame and the disposed previous
+def webp_canvas_bytes(width: int, height: int) -> int:
+    """What libwebp's animation decoder allocates when Pillow opens a WebP: two RGBA canvases
+    (the current frame and the disposed previous one)."""
+    return width * height * 4 * 2

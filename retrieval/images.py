@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from retrieval.errors import BadImageError, ImageTooLargeError, UnsupportedImageError
 from retrieval.fieldtypes import parse_datetime
 from retrieval.heap import release_freed_memory
-from retrieval.imagecost import WEBP_CANVASES, Structure, coefficient_bytes, inspect
+from retrieval.imagecost import Structure, coefficient_bytes, inspect, webp_canvas_bytes
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: decoding alone needs none
     import torch
@@ -246,12 +246,10 @@ def _structure(source: str | Path | bytes, limits: DecodeLimits, name: str) -> S
                                  f"{limits.max_frames:,}; send a still image")
     if structure.webp_size is not None:
         width, height = structure.webp_size
-        canvases = width * height * 4 * WEBP_CANVASES
-        if width * height > limits.max_pixels or \
-                canvases + decode_cost("RGBA", width, height) > limits.max_bytes:
+        cost = webp_canvas_bytes(width, height) + decode_cost("RGBA", width, height)
+        if width * height > limits.max_pixels or cost > limits.max_bytes:
             raise ImageTooLargeError(
-                f"{name}: a {width}x{height} WebP needs about "
-                f"{(canvases + decode_cost('RGBA', width, height)) / 2**20:,.0f} MiB to "
+                f"{name}: a {width}x{height} WebP needs about {cost / 2**20:,.0f} MiB to "
                 f"decode, over the {limits.max_bytes / 2**20:,.0f} MiB cap; downscale it")
     return structure
 
@@ -272,7 +270,7 @@ def _check_work(image: Image.Image, structure: Structure, limits: DecodeLimits,
         sampling = [(h, v) for _, h, v, _ in getattr(image, "layer", [])]
         return coefficient_bytes(width, height, sampling)
     if structure.webp_size is not None:
-        return width * height * 4 * WEBP_CANVASES
+        return webp_canvas_bytes(width, height)
     return 0
 
 
