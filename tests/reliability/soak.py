@@ -194,8 +194,10 @@ def _overload_verdicts(result: dict[str, Any]) -> dict[str, bool]:
                                   for s in result["other_statuses"]),
         "refusals fast (p99 < 100 ms)": (result["rejected"]["count"] == 0
                                         or (result["rejected"]["p99_ms"] or 0) < 100),
-        "admitted p99 within 2x baseline p99": (admitted["p99_ms"] or 0)
-        <= 2 * (baseline["p99_ms"] or 0),
+        # the encode queue admits what it expects to start within max_queue_wait_ms: an
+        # admitted request waits that long at most, on top of what it costs at capacity
+        "admitted p99 within baseline p99 + the queue-wait budget": (admitted["p99_ms"] or 0)
+        <= (baseline["p99_ms"] or 0) + result["service"]["max_queue_wait_ms"],
         "memory under bound": result["rss_peak_mib"] <= result["rss_bound_mib"],
     }
 
