@@ -31,7 +31,7 @@ browser:
 
 # The demo photographs install with scikit-image; the indexer copies them into data/demo.
 # A new default model makes the old demo index refuse its queries: rebuild it then.
-$(DEMO_INDEX)/CURRENT: retrieval/bundled/clipdex-default.safetensors | $(STAMP)
+$(DEMO_INDEX)/CURRENT: retrieval/models/bundled/clipdex-default.safetensors | $(STAMP)
 	rm -rf $(DEMO_INDEX)
 	$(CLIPDEX) index build data/demo --out $(DEMO_INDEX)
 

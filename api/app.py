@@ -32,8 +32,8 @@ from api.settings import Settings
 from api.state import ServiceState
 from retrieval.errors import ClipdexError
 from retrieval.heap import cap_arenas, release_freed_memory, resident_bytes
-from retrieval.model import ClipModel
-from retrieval.search import GenerationLike
+from retrieval.models.clip import ClipModel
+from retrieval.search.searcher import GenerationLike
 
 STATIC_DIR = Path(__file__).parent / "static"
 log = logging.getLogger("api")

@@ -23,7 +23,7 @@ from api.errors import Problem
 from api.limits import BODY_LIMIT_KEY, NO_BODY_LIMIT, RoutePolicy
 from api.settings import Settings
 from api.state import ServiceState
-from retrieval.search import Searcher
+from retrieval.search.searcher import Searcher
 
 AUTH_HEADERS = {"WWW-Authenticate": 'Bearer realm="clipdex"'}
 

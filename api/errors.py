@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.schemas import ProblemBody
 from retrieval import errors as core_errors
-from retrieval.batcher import QueueFullError
+from retrieval.search.batcher import QueueFullError
 
 PROBLEM_TYPE = "https://clipdex.dev/problems/"  # + slug; documentation anchors, not fetched
 log = logging.getLogger("api")

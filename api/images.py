@@ -1,5 +1,5 @@
 """What the service accepts as an image upload (and the JSON fields of an upload's form);
-decoding itself is the core's one decoder (`retrieval.images.load_image`), shared with the
+decoding itself is the core's one decoder (`retrieval.inputs.images.load_image`), shared with the
 indexer."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 from api.errors import Problem
 from retrieval.errors import BadImageError
-from retrieval.images import DecodeLimits
+from retrieval.inputs.images import DecodeLimits
 
 # GIF and animations: the first frame; MPO (phones' and cameras' multi-picture JPEG): the
 # primary image

@@ -6,7 +6,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from api.schemas import SearchHit, SearchResponse
-from retrieval.search import Hit, Result
+from retrieval.search.searcher import Hit, Result
 
 
 def search_response(result: Result, public_url: str) -> SearchResponse:

@@ -23,8 +23,8 @@ from api.schemas import MAX_ITEM_ID, AddTextsRequest, ReloadResponse, WriteRespo
 from api.settings import EMPTY_BODY_BYTES, MAX_TEXT_CHARS
 from api.state import ServiceState
 from retrieval.errors import DuplicateItemError
-from retrieval.fieldtypes import check_metadata
-from retrieval.images import image_format
+from retrieval.fields.values import check_metadata
+from retrieval.inputs.images import image_format
 from retrieval.store import (
     ItemRecord,
     append_items,

@@ -19,7 +19,7 @@ from api.limits import structure_limit
 from api.responses import hit_body
 from api.schemas import INTEGRAL
 from api.settings import MAX_K, MAX_TEXT_CHARS, VECTOR_QUERY_BODY_BYTES
-from retrieval.query import Query, Term
+from retrieval.search.query import Query, Term
 
 router = APIRouter(tags=["clip-retrieval compatibility"], dependencies=[ReadAccess],
                    responses=problem_responses(400, 401, 503), strict_content_type=False)

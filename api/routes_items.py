@@ -12,7 +12,7 @@ from api.deps import Leased, ReadAccess, State
 from api.errors import problem_responses
 from api.responses import hit_body
 from api.schemas import MAX_ITEM_ID, ItemResponse
-from retrieval.search import Hit
+from retrieval.search.searcher import Hit
 
 router = APIRouter(prefix="/items", tags=["items"], dependencies=[ReadAccess],
                    responses=problem_responses(401, 404, 422, 503))

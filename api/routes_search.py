@@ -33,8 +33,8 @@ from api.schemas import (
     not_blank,
 )
 from api.settings import MAX_K, MAX_LABELS, TEXT_QUERY_BODY_BYTES, VECTOR_QUERY_BODY_BYTES
-from retrieval.query import ZERO_SHOT_TEMPLATE, Listing, Query, Term
-from retrieval.search import Hit
+from retrieval.search.query import ZERO_SHOT_TEMPLATE, Listing, Query, Term
+from retrieval.search.searcher import Hit
 
 # Every search can meet these; routes add what their inputs make possible (cursors and
 # texts or images against an index of external embeddings: 409, uploads: 415, item ids: 404).

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from retrieval.batcher import BatcherConfig
+from retrieval.search.batcher import BatcherConfig
 
 MAX_K = 1000
 MAX_TEXT_CHARS = 1000
@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     max_decode_bytes: int = 384 * 1024 * 1024
     max_concurrent_decodes: int = 2  # uploads decoded at once (each up to max_decode_bytes)
     # A request's images must be decoded within this; past it the request gets 413 and the
-    # decode is abandoned (it keeps its slot until it ends; `retrieval.imagecost` bounds it)
+    # decode is abandoned (it keeps its slot until it ends; `retrieval.inputs.imagecost` bounds it)
     decode_deadline_s: float = 2.0
     # The heap (`retrieval.heap`): malloc arenas the request threads share, and how often
     # freed memory is handed back when resident memory grew (0: never)

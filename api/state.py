@@ -21,22 +21,15 @@ from api.errors import EXTERNAL_MODEL_HINT, redact_paths
 from api.images import upload_limits
 from api.metrics import Metrics
 from api.settings import Settings
-from retrieval.batcher import MicroBatcher
-from retrieval.encode import encode_image_batch, encode_texts
-from retrieval.encoders import BatchedEncoder, Encoder, UnavailableEncoder
 from retrieval.errors import ClipdexError, ExternalModelError
-from retrieval.images import draft_side_of
-from retrieval.model import ClipModel
-from retrieval.search import GenerationLike, Searcher
-from retrieval.store import (
-    ModelIdentity,
-    external_model,
-    external_note,
-    model_identity,
-    open_generation,
-    read_current,
-    read_generation_manifest,
-)
+from retrieval.inputs.images import draft_side_of
+from retrieval.models.clip import ClipModel
+from retrieval.models.identity import ModelIdentity, external_note, model_identity
+from retrieval.models.inference import encode_image_batch, encode_texts
+from retrieval.search.batcher import MicroBatcher
+from retrieval.search.query_encoders import BatchedEncoder, Encoder, UnavailableEncoder
+from retrieval.search.searcher import GenerationLike, Searcher
+from retrieval.store import external_model, open_generation, read_current, read_generation_manifest
 
 log = logging.getLogger("api")
 Result = TypeVar("Result")
@@ -164,7 +157,7 @@ class ServiceState:
 
     async def _load_model(self, clip: ClipModel | None) -> None:
         if clip is None:
-            from retrieval.model import load_model
+            from retrieval.models.loading import load_model
 
             clip = await asyncio.to_thread(load_model, self.settings.model,
                                            self.settings.device, self.settings.backend)

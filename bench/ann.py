@@ -16,7 +16,8 @@ import time
 import faiss
 import numpy as np
 
-from retrieval import ann, rowscan, tuning
+from retrieval.ann import engines as ann
+from retrieval.ann import rowscan, tuning
 
 
 def gap_data(count: int, queries: int, dim: int, latent: int = 32,

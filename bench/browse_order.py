@@ -22,15 +22,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script or from run_all
 
-from retrieval.query import Listing, Query
-from retrieval.search import Searcher
-from retrieval.store import (
-    ItemRecord,
-    ModelIdentity,
-    StoreOptions,
-    open_generation,
-    write_generation,
-)
+from retrieval.models.identity import ModelIdentity
+from retrieval.search.query import Listing, Query
+from retrieval.search.searcher import Searcher
+from retrieval.store import ItemRecord, StoreOptions, open_generation, write_generation
 
 DIM = 8
 MODEL = ModelIdentity(sha256="a1" * 32, arch="synthetic", embed_dim=DIM)

@@ -23,10 +23,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval.demo import demo_corpus
-from retrieval.encode import encode_image_batch
-from retrieval.images import DecodeLimits, draft_side_of, load_image
-from retrieval.model import load_model
+from retrieval.inputs.demo import demo_corpus
+from retrieval.inputs.images import DecodeLimits, draft_side_of, load_image
+from retrieval.models.inference import encode_image_batch
+from retrieval.models.loading import load_model
 
 
 def large_jpegs(side: int) -> list[bytes]:

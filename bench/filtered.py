@@ -28,15 +28,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script or from run_all
 
 from bench.ann import gap_data
-from retrieval.query import Query
-from retrieval.search import Searcher
-from retrieval.store import (
-    ItemRecord,
-    ModelIdentity,
-    StoreOptions,
-    open_generation,
-    write_generation,
-)
+from retrieval.models.identity import ModelIdentity
+from retrieval.search.query import Query
+from retrieval.search.searcher import Searcher
+from retrieval.store import ItemRecord, StoreOptions, open_generation, write_generation
 
 SELECTIVITIES = (0.5, 0.05, 0.005, 0.0001)
 K = 10

@@ -17,13 +17,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from retrieval.store import (
-    ItemRecord,
-    ModelIdentity,
-    StoreOptions,
-    open_generation,
-    write_generation,
-)
+from retrieval.models.identity import ModelIdentity
+from retrieval.store import ItemRecord, StoreOptions, open_generation, write_generation
 from retrieval.store.filtered import _indexed, exact_within
 
 MATCHES = (500, 2_000, 5_000, 10_000, 20_000, 50_000)

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from indexer.build import BuildConfig, build
-from retrieval.demo import DEMO_DIR, ensure_demo_corpus
-from retrieval.encode import encode_image_batch
-from retrieval.model import load_model
-from retrieval.pipeline import iter_image_batches
+from retrieval.inputs.demo import DEMO_DIR, ensure_demo_corpus
+from retrieval.models.files import iter_image_batches
+from retrieval.models.inference import encode_image_batch
+from retrieval.models.loading import load_model
 
 
 def main() -> None:

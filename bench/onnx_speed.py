@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval import onnx_backend
-from retrieval.encode import encode_image_batch, encode_texts
-from retrieval.model import load_model
+from retrieval.models import onnx as onnx_backend
+from retrieval.models.inference import encode_image_batch, encode_texts
+from retrieval.models.loading import load_model
 
 QUERIES = ["a dog", "red car", "a cat on a sofa", "two people hiking", "sunset over the sea",
            "a child with a ball", "city street at night", "coffee",

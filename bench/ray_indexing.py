@@ -30,8 +30,8 @@ from pathlib import Path
 
 from indexer.build import BuildConfig, build
 from indexer.ray_build import ModelSpec, RayConfig, build_on_ray
-from retrieval.demo import DEMO_DIR, ensure_demo_corpus
-from retrieval.model import load_model
+from retrieval.inputs.demo import DEMO_DIR, ensure_demo_corpus
+from retrieval.models.loading import load_model
 
 
 def make_corpus(folder: Path, repeat: int) -> int:

@@ -15,9 +15,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from retrieval.ann import parse_memory
+from retrieval.ann.engines import parse_memory
+from retrieval.ann.tuning import TARGET_RECALL
 from retrieval.store.filtered import REDUCED_SCAN
-from retrieval.tuning import TARGET_RECALL
 
 RUN = ".venv/bin/python bench/run_all.py --parts"
 
@@ -242,7 +242,7 @@ def _disk(d: dict, out: Path, section: str = "4c") -> list[str]:
             "The import stages the vectors in the index's work folder a chunk at a time and "
             "writes the item rows a metadata batch at a time; every pass over the vectors "
             "(training sample, list filling, tuning's exact search, the generation's copy) "
-            "reads a chunk and hands its pages back (`retrieval/rowscan.py`), so the build's "
+            "reads a chunk and hands its pages back (`retrieval/ann/rowscan.py`), so the build's "
             "memory does not grow with the corpus. A served query re-ranks its candidates "
             "with the stored float32 vectors, read from the memory-mapped file: their pages "
             "are asked for together (`rowscan.prefetch`), not faulted in one at a time with "
@@ -536,7 +536,7 @@ def _ann(a: dict, out: Path, tag: str = "") -> list[str]:
     return [title, "",
             f"{a['count']:,} × {a['dim']} synthetic unit vectors with a modality gap "
             f"(`bench/ann.py`'s `gap_data`); {a['queries']} caption queries search the image "
-            f"index. `retrieval.ann.choose_index` under a {a['max_memory']} budget picked "
+            f"index. `retrieval.ann.engines.choose_index` under a {a['max_memory']} budget picked "
             f"`{a['factory']}`; build {a['build_s']} s; the tuner picked "
             f"{a['param']}={a['value']}"
             + (f" and re-rank ×{a['rerank']}" if a.get("rerank", 1) > 1 else "")
@@ -556,7 +556,7 @@ def _ann(a: dict, out: Path, tag: str = "") -> list[str]:
             "a request carries one query, where exact search must stream every vector.", "",
             f"Bytes per vector: measured (serialised index ÷ count) "
             f"**{a['bytes_per_vector_measured']}**, formula "
-            f"**{a['bytes_per_vector_formula']}** from `retrieval.ann.hnsw_bytes`: "
+            f"**{a['bytes_per_vector_formula']}** from `retrieval.ann.engines.hnsw_bytes`: "
             f"4·d (vectors) + 8 (id map) + 2·M·4·(1 + 1/M) (level-0 links, plus ~1/M for "
             f"upper levels) + 8 (level bookkeeping), with d = {a['dim']}, M = {m}.", "",
             f"![ann](bench_ann{tag}.png)", "",
@@ -655,7 +655,7 @@ def _scaling(sc: dict, out: Path, tag: str = "") -> list[str]:
     ax.legend()
     _save(fig, out / f"bench_scaling{tag}.png")
     return [f"## 6. Scaling{' to 1,000,000 items' if tag else ''}", "",
-            "Random unit vectors (d = 512) through `retrieval.ann.choose_index` + "
+            "Random unit vectors (d = 512) through `retrieval.ann.engines.choose_index` + "
             "`build_index`, each size in a fresh process so VmHWM (peak RSS) is that build's alone.",
             "", _table(["items", "index", "build s", "peak RSS MiB", "RSS before build MiB",
                         "index estimate MiB"], rows), "",

@@ -76,8 +76,9 @@ def count_flops(fn) -> int:
 # --- 1. encoder vs the hardware ------------------------------------------------------------
 
 def encoder_part(args: argparse.Namespace) -> dict:
-    from retrieval.encode import encode_image_batch, encode_texts, text_forward, trim_padding
-    from retrieval.model import load_model
+    from retrieval.models.inference import encode_image_batch, encode_texts, text_forward
+    from retrieval.models.loading import load_model
+    from retrieval.models.text import trim_padding
 
     peak = matmul_gflops()
     out = {"matmul_gflops": round(peak, 1), "models": {}}
@@ -160,7 +161,7 @@ def decode_part(args: argparse.Namespace) -> dict:
 def text_trim_part(args: argparse.Namespace) -> dict:
     from text_trim import SHORT_QUERIES, texts_per_second
 
-    from retrieval.model import load_model
+    from retrieval.models.loading import load_model
 
     clip = load_model("default", "cpu")
     texts = [SHORT_QUERIES[i % len(SHORT_QUERIES)] for i in range(args.text_n)]
@@ -177,7 +178,8 @@ def ann_part(args: argparse.Namespace) -> dict:
     import faiss
     from ann import gap_data
 
-    from retrieval import ann, tuning
+    from retrieval.ann import engines as ann
+    from retrieval.ann import tuning
 
     dim = 512
     images, captions = gap_data(args.ann_count, args.ann_queries, dim)
@@ -271,8 +273,8 @@ def _run_script(command: list[str]) -> dict:
 def service_part(args: argparse.Namespace) -> dict:
     import service
 
-    from retrieval.encode import encode_texts
-    from retrieval.model import load_model
+    from retrieval.models.inference import encode_texts
+    from retrieval.models.loading import load_model
 
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     out = {"model": "default", "items": args.service_items, "seconds": args.service_seconds,
@@ -327,8 +329,7 @@ def scaling_part(args: argparse.Namespace) -> dict:
 
 
 def scale_child(count: int, kind: str | None, max_memory: str) -> None:
-    from retrieval import ann
-
+    from retrieval.ann import engines as ann
     def rss() -> float:  # peak RSS in MiB; VmHWM is per address space (ru_maxrss survives exec)
         line = next(x for x in Path("/proc/self/status").read_text().splitlines()
                     if x.startswith("VmHWM:"))

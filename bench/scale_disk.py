@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.service import wait_ready
-from retrieval import rowscan
+from retrieval.ann import rowscan
 from retrieval.store import open_generation
 
 LATENT, TUNING_TEXTS, QUERIES, K = 32, 2000, 100, 10

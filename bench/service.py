@@ -36,8 +36,9 @@ WORDS = ["dog", "cat", "beach", "mountain", "city", "street", "child", "red", "b
 
 def prepare(model: str, folder: Path, items: int) -> tuple[Path, Path]:
     """Save `model` as a checkpoint and write a random index for it; (checkpoint, index)."""
-    from retrieval.model import load_model, save_model
-    from retrieval.store import ItemRecord, model_identity, write_generation
+    from retrieval.models.identity import model_identity
+    from retrieval.models.loading import load_model, save_model
+    from retrieval.store import ItemRecord, write_generation
 
     checkpoint = folder / "model.safetensors"
     save_model(load_model(model, "cpu"), checkpoint)

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from retrieval.encode import encode_texts
-from retrieval.model import load_model
+from retrieval.models.inference import encode_texts
+from retrieval.models.loading import load_model
 
 SHORT_QUERIES = ["a dog", "red car", "a cat on a sofa", "two people hiking",
                  "sunset over the sea", "a child with a ball", "city street at night", "coffee"]

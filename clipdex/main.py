@@ -18,7 +18,7 @@ from collections.abc import Sequence
 if sys.argv[1:2] == ["serve"]:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from clipdex.commands import index, models, search, serve  # noqa: E402
+from clipdex.commands import index, models, search, serve
 from clipdex.options import log
 from retrieval.errors import ClipdexError
 

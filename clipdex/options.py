@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-BACKENDS = ("auto", "torch", "onnx")  # retrieval.onnx_backend.BACKENDS, without importing torch
+BACKENDS = ("auto", "torch", "onnx")  # retrieval.models.onnx.BACKENDS, without importing torch
 MODEL_HELP = ("'default' (bundled), a .safetensors checkpoint, a clipdex architecture, an "
               "open_clip ARCH[:TAG], an hf-hub:ORG/NAME spec, or a local open_clip model folder "
               "(default: %(default)s)")

@@ -22,22 +22,21 @@ import numpy as np
 from indexer.config import DEFAULT_CONFIG, BuildConfig, Summary
 from indexer.encoded import Encoded, staged, streamed_records
 from indexer.sources import Collection, collect
-from retrieval.encode import encode_image_batch, encode_texts
-from retrieval.manifest import Problem
-from retrieval.model import ClipModel
-from retrieval.pipeline import decode_niceness, iter_image_batches
+from retrieval.inputs.captions import Problem
+from retrieval.models.clip import ClipModel
+from retrieval.models.files import decode_niceness, iter_image_batches
+from retrieval.models.identity import ModelIdentity, model_identity
+from retrieval.models.inference import encode_image_batch, encode_texts
 from retrieval.progress import Bar, ProgressFactory, no_progress
 from retrieval.store import (
+    PROVISIONAL_BASE,
     Generation,
     GenerationManifest,
     JobFolder,
-    ModelIdentity,
-    PROVISIONAL_BASE,
     Shard,
     StoreOptions,
     append_items,
     drop_stale_add_jobs,
-    model_identity,
     open_generation,
     read_generation_manifest,
     update_generation,
@@ -45,7 +44,7 @@ from retrieval.store import (
     write_generation,
 )
 
-DECODER = "jpeg-draft/1"  # reduced-size JPEG decoding (retrieval.images.DecodeLimits)
+DECODER = "jpeg-draft/1"  # reduced-size JPEG decoding (retrieval.inputs.images.DecodeLimits)
 # (kept positions, their (m, d) embeddings, problems, how many inputs the step consumed)
 Step = tuple[list[int], np.ndarray, list[tuple[int, Problem]], int]
 

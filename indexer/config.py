@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from retrieval.images import DEFAULT_MAX_PIXELS
-from retrieval.ondisk import BlockFiller, fill_here
+from retrieval.ann.ondisk import BlockFiller, fill_here
+from retrieval.inputs.images import DEFAULT_MAX_PIXELS
 from retrieval.store import StoreOptions
 
 

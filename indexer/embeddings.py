@@ -39,18 +39,17 @@ from typing import Any
 import numpy as np
 
 from indexer.config import DEFAULT_CONFIG, BuildConfig, Summary
+from retrieval.ann.ondisk import BlockFiller, fill_here
+from retrieval.ann.rowscan import row_chunks
 from retrieval.errors import IndexMismatchError, ManifestError, ModelLoadError
-from retrieval.ondisk import BlockFiller, fill_here
+from retrieval.models.identity import ModelIdentity, external_identity
 from retrieval.progress import ProgressFactory
-from retrieval.rowscan import row_chunks
 from retrieval.store import (
     ItemRecord,
-    ModelIdentity,
     NewImage,
     NewText,
     StagedRows,
     StreamedRecords,
-    external_identity,
     linked_records,
     media,
     read_generation_manifest,

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.manifest import Problem
+from retrieval.inputs.captions import Problem
 from retrieval.store import (
     ItemRecord,
     JobFolder,

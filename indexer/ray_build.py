@@ -32,25 +32,20 @@ from indexer.build import Job, build
 from indexer.config import DEFAULT_CONFIG, BuildConfig, RayConfig, Summary
 from indexer.embeddings import ExternalModel, build_from_embeddings
 from indexer.sources import Collection
+from retrieval.ann.ondisk import BlockJob, fill_block
 from retrieval.errors import EngineError, IndexMismatchError, IndexStoreError
-from retrieval.manifest import Problem
-from retrieval.model import ClipModel
-from retrieval.ondisk import BlockJob, fill_block
-from retrieval.pipeline import (
+from retrieval.inputs.captions import Problem
+from retrieval.models.clip import ClipModel
+from retrieval.models.files import (
     DECODE_NICENESS,
     ImageFile,
     TarMember,
     decode_image,
     decode_limits,
 )
+from retrieval.models.identity import ModelIdentity, model_identity
 from retrieval.progress import Bar, ProgressFactory
-from retrieval.store import (
-    ModelIdentity,
-    ParquetJobFolder,
-    Shard,
-    StoreOptions,
-    model_identity,
-)
+from retrieval.store import ParquetJobFolder, Shard, StoreOptions
 
 # A Ray worker's own memory once torch and the decoder are imported (535 MiB measured): a
 # decode task reserves this plus what one decode may allocate (DecodeLimits.max_bytes).
@@ -64,7 +59,7 @@ DEFAULT_RAY = RayConfig()
 @dataclass(frozen=True)
 class ModelSpec:
     """The model as the encoder actors load it (each node loads its own copy), with the
-    backend the driver's copy was loaded with (`retrieval.model.load_model`)."""
+    backend the driver's copy was loaded with (`retrieval.models.loading.load_model`)."""
 
     name: str
     device: str = "auto"
@@ -274,7 +269,7 @@ class _ShardSink:
 def image_transform(preprocess: Callable) -> Callable:
     """The decode tasks' half of `preprocess`: up to uint8 pixels when it ends in ToTensor +
     Normalize (the encoder normalises, as in the single-process path), else all of it."""
-    from retrieval.images import split_tensor_tail
+    from retrieval.inputs.images import split_tensor_tail
 
     split = split_tensor_tail(preprocess)
     return split[0] if split else preprocess
@@ -325,7 +320,7 @@ def _use_the_nodes_cores() -> None:
     by the same `cores()`."""
     import torch
 
-    from retrieval.onnx_backend import cores
+    from retrieval.models.onnx import cores
 
     torch.set_num_threads(cores())
 
@@ -336,7 +331,7 @@ class Encoder:
 
     def __init__(self, model: ModelSpec, fingerprint: str, precision: str, gpus: float,
                  shape: tuple[int, ...], dtype: str):
-        from retrieval.model import load_model
+        from retrieval.models.loading import load_model
 
         device = "cpu" if model.device == "auto" and not gpus else model.device
         if device == "cpu":
@@ -354,7 +349,7 @@ class Encoder:
         """(n,) rows -> the same rows with an (n, d) `embedding` (zeros where `error`)."""
         import torch
 
-        from retrieval.encode import encode_image_batch, encode_texts
+        from retrieval.models.inference import encode_image_batch, encode_texts
 
         embedding = np.zeros((len(batch["position"]), self.clip.embed_dim), np.float32)
         images = np.flatnonzero((batch["prefix"] == "images") & (batch["error"] == ""))

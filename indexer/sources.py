@@ -10,7 +10,7 @@ like the sidecars above, with the sample's key and shard name added to its metad
 
 Every image of a folder gets the fields `folder`, `file_name`, `modified`, `width`, `height`
 and, when its EXIF says, `taken`; a manifest's extra columns and a sidecar's keys are fields
-too (CSV cells typed as `retrieval.manifest.cell_value` says). See retrieval/fieldtypes.py.
+too (CSV cells typed as `retrieval.inputs.captions.cell_value` says). See retrieval/fields/values.py.
 """
 
 from __future__ import annotations
@@ -23,10 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from indexer.webdataset import TAR_EXTENSIONS, Sample, read_shard
-from retrieval.demo import DEMO_DIR, ensure_demo_corpus
 from retrieval.errors import ManifestError
-from retrieval.images import header_facts
-from retrieval.manifest import (
+from retrieval.inputs.captions import (
     CAPTION_COLUMNS,
     IMAGE_COLUMNS,
     Problem,
@@ -35,7 +33,9 @@ from retrieval.manifest import (
     read_rows,
     typed_metadata,
 )
-from retrieval.pipeline import ImageFile, TarMember
+from retrieval.inputs.demo import DEMO_DIR, ensure_demo_corpus
+from retrieval.inputs.images import header_facts
+from retrieval.models.files import ImageFile, TarMember
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".mpo", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 MANIFEST_EXTENSIONS = {".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"}

@@ -14,8 +14,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from retrieval.manifest import Problem
-from retrieval.pipeline import TarMember
+from retrieval.inputs.captions import Problem
+from retrieval.models.files import TarMember
 
 TAR_EXTENSIONS = (".tar",)
 SAMPLE_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")

@@ -19,22 +19,22 @@ from typing import Any
 
 _EXPORTS = {
     # models and encoding
-    "ClipModel": "retrieval.model", "load_model": "retrieval.model",
-    "encode_texts": "retrieval.encode", "encode_images": "retrieval.encode",
-    "encode_image_batch": "retrieval.encode", "encode_token_batch": "retrieval.encode",
-    "Encoder": "retrieval.encoders", "ModelEncoder": "retrieval.encoders",
-    "BatchedEncoder": "retrieval.encoders", "MicroBatcher": "retrieval.batcher",
-    "BatcherConfig": "retrieval.batcher",
-    "load_image": "retrieval.images", "DecodeLimits": "retrieval.images",
+    "ClipModel": "retrieval.models.clip", "load_model": "retrieval.models.loading",
+    "encode_texts": "retrieval.models.inference", "encode_images": "retrieval.models.inference",
+    "encode_image_batch": "retrieval.models.inference", "encode_token_batch": "retrieval.models.inference",
+    "Encoder": "retrieval.search.query_encoders", "ModelEncoder": "retrieval.search.query_encoders",
+    "BatchedEncoder": "retrieval.search.query_encoders", "MicroBatcher": "retrieval.search.batcher",
+    "BatcherConfig": "retrieval.search.batcher",
+    "load_image": "retrieval.inputs.images", "DecodeLimits": "retrieval.inputs.images",
     # queries
-    "Query": "retrieval.query", "Term": "retrieval.query", "Listing": "retrieval.query",
-    "Searcher": "retrieval.search",
-    "Hit": "retrieval.search", "Result": "retrieval.search",
+    "Query": "retrieval.search.query", "Term": "retrieval.search.query", "Listing": "retrieval.search.query",
+    "Searcher": "retrieval.search.searcher",
+    "Hit": "retrieval.search.searcher", "Result": "retrieval.search.searcher",
     # the index store
     "open_generation": "retrieval.store", "write_generation": "retrieval.store",
     "update_generation": "retrieval.store", "append_items": "retrieval.store",
     "ItemRecord": "retrieval.store", "Generation": "retrieval.store",
-    "model_identity": "retrieval.store",
+    "model_identity": "retrieval.models.identity",
     # errors
     "ClipdexError": "retrieval.errors",
 }

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from retrieval.card import card_path, read_weights, write_checkpoint
+from retrieval.models.card import card_path, read_weights, write_checkpoint
 
 
 def average(run: Path, out: Path, epochs: list[int]) -> dict:

@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.demo import demo_corpus
-from retrieval.encode import encode_texts
-from retrieval.evaluate import class_embeddings, evaluate
-from retrieval.manifest import read_manifest, read_split
-from retrieval.model import load_model
-from retrieval.pipeline import encode_image_files, iter_image_batches
+from retrieval.inputs.captions import read_manifest, read_split
+from retrieval.inputs.demo import demo_corpus
+from retrieval.models.files import encode_image_files, iter_image_batches
+from retrieval.models.inference import encode_texts
+from retrieval.models.loading import load_model
+from retrieval.training.evaluate import class_embeddings, evaluate
 
 # file in the package's data folder -> the label clipdex wrote for it
 LABELS = {

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
-from retrieval.card import card_path, read_weights, write_checkpoint, write_json_atomic
-from retrieval.model import BUNDLED, DATA_DIR
+from retrieval.inputs.demo import DATA_DIR
+from retrieval.atomic import write_json_atomic
+from retrieval.models.card import card_path, read_weights, write_checkpoint
+from retrieval.models.loading import BUNDLED
 
 
 def publish_weights(run: Path, name: str) -> None:

@@ -18,7 +18,7 @@ FLICKR8K = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "
 @pytest.fixture(scope="session")
 def tiny():
     """A randomly initialised tiny open_clip CLIP (native towers): loads in well under a second."""
-    from retrieval.model import load_model
+    from retrieval.models.loading import load_model
 
     return load_model("clipdex-tiny", device="cpu")
 
@@ -26,7 +26,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def towers():
     """The real EfficientNet-Lite0 + MiniLM dual encoder with untrained projections."""
-    from retrieval.model import load_model
+    from retrieval.models.loading import load_model
 
     return load_model("clipdex-effnet-minilm", device="cpu")
 

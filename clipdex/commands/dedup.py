@@ -1,4 +1,4 @@
-"""`clipdex index dedup`: report groups of near-identical items (retrieval.dedup) as a short
+"""`clipdex index dedup`: report groups of near-identical items (retrieval.search.dedup) as a short
 table, or as JSON for scripts."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from retrieval.dedup import DEFAULT_THRESHOLD
+from retrieval.search.dedup import DEFAULT_THRESHOLD
 
 TABLE_GROUPS = 20  # the table shows the largest groups; --json has them all
 
@@ -25,7 +25,7 @@ def add_parser(actions: argparse._SubParsersAction) -> None:
 
 
 def cmd_dedup(args: argparse.Namespace) -> int:
-    from retrieval.dedup import find_duplicates
+    from retrieval.search.dedup import find_duplicates
     from retrieval.store import open_generation
 
     with open_generation(args.index) as generation:

@@ -17,7 +17,7 @@ from clipdex.options import (
     model_options,
     tqdm_progress,
 )
-from retrieval.ann import KINDS
+from retrieval.ann.engines import KINDS
 from retrieval.errors import EngineError, ManifestError, ModelLoadError
 
 BUILD_FLAGS = {
@@ -120,7 +120,7 @@ def _config(args: argparse.Namespace):
     """The job's configuration; a budget or a recall target that cannot be used is refused
     before anything is read or encoded."""
     from indexer.config import BuildConfig
-    from retrieval.ann import parse_memory
+    from retrieval.ann.engines import parse_memory
     from retrieval.errors import IndexStoreError
 
     try:
@@ -136,7 +136,7 @@ def _config(args: argparse.Namespace):
 def _load(args: argparse.Namespace, backend: str | None = None):
     """Load the model (random-weight architectures load identically every time, so a
     rerun, resume or `add` matches the index's model fingerprint)."""
-    from retrieval.model import load_model
+    from retrieval.models.loading import load_model
 
     return load_model(args.model, args.device, backend=backend or args.backend)
 
@@ -202,7 +202,7 @@ def _build_from_embeddings(args: argparse.Namespace) -> int:
     """`index build --from-embeddings DIR`: the model is named, never guessed: a default
     model of the same dimension would pass the check and answer text queries with noise."""
     from indexer.embeddings import build_from_embeddings, parse_model
-    from retrieval.store import model_identity
+    from retrieval.models.identity import model_identity
 
     if args.sources:
         raise ManifestError("give sources or --from-embeddings DIR, not both")

@@ -101,7 +101,7 @@ def _column_options(parser: argparse.ArgumentParser) -> None:
 
 def _read(args: argparse.Namespace, prefix: str = ""):
     """The training or validation manifest; validation falls back to the training file."""
-    from retrieval.manifest import read_manifest, read_split
+    from retrieval.inputs.captions import read_manifest, read_split
 
     key = f"{prefix}_" if prefix else ""
     manifest = getattr(args, f"{key}manifest") or args.manifest
@@ -113,7 +113,7 @@ def _read(args: argparse.Namespace, prefix: str = ""):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from retrieval.model import load_model
+    from retrieval.models.loading import load_model
     from retrieval.training.config import TrainConfig
     from retrieval.training.train import train
 
@@ -128,8 +128,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from retrieval.evaluate import embed_manifest, evaluate_embeddings
-    from retrieval.model import load_model
+    from retrieval.models.loading import load_model
+    from retrieval.training.evaluate import embed_manifest, evaluate_embeddings
 
     clip = load_model(args.model, args.device, backend=args.backend)
     manifest = _read(args)
@@ -151,8 +151,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _calibrate(clip: Any, embeddings: Any, args: argparse.Namespace) -> dict[str, Any]:
     """Fit, report on held-out halves, and store the fit in the checkpoint's card."""
-    from retrieval.calibration import calibrate, store_in_card
     from retrieval.errors import ModelLoadError
+    from retrieval.search.calibration import calibrate, store_in_card
 
     if clip.source is None:
         raise ModelLoadError(f"--calibrate stores the fit in a model card: {args.model!r} is "
@@ -166,8 +166,8 @@ def _calibrate(clip: Any, embeddings: Any, args: argparse.Namespace) -> dict[str
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from retrieval.encode import encode_images, encode_texts
-    from retrieval.model import load_model
+    from retrieval.models.inference import encode_images, encode_texts
+    from retrieval.models.loading import load_model
 
     clip = load_model(args.model, args.device, backend=args.backend)
     if args.texts:
@@ -180,8 +180,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from retrieval.demo import demo_corpus, rank_images
-    from retrieval.model import load_model
+    from retrieval.inputs.demo import demo_corpus
+    from retrieval.models.loading import load_model
+    from retrieval.training.evaluate import rank_images
 
     clip = load_model(args.model, args.device, backend=args.backend)
     corpus = demo_corpus(args.corpus)

@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_search(args: argparse.Namespace) -> int:
     from retrieval import ModelEncoder, Query, Searcher, Term, load_model, open_generation
     from retrieval.errors import ExternalModelError, InvalidQueryError
-    from retrieval.store import external_note, read_generation_manifest
+    from retrieval.models.identity import external_note
+    from retrieval.store import read_generation_manifest
 
     terms = ([Term(text=args.text)] if args.text else []) + (
         [Term(image=args.image.read_bytes())] if args.image else [])

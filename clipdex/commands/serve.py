@@ -10,7 +10,7 @@ from pathlib import Path
 
 from api.settings import Settings
 from clipdex.options import model_options
-from retrieval.batcher import BatcherConfig
+from retrieval.search.batcher import BatcherConfig
 
 log = logging.getLogger("api")
 

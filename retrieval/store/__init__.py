@@ -22,12 +22,7 @@ from retrieval.store.layout import (
 )
 from retrieval.store.manifest import (
     GenerationManifest,
-    ModelIdentity,
-    external_identity,
     external_model,
-    external_note,
-    model_fingerprint,
-    model_identity,
     read_generation_manifest,
 )
 from retrieval.store.read import Generation, open_generation, verify_generation
@@ -54,13 +49,12 @@ from retrieval.store.write import Appended, append_items, update_generation, wri
 __all__ = [
     "FORMAT",
     "MODALITIES",
+    "PROVISIONAL_BASE",
     "Appended",
     "Generation",
     "GenerationManifest",
     "ItemRecord",
-    "PROVISIONAL_BASE",
     "JobFolder",
-    "ModelIdentity",
     "NewImage",
     "NewText",
     "ParquetJobFolder",
@@ -71,14 +65,10 @@ __all__ = [
     "append_items",
     "current_name",
     "drop_stale_add_jobs",
-    "external_identity",
     "external_model",
-    "external_note",
     "image_with_captions",
     "keep_upload",
     "linked_records",
-    "model_fingerprint",
-    "model_identity",
     "open_generation",
     "read_current",
     "read_generation_manifest",

@@ -17,14 +17,17 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval import ann, ondisk, tuning
+from retrieval.ann import engines as ann
+from retrieval.ann import ondisk, tuning
+from retrieval.ann.rowscan import RowWriter, gather_rows, row_chunks
+from retrieval.atomic import fsync_path
 from retrieval.digest import sha256_file
 from retrieval.errors import IndexStoreError
-from retrieval.rowscan import RowWriter, gather_rows, row_chunks
+from retrieval.models.identity import ModelIdentity
 from retrieval.store import fields, keywords, layout, manifest, reduced
 from retrieval.store.faults import fault_point
 from retrieval.store.layout import MODALITIES, PLURAL
-from retrieval.store.manifest import GenerationManifest, ModelIdentity
+from retrieval.store.manifest import GenerationManifest
 
 KEEP_GENERATIONS = 2
 COMPACT_RATIO = 0.2  # compact automatically when more than this fraction is tombstones
@@ -38,7 +41,7 @@ class StoreOptions:
     index_kind: str | None = None  # force "flat", "hnsw", "ivfpq" or "ivfpq-disk"
     compact_ratio: float = COMPACT_RATIO
     # recall@10 against exact search that the search settings are tuned to reach: a lower
-    # target probes fewer lists (faster queries); see retrieval.tuning. None: the parent
+    # target probes fewer lists (faster queries); see retrieval.ann.tuning. None: the parent
     # generation's target (an `index add` keeps what the build chose), else TARGET_RECALL
     target_recall: float | None = None
     # who fills an on-disk index's blocks: this process, or Ray tasks (`--engine ray`)
@@ -163,8 +166,8 @@ def _write_files(temp: Path, name: str, plan: Plan, tables: dict[str, Table],
     data = manifest.sealed(data)
     layout.manifest_file(temp).write_text(json.dumps(data, indent=2) + "\n")
     for path in temp.iterdir():
-        _fsync(path)
-    _fsync(temp)
+        fsync_path(path)
+    fsync_path(temp)
     return data
 
 
@@ -172,14 +175,14 @@ def _switch(root: Path, temp: Path, name: str) -> None:
     """Rename the finished folder into place, then point CURRENT at it (atomically)."""
     generations = layout.generations_dir(root)
     os.rename(temp, layout.generation_dir(root, name))
-    _fsync(generations)
+    fsync_path(generations)
     fault_point("before_current")
     previous = layout.read_current(root)  # kept by the prune (a garbled one matches nothing)
     pointer = layout.current_temp_file(root)
     pointer.write_text(name + "\n")
-    _fsync(pointer)
+    fsync_path(pointer)
     os.replace(pointer, layout.current_file(root))
-    _fsync(root)
+    fsync_path(root)
     _prune(generations, keep={name, previous})
 
 
@@ -240,7 +243,7 @@ def _index_for(table: Table, options: StoreOptions,
 
 def save_rows(path: Path, *parts: np.ndarray, chunk: int = 1 << 16) -> None:
     """np.save of the parts' (n_i, d) rows one after another, a chunk at a time, so
-    memory-mapped rows are never loaded whole (nor kept mapped: `retrieval.rowscan`)."""
+    memory-mapped rows are never loaded whole (nor kept mapped: `retrieval.ann.rowscan`)."""
     dim = next((part.shape[1] for part in parts if part.ndim == 2), 0)
     with RowWriter(path, dim, sum(len(part) for part in parts)) as out:
         for rows in parts:
@@ -261,9 +264,3 @@ def _prune(generations: Path, keep: set[str | None]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,7 +1,7 @@
 """A generation's filterable metadata fields: the `fields` and `item_fields` tables (schema in
 `layout.FIELDS_SCHEMA`), written from the live items' metadata at each commit, so every writer
 (the indexer, `index add`, the service's admin writes) gets them the same way. Types follow
-`retrieval.fieldtypes`; the manifest records them too, so a filter is checked before it runs.
+`retrieval.fields.values`; the manifest records them too, so a filter is checked before it runs.
 
 A whole generation (and a compacted one) is built from scratch; a derived one updates its
 parent's tables: rows of the added items in, rows of the deleted ones out, and a field
@@ -19,8 +19,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from retrieval.fieldtypes import Inference, encode, scalars
-from retrieval.filters import Combined, Condition, Filter, Negated
+from retrieval.fields.filters import Combined, Condition, Filter, Negated
+from retrieval.fields.values import Inference, encode, scalars
 from retrieval.store.layout import FIELDS_INDEXES, FIELDS_SCHEMA
 
 _LIVE_METADATA = "SELECT id, metadata FROM items WHERE deleted = 0 AND metadata != '{}'"

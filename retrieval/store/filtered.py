@@ -41,8 +41,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval import ann
-from retrieval.rowscan import gather_rows, rows_of
+from retrieval.ann import engines as ann
+from retrieval.ann.rowscan import gather_rows, rows_of
 from retrieval.store.reduced import Reduced
 
 # Matching items below which an exact scan of their stored vectors beats the index (per kind;

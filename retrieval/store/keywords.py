@@ -16,8 +16,8 @@ from pathlib import PurePath
 from typing import Any
 
 from retrieval.errors import InvalidQueryError
-from retrieval.fieldtypes import scalars, storable
-from retrieval.filters import Filter
+from retrieval.fields.filters import Filter
+from retrieval.fields.values import scalars, storable
 from retrieval.store.fields import OWNER, where_sql
 from retrieval.store.layout import KEYWORDS_SCHEMA
 

@@ -27,11 +27,11 @@ own folders.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from pathlib import Path
 from typing import NamedTuple
 
+from retrieval.atomic import write_bytes_atomic
 from retrieval.errors import IndexCorruptError, IndexNotFoundError
 
 FORMAT = "clipdex-index/1"
@@ -243,15 +243,11 @@ def upload_path(data: bytes, suffix: str) -> str:
 
 
 def keep_upload(root: Path, stored: str, data: bytes) -> None:
-    """Write an upload atomically (temp file, fsync, rename): a crash leaves it whole or absent."""
+    """Write an upload atomically: a crash leaves it whole or absent, and two requests
+    keeping the same bytes at once each write their own temp file."""
     path = Path(root) / stored
     if path.is_file():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    write_bytes_atomic(path, data)
 

@@ -12,7 +12,7 @@ or the tuning report).
      "media_roots": [folder, ...],
      "keywords": {"index": "fts5"}}
 
-`fields` are the filterable metadata fields (`retrieval.fieldtypes`, `store.fields`); a
+`fields` are the filterable metadata fields (`retrieval.fields.values`, `store.fields`); a
 generation written before they existed has none, and every filter names its field unknown;
 `keywords` says the generation has a keyword (FTS5) index (`store.keywords`); `media_roots`
 are the folders whose files it may serve (`store.media`).
@@ -33,53 +33,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from retrieval import ann
+from retrieval.ann import engines as ann
 from retrieval.digest import sha256_file
 from retrieval.errors import ExternalModelError, IndexCorruptError, IndexMismatchError
-from retrieval.fieldtypes import TYPES
+from retrieval.fields.values import TYPES
+from retrieval.models.identity import ModelIdentity, external_note
 from retrieval.store import layout
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    sha256: str
-    arch: str
-    embed_dim: int
-    external: bool = False  # embeddings made elsewhere by a model clipdex cannot load
-
-
-def external_identity(name: str, embed_dim: int) -> ModelIdentity:
-    """The identity of a model outside clipdex, known only by name: its fingerprint hashes
-    the name, so no loaded model matches it and two imports under one name do."""
-    digest = hashlib.sha256(f"external:{name}".encode()).hexdigest()
-    return ModelIdentity(digest, name, int(embed_dim), external=True)
-
-
-def external_note(model: ModelIdentity) -> str:
-    """What an index of external embeddings cannot answer, and what it can."""
-    return (f"this index holds embeddings made outside clipdex by the model {model.arch!r} "
-            f"(embed_dim {model.embed_dim}); text and image queries, and new texts and "
-            "images, need that model, which clipdex cannot load; queries by vector (made by "
-            "that model) or by item id work")
-
-
-def model_fingerprint(clip: Any) -> str:
-    """The checkpoint's SHA-256 when it has a card; else a hash of arch, init and weights,
-    so two random-weight models never pass for one another."""
-    if clip.card.get("sha256"):
-        return str(clip.card["sha256"])
-    import torch
-
-    digest = hashlib.sha256(json.dumps({"arch": clip.arch, "init": clip.init}).encode())
-    for name, tensor in sorted(clip.model.state_dict().items()):
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # any dtype
-        digest.update(raw.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def model_identity(clip: Any) -> ModelIdentity:
-    return ModelIdentity(model_fingerprint(clip), clip.arch, int(clip.embed_dim))
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,16 @@ import faiss
 import numpy as np
 from typing_extensions import Self
 
-from retrieval import ann, ondisk
+from retrieval.ann import engines as ann
+from retrieval.ann import ondisk
+from retrieval.ann.rowscan import gather_rows, rows_of
 from retrieval.errors import (
     IndexCorruptError,
     IndexStoreError,
     InvalidQueryError,
     UnknownItemError,
 )
-from retrieval.filters import Filter
-from retrieval.rowscan import gather_rows, rows_of
+from retrieval.fields.filters import Filter
 from retrieval.store import fields, keywords, layout, manifest, media, reduced
 from retrieval.store.filtered import Stored, exact_within, search_within
 from retrieval.store.layout import MODALITIES

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.fieldtypes import check_metadata, storable
+from retrieval.fields.values import check_metadata, storable
 
 # Provisional ids of records built for `append_items` count up from here: below every stored
 # id (ids are >= 0), so a link to an item already in the index is never taken for one into

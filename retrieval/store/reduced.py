@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.rowscan import exact_neighbours, gather_rows, row_chunks
-from retrieval.tuning import TARGET_RECALL, split_queries
+from retrieval.ann.rowscan import exact_neighbours, gather_rows, row_chunks
+from retrieval.ann.tuning import TARGET_RECALL, split_queries
 
 KINDS = ("hnsw",)  # IVF indexes search a filter's matches list by list already
 DIMS = (32, 64, 128)  # components tried, fewest first; only those under half the dimension

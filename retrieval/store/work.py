@@ -12,7 +12,6 @@ DIR/work/staged-<name>.npy holds vectors an import stages (`StagedRows`).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -21,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.ann.rowscan import RowWriter
+from retrieval.atomic import write_atomic, write_text_atomic
 from retrieval.errors import IndexStoreError
-from retrieval.manifest import Problem
-from retrieval.rowscan import RowWriter
+from retrieval.inputs.captions import Problem
 from retrieval.store import layout
 from retrieval.store.faults import fault_point
 
@@ -56,11 +56,11 @@ class JobFolder:
         vectors = (np.stack([v for _, v in kept]).astype(np.float32) if kept
                    else np.zeros((0, 0), np.float32))
         files = layout.shard_files(self.path, prefix, shard)
-        _replace_with(files.vectors, lambda handle: np.save(handle, vectors))
+        write_atomic(files.vectors, lambda handle: np.save(handle, vectors))
         meta = {"positions": [p for p, _ in kept],
                 "problems": [{"position": p, "path": x.path, "reason": x.reason}
                              for p, x in problems]}
-        _replace_with(files.meta, lambda handle: handle.write(json.dumps(meta).encode()))
+        write_atomic(files.meta, lambda handle: handle.write(json.dumps(meta).encode()))
         fault_point("after_shard", shard)
         return Shard([p for p, _ in kept], [x for _, x in problems])
 
@@ -118,7 +118,7 @@ class ParquetJobFolder(JobFolder):
             "reason": pa.array([x and x.reason for _, _, x in rows], pa.string()),
             "metadata": pa.array([json.dumps(metadata(p) if metadata else {}, default=str)
                                   for p, _, _ in rows], pa.string())})
-        _replace_with(layout.parquet_shard_file(self.path, prefix, shard),
+        write_atomic(layout.parquet_shard_file(self.path, prefix, shard),
                       lambda handle: pq.write_table(table, handle))
         fault_point("after_shard", shard)
         return Shard([p for p, _ in kept], [x for _, x in problems])
@@ -172,17 +172,8 @@ def drop_stale_add_jobs(root: Path) -> None:
 def write_error_report(root: Path, rows: Iterable[dict[str, Any]]) -> Path:
     """Replace DIR/errors.jsonl (one JSON object a line) atomically; returns its path."""
     report = layout.errors_file(root)
-    temp = report.with_suffix(".jsonl.tmp")
-    temp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(temp, report)
+    write_text_atomic(report, "".join(json.dumps(row) + "\n" for row in rows))
     return report
-
-
-def _replace_with(path: Path, write: Any) -> None:
-    temp = path.with_name(path.name + ".tmp")
-    with open(temp, "wb") as handle:
-        write(handle)
-    os.replace(temp, path)
 
 
 class StagedRows(RowWriter):

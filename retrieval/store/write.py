@@ -15,12 +15,13 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval import ann
+from retrieval.ann import engines as ann
 from retrieval.errors import DuplicateItemError, IndexStoreError, UnknownItemError
+from retrieval.models.identity import ModelIdentity
 from retrieval.store import layout, media
 from retrieval.store.commit import Plan, StoreOptions, Table, commit, save_rows
 from retrieval.store.layout import MODALITIES, SCHEMA
-from retrieval.store.manifest import GenerationManifest, ModelIdentity
+from retrieval.store.manifest import GenerationManifest
 from retrieval.store.read import Generation, open_generation
 from retrieval.store.records import ItemRecord, StreamedRecords, insert
 

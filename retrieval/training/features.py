@@ -19,14 +19,15 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from retrieval.encode import autocast_for, encode_texts, text_forward, trim_padding
 from retrieval.errors import ManifestError
-from retrieval.manifest import Manifest, Problem
-from retrieval.metrics import retrieval_metrics
-from retrieval.model import ClipModel
-from retrieval.pipeline import ImageBatch, encode_image_files, iter_image_batches
+from retrieval.inputs.captions import Manifest, Problem
+from retrieval.models.clip import ClipModel
+from retrieval.models.files import ImageBatch, encode_image_files, iter_image_batches
+from retrieval.models.inference import autocast_for, encode_texts, text_forward
+from retrieval.models.text import trim_padding
 from retrieval.progress import ProgressFactory, no_progress
 from retrieval.training.config import TrainConfig
+from retrieval.training.metrics import retrieval_metrics
 from retrieval.training.towers import Split, split_image_tower, split_text_tower
 
 

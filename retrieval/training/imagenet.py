@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from retrieval.encode import trim_padding
-from retrieval.model import ClipModel, read_image_tower
+from retrieval.models.clip import ClipModel
+from retrieval.models.loading import read_image_tower
+from retrieval.models.text import trim_padding
 from retrieval.training.features import pad_hidden
 from retrieval.training.loss import soft_target_loss
 from retrieval.training.towers import Split

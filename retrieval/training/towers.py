@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
-from retrieval.model import ClipModel
+from retrieval.models.clip import ClipModel
 
 
 @dataclass

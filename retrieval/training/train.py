@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 
-from retrieval import card as model_card
-from retrieval.encode import autocast_for
 from retrieval.errors import CheckpointError, ManifestError, ModelLoadError
-from retrieval.manifest import Manifest, Problem
-from retrieval.model import ClipModel, describe
+from retrieval.inputs.captions import Manifest, Problem
+from retrieval.models import card as model_card
+from retrieval.models.clip import ClipModel
+from retrieval.models.inference import autocast_for
+from retrieval.models.loading import describe
 from retrieval.progress import ProgressFactory, no_progress
 from retrieval.training.config import TrainConfig
 from retrieval.training.features import (

@@ -86,7 +86,7 @@ def colour_records(image_paths: dict[str, Path]) -> list[ItemRecord]:
 
 
 def _encode(clip, records: list[ItemRecord], image_paths: dict[str, Path]) -> dict[str, Any]:
-    from retrieval.encode import encode_images, encode_texts
+    from retrieval.models.inference import encode_images, encode_texts
 
     return {"image": encode_images(clip, list(image_paths.values())),
             "text": encode_texts(clip, [r.text for r in records if r.modality == "text"])}
@@ -145,7 +145,8 @@ class ServerThread:
 def build_index(root: Path, clip, image_paths: dict[str, Path]) -> Path:
     """A real index generation written through retrieval.store (what `clipdex index build`
     writes): one image per colour with two captions, the captions also as text items."""
-    from retrieval.store import model_identity, write_generation
+    from retrieval.models.identity import model_identity
+    from retrieval.store import write_generation
 
     resolved = {colour: path.resolve() for colour, path in image_paths.items()}
     records = colour_records(resolved)

@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from retrieval.store import model_identity, update_generation
+from retrieval.models.identity import model_identity
+from retrieval.store import update_generation
 from tests.api.helpers import ADMIN, AUTH, build_index, keyed_service, wait_for_generation
 
 GARBLED = ["../generations/000001", "../../../../etc", "0" * 5000]

@@ -14,8 +14,8 @@ import pytest
 from api.app import create_app
 from api.settings import Settings
 from clipdex.main import main
-from retrieval.batcher import BatcherConfig
-from retrieval.search import normalise
+from retrieval.search.batcher import BatcherConfig
+from retrieval.search.searcher import normalise
 from tests.api.helpers import ServerThread
 from tests.conftest import make_image
 from tests.indexer.helpers import sample_partitions, stacked, write_clip_retrieval

@@ -21,7 +21,7 @@ from PIL import Image
 from api.app import create_app
 from api.server import HeadLimits
 from api.settings import Settings
-from retrieval.batcher import BatcherConfig
+from retrieval.search.batcher import BatcherConfig
 from tests.api.helpers import (
     ADMIN,
     AUTH,

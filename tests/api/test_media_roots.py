@@ -15,7 +15,7 @@ import pytest
 from api.app import create_app
 from api.settings import Settings
 from clipdex.main import main
-from retrieval.batcher import BatcherConfig
+from retrieval.search.batcher import BatcherConfig
 from retrieval.store import read_generation_manifest
 from tests.api.helpers import ServerThread, build_index
 from tests.conftest import make_image

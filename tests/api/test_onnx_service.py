@@ -8,8 +8,8 @@ import copy
 import numpy as np
 import pytest
 
-from retrieval import onnx_backend
-from retrieval.encode import encode_images, encode_texts
+from retrieval.models import onnx as onnx_backend
+from retrieval.models.inference import encode_images, encode_texts
 from retrieval.store import open_generation
 from tests.api.helpers import AUTH, keyed_service
 
@@ -26,7 +26,7 @@ def onnx_tiny(tiny, tmp_path_factory):
 
 def exact(index_root, tiny, modality: str, query: np.ndarray) -> tuple[list[int], np.ndarray]:
     """Brute-force ranking of every item of `modality` against a (d,) query."""
-    from retrieval.store import model_identity
+    from retrieval.models.identity import model_identity
 
     identity = model_identity(tiny)
     with open_generation(index_root, identity.sha256, identity.embed_dim) as generation:

@@ -9,8 +9,9 @@ import json
 
 import pytest
 
-from retrieval.encode import encode_images, encode_texts
-from retrieval.store import model_identity, write_generation
+from retrieval.models.identity import model_identity
+from retrieval.models.inference import encode_images, encode_texts
+from retrieval.store import write_generation
 from tests.api.helpers import ADMIN, colour_records, keyed_service
 from tests.conftest import make_image
 

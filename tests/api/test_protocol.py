@@ -22,7 +22,7 @@ from api.app import create_app
 from api.limits import BodyTooLarge, JsonShape
 from api.server import ConnectionLimits, HeadLimits
 from api.settings import Settings
-from retrieval.batcher import BatcherConfig
+from retrieval.search.batcher import BatcherConfig
 from tests.api.helpers import (
     ADMIN,
     AUTH,

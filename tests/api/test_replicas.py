@@ -13,8 +13,9 @@ import numpy as np
 
 from api.app import create_app
 from api.settings import Settings
-from retrieval.encode import encode_images
-from retrieval.store import ItemRecord, model_identity, update_generation
+from retrieval.models.identity import model_identity
+from retrieval.models.inference import encode_images
+from retrieval.store import ItemRecord, update_generation
 from tests.api.helpers import ServerThread, build_index
 from tests.conftest import COLOURS, make_image
 

@@ -9,7 +9,7 @@ from api.errors import core_problem
 from clipdex.commands.serve import settings_from
 from clipdex.main import build_parser
 from retrieval import errors
-from retrieval.search import Searcher, combine, normalise, zero_shot_probabilities
+from retrieval.search.searcher import Searcher, combine, normalise, zero_shot_probabilities
 from tests.api.helpers import InMemoryGeneration, ItemRecord
 
 
@@ -90,7 +90,7 @@ def test_the_default_batch_fits_the_device():
 
 
 def test_a_generation_without_fields_refuses_filters_naming_the_field_and_still_lists():
-    from retrieval.query import Listing, Query
+    from retrieval.search.query import Listing, Query
 
     searcher = Searcher(_generation())
     with pytest.raises(errors.FilterError, match="unknown field 'n'") as caught:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.batcher import BatcherConfig
+from retrieval.search.batcher import BatcherConfig
 from tests.api.helpers import ADMIN, AUTH, READ, ServerThread, build_index, keyed_service
 from tests.conftest import COLOURS
 

@@ -10,7 +10,7 @@ import pytest
 
 from clipdex.main import main
 from indexer.build import BuildConfig, build
-from retrieval.encode import encode_texts
+from retrieval.models.inference import encode_texts
 from retrieval.store import open_generation
 from tests.conftest import COLOURS, make_image
 

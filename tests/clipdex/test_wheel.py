@@ -11,9 +11,9 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = ("retrieval/bundled/clipdex-default.safetensors",
-           "retrieval/bundled/clipdex-default.card.json", "retrieval/bundled/demo-captions.csv",
-           "retrieval/configs/clipdex-effnet-minilm.json", "api/static/index.html",
+SHIPPED = ("retrieval/models/bundled/clipdex-default.safetensors",
+           "retrieval/models/bundled/clipdex-default.card.json", "retrieval/inputs/demo-captions.csv",
+           "retrieval/models/configs/clipdex-effnet-minilm.json", "api/static/index.html",
            "clipdex/main.py")
 
 
@@ -39,7 +39,7 @@ def test_the_wheel_carries_the_default_model_and_runs_the_demo(tmp_path):
                      str(site), str(wheel))
     assert installed.returncode == 0, installed.stderr[-3000:]
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
-    where = _run(sys.executable, "-c", "import retrieval.model as m; print(m.DEFAULT_CHECKPOINT)",
+    where = _run(sys.executable, "-c", "import retrieval.models.loading as m; print(m.DEFAULT_CHECKPOINT)",
                  cwd=tmp_path, env=env)
     assert where.stdout.strip().startswith(str(site)), where.stdout + where.stderr
     demo = _run(sys.executable, "-m", "clipdex", "demo", "-k", "3", "a cat", cwd=tmp_path,

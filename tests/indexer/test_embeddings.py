@@ -14,9 +14,9 @@ import pytest
 from clipdex.main import main
 from indexer.embeddings import ExternalModel, build_from_embeddings, find_shards
 from retrieval.errors import ExternalModelError, ManifestError
+from retrieval.models.identity import model_identity
 from retrieval.store import (
     StoreOptions,
-    model_identity,
     open_generation,
     read_generation_manifest,
     update_generation,

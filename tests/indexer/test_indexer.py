@@ -19,8 +19,8 @@ from PIL import Image
 
 from clipdex.main import main
 from indexer.build import BuildConfig, build
-from retrieval.encode import encode_texts
-from retrieval.model import load_model
+from retrieval.models.inference import encode_texts
+from retrieval.models.loading import load_model
 from retrieval.store import open_generation
 from tests.conftest import COLOURS, make_image
 

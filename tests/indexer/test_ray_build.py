@@ -18,8 +18,8 @@ import indexer.ray_build
 from clipdex.main import main
 from indexer.build import BuildConfig, build
 from indexer.ray_build import ModelSpec, RayConfig, build_on_ray
-from retrieval import ondisk
-from retrieval.demo import ensure_demo_corpus
+from retrieval.ann import ondisk
+from retrieval.inputs.demo import ensure_demo_corpus
 from retrieval.store import layout, open_generation
 from tests.conftest import COLOURS, make_image
 from tests.indexer.helpers import img2dataset_shard, sample_partitions, write_clip_retrieval

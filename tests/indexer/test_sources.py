@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from indexer.sources import collect
-from retrieval.manifest import cell_value
+from retrieval.inputs.captions import cell_value
 from tests.conftest import make_image
 
 

@@ -12,8 +12,9 @@ from clipdex.main import main
 from indexer.build import BuildConfig, Job, build
 from indexer.sources import collect
 from indexer.webdataset import split_key
-from retrieval.encode import encode_images
-from retrieval.store import model_identity, open_generation
+from retrieval.models.identity import model_identity
+from retrieval.models.inference import encode_images
+from retrieval.store import open_generation
 from tests.conftest import COLOURS
 from tests.indexer.helpers import image_bytes, img2dataset_shard, write_shard
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.store import ItemRecord, ModelIdentity, StoreOptions, write_generation
+from retrieval.models.identity import ModelIdentity
+from retrieval.store import ItemRecord, StoreOptions, write_generation
 
 DIM = 8
 MODEL = ModelIdentity(sha256="f" * 64, arch="fake-8", embed_dim=DIM)

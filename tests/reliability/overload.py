@@ -65,7 +65,7 @@ class ServeOptions:
 def build_index(folder: Path, clip=None, model: str = "clipdex-tiny") -> Path:
     """A few real images indexed by the indexer with `clip` (else `model`); the index root."""
     from indexer.build import BuildConfig, build
-    from retrieval.model import load_model
+    from retrieval.models.loading import load_model
     from tests.conftest import COLOURS, make_image
 
     images = folder / "images"
@@ -88,7 +88,7 @@ def free_port() -> int:
 SLOWED_SERVE = """
 import sys, time
 assert "api.state" not in sys.modules, "patch the encoders before the service imports them"
-import retrieval.encode as encode
+import retrieval.models.inference as encode
 def slowed(call, seconds):
     def slow_call(*args, **kwargs):
         time.sleep(seconds)

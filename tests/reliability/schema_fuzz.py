@@ -53,8 +53,8 @@ def fuzz_target(tmp: Path, clip: Any = None, admin_key: str = ADMIN_KEY) -> Iter
     writes stay in `tmp`."""
     from api.app import create_app
     from api.settings import Settings
-    from retrieval.batcher import BatcherConfig
-    from retrieval.model import load_model
+    from retrieval.models.loading import load_model
+    from retrieval.search.batcher import BatcherConfig
     from tests.api.helpers import ServerThread, build_index
     from tests.conftest import COLOURS, make_image
 

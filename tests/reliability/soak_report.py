@@ -192,8 +192,8 @@ def _ms(value: float | None) -> str:
 def promises() -> list[str]:
     """What `clipdex serve` promises, from the defaults in the code (so it cannot go stale);
     the hostile part of `make soak` checks each against a running service."""
-    from api.limits import MAX_FORM_DELIMITERS
     from api.connections import FD_RESERVE
+    from api.limits import MAX_FORM_DELIMITERS
     from api.server import HeadLimits
     from api.settings import (
         EMPTY_BODY_BYTES,
@@ -201,7 +201,7 @@ def promises() -> list[str]:
         VECTOR_QUERY_BODY_BYTES,
         Settings,
     )
-    from retrieval.images import DecodeLimits
+    from retrieval.inputs.images import DecodeLimits
 
     s, h, d = Settings(), HeadLimits(), DecodeLimits()
     mib = 2**20

@@ -13,7 +13,7 @@ import pytest
 from api.app import create_app
 from api.settings import Settings
 from indexer.build import BuildConfig, build
-from retrieval.batcher import BatcherConfig
+from retrieval.search.batcher import BatcherConfig
 from retrieval.store import open_generation
 from tests.api.helpers import ServerThread, build_index
 from tests.conftest import COLOURS, make_image
