@@ -27,7 +27,7 @@ from retrieval.models.clip import ClipModel
 from retrieval.models.identity import ModelIdentity, external_note, model_identity
 from retrieval.models.inference import encode_image_batch, encode_texts
 from retrieval.search.batcher import MicroBatcher
-from retrieval.search.query_encoders import BatchedEncoder, Encoder, UnavailableEncoder
+from retrieval.search.query_encoders import BatchedEncoder, QueryEncoder, UnavailableEncoder
 from retrieval.search.searcher import GenerationLike, Searcher
 from retrieval.store import external_model, open_generation, read_current, read_generation_manifest
 
@@ -187,7 +187,7 @@ class ServiceState:
 
     def _searcher(self, generation: GenerationLike) -> Searcher:
         external = external_of(generation)
-        encoder: Encoder | None = self.encoder
+        encoder: QueryEncoder | None = self.encoder
         if external is not None:
             encoder = UnavailableEncoder(generation.embed_dim, external_note(external))
         return Searcher(generation, encoder, max_depth=self.settings.max_depth)

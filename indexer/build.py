@@ -1,6 +1,6 @@
 """The indexing job: encode sources in resumable shards, then write one store generation.
 
-Encoded shards are kept in the index directory's work area (`retrieval.store.work`), keyed by
+FinishedShards shards are kept in the index directory's work area (`retrieval.store.work`), keyed by
 a hash of the job: a rerun of the same job (same model, files, sizes, shard size) loads
 finished shards and encodes only the rest, so a kill -9 costs at most one shard of work. Every
 file the job writes goes through `retrieval.store`.
@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from indexer.config import DEFAULT_CONFIG, BuildConfig, Summary
-from indexer.encoded import Encoded, staged, streamed_records
+from indexer.shards import FinishedShards, staged, streamed_records
 from indexer.sources import Collection, collect
-from retrieval.inputs.captions import Problem
+from retrieval.inputs.captions import Skipped
 from retrieval.models.clip import ClipModel
 from retrieval.models.files import decode_niceness, iter_image_batches
 from retrieval.models.identity import ModelIdentity, model_identity
@@ -46,7 +46,7 @@ from retrieval.store import (
 
 DECODER = "jpeg-draft/1"  # reduced-size JPEG decoding (retrieval.inputs.images.DecodeLimits)
 # (kept positions, their (m, d) embeddings, problems, how many inputs the step consumed)
-Step = tuple[list[int], np.ndarray, list[tuple[int, Problem]], int]
+Step = tuple[list[int], np.ndarray, list[tuple[int, Skipped]], int]
 
 
 # makes the job of a build: (index root, model identity, what to encode, config, parent)
@@ -123,7 +123,7 @@ def _only_new(collection: Collection, current: Generation) -> Collection:
 
 
 def media_roots(sources: Sequence[Path], collection: Collection,
-                problems: list[Problem]) -> list[Path]:
+                problems: list[Skipped]) -> list[Path]:
     """The folders whose files the service may serve: the folder sources, and the folders
     of the images a manifest named that were indexed (a file that failed to decode adds
     none: a link to a system file in a photo folder must not make its folder a root)."""
@@ -134,7 +134,7 @@ def media_roots(sources: Sequence[Path], collection: Collection,
                       and not any(entry.path.is_relative_to(f.resolve()) for f in folders)]
 
 
-def _build_info(sources: Sequence[Path], collection: Collection, problems: list[Problem],
+def _build_info(sources: Sequence[Path], collection: Collection, problems: list[Skipped],
                 clip: ClipModel) -> dict[str, Any]:
     """What the manifest's "build" section says; `backend` is what ran the towers (torch or
     onnx: their embeddings agree to a cosine of 0.9999, tests/retrieval/test_onnx.py)."""
@@ -162,7 +162,7 @@ class Job:
         self.parent = parent
         self.resumed = self.encoded = 0
 
-    def run(self, clip: ClipModel, progress: ProgressFactory | None) -> Encoded:
+    def run(self, clip: ClipModel, progress: ProgressFactory | None) -> FinishedShards:
         """Encode what is not in finished shards yet; the shards keep the embeddings."""
         progress = progress or no_progress
         self.work.start(self.parent)
@@ -176,14 +176,14 @@ class Job:
             done[prefix].update(written)
         for bar in bars.values():
             bar.close()
-        return Encoded(done)
+        return FinishedShards(done)
 
     def store_options(self) -> StoreOptions:
         """How the store writes this job's generation (an engine may fill index blocks)."""
         return self.config.store_options()
 
     def finish(self, written: GenerationManifest, counts: dict[str, int],
-               problems: list[Problem], started: float) -> Summary:
+               problems: list[Skipped], started: float) -> Summary:
         """Write the error report beside the generations and drop the shards."""
         report = write_error_report(self.out, ({"path": p.path, "reason": p.reason,
                                                  "kind": skip_kind(p)} for p in problems))
@@ -247,7 +247,7 @@ class Job:
         size = self.config.shard_size
         pending = sorted({p // size for p in todo})
         kept: list[tuple[int, np.ndarray]] = []
-        problems: list[tuple[int, Problem]] = []
+        problems: list[tuple[int, Skipped]] = []
         written: dict[int, Shard] = {}
         cursor = 0
         for step_kept, step_vectors, step_problems, consumed in steps(todo):
@@ -265,7 +265,7 @@ class Job:
         return written
 
     def _flush(self, prefix: str, shard: int, kept: list[tuple[int, np.ndarray]],
-               problems: list[tuple[int, Problem]]) -> Shard:
+               problems: list[tuple[int, Skipped]]) -> Shard:
         shard_data = self.work.save(prefix, shard, kept, problems)
         self.encoded += 1
         return shard_data
@@ -297,7 +297,7 @@ def _job_hash(identity: ModelIdentity, collection: Collection, config: BuildConf
     return digest.hexdigest()[:16]
 
 
-def skip_kind(problem: Problem) -> str:
+def skip_kind(problem: Skipped) -> str:
     """A short reason class for summaries; the full message stays in errors.jsonl."""
     reason = problem.reason
     if os.path.isfile(problem.path) and os.path.getsize(problem.path) == 0:

@@ -2,7 +2,7 @@
 and what it reports (`Summary`).
 
 Their own module, free of torch and the model code, so that importing precomputed embeddings
-(`indexer.embeddings`) never loads what only encoding needs.
+(`indexer.external_embeddings`) never loads what only encoding needs.
 """
 
 from __future__ import annotations

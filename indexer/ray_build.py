@@ -3,9 +3,9 @@ on Ray Data, on this machine or across a cluster.
 
     driver  collect() -> the listing, one row per input position; finished shards skipped
     tasks   decode and resize to uint8 (`decode_rows`, any CPU); a broken file: an error row
-    actors  `Encoder`: the model loaded once per actor, the single-process batch functions
+    actors  `EncodingActor`: the model loaded once per actor, the single-process batch functions
     driver  rows -> parquet shards in the index's work folder (the store writes them)
-            -> the same records (`indexer.encoded`) -> `write_generation`
+            -> the same records (`indexer.shards`) -> `write_generation`
     tasks   an on-disk IVF index's blocks of lists (`fill_on_ray`), merged on the driver;
             also for `--from-embeddings` imports (`import_on_ray`)
 
@@ -30,11 +30,11 @@ import numpy as np
 
 from indexer.build import Job, build
 from indexer.config import DEFAULT_CONFIG, BuildConfig, RayConfig, Summary
-from indexer.embeddings import ExternalModel, build_from_embeddings
+from indexer.external_embeddings import ExternalModel, build_from_embeddings
 from indexer.sources import Collection
 from retrieval.ann.ondisk import BlockJob, fill_block
 from retrieval.errors import EngineError, IndexMismatchError, IndexStoreError
-from retrieval.inputs.captions import Problem
+from retrieval.inputs.captions import Skipped
 from retrieval.models.clip import ClipModel
 from retrieval.models.files import (
     DECODE_NICENESS,
@@ -186,7 +186,7 @@ class RayJob(Job):
             memory=WORKER_BYTES + limits.max_bytes,
             fn_kwargs={"transform": transform, "limits": limits})
         return decoded.map_batches(
-            Encoder, batch_format="numpy", batch_size=self.config.batch_size,
+            EncodingActor, batch_format="numpy", batch_size=self.config.batch_size,
             compute=ray.data.ActorPoolStrategy(size=self.ray_config.num_encoders),
             num_gpus=gpus, num_cpus=self.ray_config.cpus_per_encoder,
             fn_constructor_kwargs={"model": self.model, "fingerprint": self.fingerprint,
@@ -216,7 +216,7 @@ class RayJob(Job):
                                     for start in range(0, len(table), step)])
 
     def _flush(self, prefix: str, shard: int, kept: list[tuple[int, np.ndarray]],
-               problems: list[tuple[int, Problem]]) -> Shard:
+               problems: list[tuple[int, Skipped]]) -> Shard:
         """Write a shard with each row's item metadata beside its embedding."""
         if prefix == "images":
             def metadata(p: int) -> dict[str, Any]:
@@ -239,7 +239,7 @@ class _ShardSink:
         for position in todo:
             self.expected[position // self.size] += 1
         self.kept: dict[int, list[tuple[int, np.ndarray]]] = defaultdict(list)
-        self.problems: dict[int, list[tuple[int, Problem]]] = defaultdict(list)
+        self.problems: dict[int, list[tuple[int, Skipped]]] = defaultdict(list)
         self.written: dict[int, Shard] = {}
 
     def add(self, batch: Batch) -> int:
@@ -250,7 +250,7 @@ class _ShardSink:
             vector, path = batch["embedding"][row], str(batch["path"][row])
             shard = position // self.size
             if error:
-                self.problems[shard].append((position, Problem(path, error)))
+                self.problems[shard].append((position, Skipped(path, error)))
             else:
                 self.kept[shard].append((position, np.asarray(vector, np.float32)))
             if len(self.kept[shard]) + len(self.problems[shard]) == self.expected[shard]:
@@ -325,7 +325,7 @@ def _use_the_nodes_cores() -> None:
     torch.set_num_threads(cores())
 
 
-class Encoder:
+class EncodingActor:
     """A Ray actor: loads the model once, then encodes the decoded images and the texts of
     each batch with the single-process path's batch functions."""
 

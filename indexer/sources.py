@@ -27,7 +27,7 @@ from retrieval.errors import ManifestError
 from retrieval.inputs.captions import (
     CAPTION_COLUMNS,
     IMAGE_COLUMNS,
-    Problem,
+    Skipped,
     pick_column,
     read_manifest,
     read_rows,
@@ -70,7 +70,7 @@ class TextEntry:
 class Collection:
     images: list[ImageEntry]
     texts: list[TextEntry]
-    problems: list[Problem]
+    problems: list[Skipped]
 
     @property
     def num_captions(self) -> int:
@@ -81,7 +81,7 @@ def collect(sources: Sequence[Path]) -> Collection:
     """Read every source into one de-duplicated collection, in a stable order."""
     images: dict[Path, ImageEntry] = {}
     texts: list[TextEntry] = []
-    problems: list[Problem] = []
+    problems: list[Skipped] = []
     for source in map(Path, sources):
         if source.resolve() == DEMO_DIR.resolve():
             ensure_demo_corpus()  # a fresh clone has no data/demo: captions ship in the package
@@ -118,7 +118,7 @@ def _merge(images: dict[Path, ImageEntry], found: Iterable[ImageEntry]) -> None:
         known.metadata.update(entry.metadata)
 
 
-def _scan_folder(folder: Path, problems: list[Problem]) -> list[ImageEntry]:
+def _scan_folder(folder: Path, problems: list[Skipped]) -> list[ImageEntry]:
     entries = []
     for path in sorted(folder.rglob("*")):
         if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
@@ -138,18 +138,18 @@ def _file_facts(path: Path, root: Path) -> dict[str, Any]:
             "modified": modified.isoformat(timespec="seconds"), **header_facts(path)}
 
 
-def _sidecars(image: Path, problems: list[Problem]) -> tuple[list[str], dict[str, Any]]:
+def _sidecars(image: Path, problems: list[Skipped]) -> tuple[list[str], dict[str, Any]]:
     """Captions and metadata from `image.txt` / `image.json` beside the image, if any."""
     text_file, json_file = image.with_suffix(".txt"), image.with_suffix(".json")
     return _sidecar_fields(text_file.read_text(errors="replace") if text_file.is_file() else None,
                            _read_json(json_file, problems) if json_file.is_file() else None)
 
 
-def _read_json(path: Path, problems: list[Problem]) -> Any:
+def _read_json(path: Path, problems: list[Skipped]) -> Any:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        problems.append(Problem(str(path), f"caption sidecar is not JSON ({error})"))
+        problems.append(Skipped(str(path), f"caption sidecar is not JSON ({error})"))
         return None
 
 
@@ -168,13 +168,13 @@ def _sidecar_fields(text: str | None, data: Any) -> tuple[list[str], dict[str, A
     return captions, metadata
 
 
-def _shard_images(shard: Path, problems: list[Problem]) -> list[ImageEntry]:
+def _shard_images(shard: Path, problems: list[Skipped]) -> list[ImageEntry]:
     """A webdataset shard's samples; the caption img2dataset writes to both the .txt and the
     .json member is kept once."""
     return [_sample_entry(sample, problems) for sample in read_shard(shard, problems)]
 
 
-def _sample_entry(sample: Sample, problems: list[Problem]) -> ImageEntry:
+def _sample_entry(sample: Sample, problems: list[Skipped]) -> ImageEntry:
     member = sample.image
     assert member is not None  # read_shard keeps only samples with an image
     data = None
@@ -182,7 +182,7 @@ def _sample_entry(sample: Sample, problems: list[Problem]) -> ImageEntry:
         try:
             data = json.loads(sample.json)
         except json.JSONDecodeError as error:
-            problems.append(Problem(f"{member.archive}/{sample.key}.json",
+            problems.append(Skipped(f"{member.archive}/{sample.key}.json",
                                     f"caption sidecar is not JSON ({error})"))
     captions, metadata = _sidecar_fields(sample.text, data)
     metadata.update(key=sample.key, shard=member.archive.name)
@@ -196,7 +196,7 @@ def _as_texts(value: Any) -> list[str]:
     return [str(text).strip() for text in values if str(text).strip()]
 
 
-def _manifest_file(path: Path, problems: list[Problem]) -> tuple[list[ImageEntry],
+def _manifest_file(path: Path, problems: list[Skipped]) -> tuple[list[ImageEntry],
                                                                  list[TextEntry]]:
     columns = _columns(path)
     if pick_column(columns, None, IMAGE_COLUMNS, path, "image paths"):
@@ -215,7 +215,7 @@ def _columns(path: Path) -> list[str]:
     return list(rows[0].keys())
 
 
-def _manifest_images(path: Path, problems: list[Problem]) -> list[ImageEntry]:
+def _manifest_images(path: Path, problems: list[Skipped]) -> list[ImageEntry]:
     """Images named by a manifest; a folder's own CSV without an image column is not one."""
     if not pick_column(_columns(path), None, IMAGE_COLUMNS, path, "image paths"):
         return []

@@ -14,7 +14,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from retrieval.inputs.captions import Problem
+from retrieval.inputs.captions import Skipped
 from retrieval.models.files import TarMember
 
 TAR_EXTENSIONS = (".tar",)
@@ -32,9 +32,9 @@ class Sample:
     json: str | None = None
 
 
-def read_shard(archive: Path, problems: list[Problem]) -> list[Sample]:
+def read_shard(archive: Path, problems: list[Skipped]) -> list[Sample]:
     """The samples of one tar shard in archive order; a damaged archive gives the samples
-    before the damage and a Problem naming it, never an exception."""
+    before the damage and a Skipped naming it, never an exception."""
     archive = Path(archive).resolve()
     samples: dict[str, Sample] = {}
     try:
@@ -43,10 +43,10 @@ def read_shard(archive: Path, problems: list[Problem]) -> list[Sample]:
                 if info.isfile():
                     _add_member(tar, info, archive, samples, problems)
     except (tarfile.TarError, OSError) as error:
-        problems.append(Problem(str(archive), f"unreadable tar archive ({error})"))
+        problems.append(Skipped(str(archive), f"unreadable tar archive ({error})"))
     for sample in samples.values():
         if sample.image is None:
-            problems.append(Problem(str(archive / sample.key),
+            problems.append(Skipped(str(archive / sample.key),
                                     "webdataset sample without an image member"))
     return [sample for sample in samples.values() if sample.image is not None]
 
@@ -59,7 +59,7 @@ def split_key(name: str) -> tuple[str, str]:
 
 
 def _add_member(tar: tarfile.TarFile, info: tarfile.TarInfo, archive: Path,
-                samples: dict[str, Sample], problems: list[Problem]) -> None:
+                samples: dict[str, Sample], problems: list[Skipped]) -> None:
     key, extension = split_key(info.name)
     extension = extension.rpartition(".")[2]  # "c.png" -> "png": a field is typed by its end
     sample = samples.setdefault(key, Sample(key))
@@ -67,7 +67,7 @@ def _add_member(tar: tarfile.TarFile, info: tarfile.TarInfo, archive: Path,
         sample.image = TarMember(archive, info.name, info.offset_data, info.size)
     elif extension in ("txt", "json"):
         if info.size > MAX_SIDECAR_BYTES:
-            problems.append(Problem(str(archive / info.name), f"{info.size:,}-byte {extension} "
+            problems.append(Skipped(str(archive / info.name), f"{info.size:,}-byte {extension} "
                                     f"member, over the {MAX_SIDECAR_BYTES:,}-byte cap"))
             return
         handle = tar.extractfile(info)

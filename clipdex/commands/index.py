@@ -1,5 +1,5 @@
 """`clipdex index build|add|delete|compact|info`: the indexing jobs (indexer.build, and
-indexer.embeddings for `build --from-embeddings`) with progress bars and summaries; the jobs
+indexer.external_embeddings for `build --from-embeddings`) with progress bars and summaries; the jobs
 and the store never print."""
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ def _build_on_ray(args: argparse.Namespace) -> int:
 def _build_from_embeddings(args: argparse.Namespace) -> int:
     """`index build --from-embeddings DIR`: the model is named, never guessed: a default
     model of the same dimension would pass the check and answer text queries with noise."""
-    from indexer.embeddings import build_from_embeddings, parse_model
+    from indexer.external_embeddings import build_from_embeddings, parse_model
     from retrieval.models.identity import model_identity
 
     if args.sources:

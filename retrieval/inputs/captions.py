@@ -33,7 +33,7 @@ class Item:
 
 
 @dataclass
-class Problem:
+class Skipped:
     """One input that was skipped, with the reason; written to error reports as JSONL."""
 
     path: str
@@ -47,7 +47,7 @@ class Problem:
 class Manifest:
     source: Path
     items: list[Item]
-    problems: list[Problem]
+    problems: list[Skipped]
 
     @property
     def num_captions(self) -> int:
@@ -165,7 +165,7 @@ def read_manifest(path: Path, image_root: Path | None = None, split: set[str] | 
         if item.image.is_file():
             kept.append(item)
         else:
-            problems.append(Problem(str(item.image), "image file not found"))
+            problems.append(Skipped(str(item.image), "image file not found"))
     return Manifest(source=path, items=kept, problems=problems)
 
 

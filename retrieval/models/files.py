@@ -1,7 +1,7 @@
 """Decode and preprocess images in DataLoader workers while the model encodes the last batch.
 Images are files or members of tar archives (webdataset shards, `TarMember`).
 
-Bad files never stop the loop: a worker turns them into a Problem that travels with the
+Bad files never stop the loop: a worker turns them into a Skipped that travels with the
 batch, so the caller can skip and report them.
 """
 
@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from retrieval.errors import BadImageError
-from retrieval.inputs.captions import Problem
+from retrieval.inputs.captions import Skipped
 from retrieval.inputs.images import (
     DEFAULT_MAX_PIXELS,
     DecodeLimits,
@@ -89,7 +89,7 @@ def decode_limits(preprocess: Callable, max_pixels: int = DEFAULT_MAX_PIXELS) ->
 class ImageBatch:
     indices: list[int]  # positions in the input sequence of the decoded images
     pixels: torch.Tensor  # (len(indices), 3, H, W): float, or uint8 when asked for
-    problems: list[tuple[int, Problem]]  # inputs of this batch that could not be decoded
+    problems: list[tuple[int, Skipped]]  # inputs of this batch that could not be decoded
 
 
 class _ImageFiles(Dataset):
@@ -105,7 +105,7 @@ class _ImageFiles(Dataset):
 
 def _collate(samples: list[tuple[int, torch.Tensor | None, str | None]]) -> ImageBatch:
     good = [(index, pixels) for index, pixels, _ in samples if pixels is not None]
-    problems = [(index, Problem(str(index), reason)) for index, pixels, reason in samples
+    problems = [(index, Skipped(str(index), reason)) for index, pixels, reason in samples
                 if pixels is None]
     pixels = torch.stack([p for _, p in good]) if good else torch.empty(0)
     return ImageBatch(indices=[i for i, _ in good], pixels=pixels, problems=problems)
@@ -154,14 +154,14 @@ def iter_image_batches(paths: Sequence[ImageFile], preprocess: Callable, batch_s
         worker_init_fn=functools.partial(_step_back, nice) if nice and workers else None,
     )
     for batch in loader:
-        batch.problems = [(i, Problem(str(paths[i]), p.reason)) for i, p in batch.problems]
+        batch.problems = [(i, Skipped(str(paths[i]), p.reason)) for i, p in batch.problems]
         yield batch
 
 
 def encode_image_files(clip: ClipModel, paths: Sequence[Path], batch_size: int = 64,
                        workers: int | None = None, precision: str = "auto",
                        progress: Callable[[int], None] | None = None
-                       ) -> tuple[np.ndarray, np.ndarray, list[Problem]]:
+                       ) -> tuple[np.ndarray, np.ndarray, list[Skipped]]:
     """Encode image files; returns (embeddings (m, d), kept input positions (m,), problems)."""
     pin = clip.device.type == "cuda"
     chunks, kept, problems = [], [], []

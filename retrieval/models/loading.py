@@ -28,6 +28,7 @@ import torch
 from retrieval.errors import ModelLoadError
 from retrieval.models import card as model_card
 from retrieval.models.clip import ClipModel
+from retrieval.models.identity import ModelIdentity
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # What a wheel ships (package data): the default model and its card, the demo captions.
@@ -64,6 +65,19 @@ def load_model(spec: str = "default", device: str | torch.device = "auto",
         from retrieval.models import onnx as onnx_backend
         onnx_backend.attach(clip, backend, onnx_cache)
     return clip
+
+
+def bundled_spec_for(model: ModelIdentity) -> str:
+    """The name of the bundled model an index was built with (matched by the checkpoint's
+    SHA-256 its card records), so an index opens without naming its model. Any other model
+    must be named: the index knows its fingerprint, not where its weights are."""
+    for name, weights in BUNDLED.items():
+        card = model_card.card_path(weights)
+        if card.is_file() and json.loads(card.read_text()).get("sha256") == model.sha256:
+            return name
+    raise ModelLoadError(
+        f"this index was built with {model.arch} (sha256 {model.sha256[:12]}), which is not "
+        "a bundled model: pass the model that built it (--model, or load_model(...))")
 
 
 def _load_torch(spec: str, target: torch.device) -> ClipModel:

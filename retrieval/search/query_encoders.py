@@ -32,7 +32,7 @@ from retrieval.search.calibration import DIRECTIONS, Calibration, calibration_of
 ImageLike = bytes | Image.Image  # an encoded file, or a decoded image
 
 
-class Encoder(Protocol):
+class QueryEncoder(Protocol):
     embed_dim: int
     # the fingerprint an index built with this model records (None: no model is loaded), so a
     # Searcher refuses an index built with other weights instead of answering nonsense

@@ -30,7 +30,7 @@ from retrieval.search.calibration import Calibration
 from retrieval.search.cursor import Cursor, decode_cursor, encode_cursor
 from retrieval.search.hybrid import HYBRID_DEPTH, fuse
 from retrieval.search.query import TARGETS, ZERO_SHOT_TEMPLATE, Listing, Query, Term
-from retrieval.search.query_encoders import Encoder, ImageLike
+from retrieval.search.query_encoders import ImageLike, QueryEncoder
 from retrieval.store.manifest import mismatch_note
 
 MODALITIES = TARGETS
@@ -127,7 +127,7 @@ class Searcher:
     """Answers queries against one generation; `encoder` turns texts and images into
     embeddings (None: vector and item queries only)."""
 
-    def __init__(self, generation: GenerationLike, encoder: Encoder | None = None,
+    def __init__(self, generation: GenerationLike, encoder: QueryEncoder | None = None,
                  max_depth: int = MAX_DEPTH):
         if encoder is not None and encoder.embed_dim != generation.embed_dim:
             raise IndexMismatchError(
@@ -162,7 +162,7 @@ class Searcher:
             page = self.page(query.target, vector, query.k, query.threshold, after, served,
                              within)
         else:
-            ranked = self.worded(query, vector, where, within, served + query.k + SLACK)
+            ranked = self.keyword_hits(query, vector, where, within, served + query.k + SLACK)
             page = cut_page(ranked, query.k, after, served)
         page = self.refined(query, vector, page)
         token = (encode_cursor(Cursor(name, fingerprint, page.after, page.served))
@@ -193,7 +193,7 @@ class Searcher:
             return None
         return self.encoder.calibrations.get(f"{modality}_to_{query.target}")
 
-    def worded(self, query: Query, vector: Vector | None, where: Filter | None,
+    def keyword_hits(self, query: Query, vector: Vector | None, where: Filter | None,
                within: np.ndarray | None, depth: int) -> list[Hit]:
         """The hits of a keyword (BM25) or hybrid (RRF of BM25 and vector) query, best first,
         at least `depth` deep (hybrid: the fixed HYBRID_DEPTH of each ranking, fused)."""
@@ -359,7 +359,7 @@ class Searcher:
         hits = self.nearest(target, query[None, :], depth, threshold, within)[0]
         return cut_page(hits, k, after, served)
 
-    def _encoder(self) -> Encoder:
+    def _encoder(self) -> QueryEncoder:
         if self.encoder is None:
             raise InvalidQueryError("this searcher has no model: pass vectors, not texts "
                                     "or images")

@@ -23,7 +23,7 @@ import numpy as np
 from retrieval.ann.rowscan import RowWriter
 from retrieval.atomic import write_atomic, write_text_atomic
 from retrieval.errors import IndexStoreError
-from retrieval.inputs.captions import Problem
+from retrieval.inputs.captions import Skipped
 from retrieval.store import layout
 from retrieval.store.faults import fault_point
 
@@ -34,7 +34,7 @@ class Shard:
     disk until `vectors` reads them, so a job of millions of inputs holds none of them."""
 
     positions: list[int]  # (m,) input positions that were kept, ascending
-    problems: list[Problem]  # the skipped inputs
+    problems: list[Skipped]  # the skipped inputs
 
 
 class JobFolder:
@@ -49,7 +49,7 @@ class JobFolder:
         layout.job_record(self.path).write_text(json.dumps({"parent": parent}))
 
     def save(self, prefix: str, shard: int, kept: Sequence[tuple[int, np.ndarray]],
-             problems: Sequence[tuple[int, Problem]]) -> Shard:
+             problems: Sequence[tuple[int, Skipped]]) -> Shard:
         """Write one shard atomically from (position, (d,) embedding) pairs and (position,
         problem) pairs, the JSON (the commit mark) after the .npy."""
         # a shard of only skipped files is (0, 0): its width is unknown here and irrelevant
@@ -70,7 +70,7 @@ class JobFolder:
         if not files.meta.is_file():
             return None
         meta = json.loads(files.meta.read_text())
-        problems = [Problem(p["path"], p["reason"]) for p in meta["problems"]]
+        problems = [Skipped(p["path"], p["reason"]) for p in meta["problems"]]
         return Shard(meta["positions"], problems)
 
     def vectors(self, prefix: str, shard: int, kept: int) -> np.ndarray:
@@ -92,7 +92,7 @@ class ParquetJobFolder(JobFolder):
     (Ray Data, pandas, DuckDB) can read a job's embeddings."""
 
     def save(self, prefix: str, shard: int, kept: Sequence[tuple[int, np.ndarray]],
-             problems: Sequence[tuple[int, Problem]],
+             problems: Sequence[tuple[int, Skipped]],
              metadata: Callable[[int], dict[str, Any]] | None = None) -> Shard:
         """Write one shard atomically (temporary name, then rename): a kill leaves it whole
         or absent."""
@@ -134,7 +134,7 @@ class ParquetJobFolder(JobFolder):
         reasons, paths = table["reason"].to_pylist(), table["path"].to_pylist()
         positions = table["position"].to_pylist()
         kept = [p for p, reason in zip(positions, reasons) if reason is None]
-        problems = [Problem(where, reason) for where, reason in zip(paths, reasons)
+        problems = [Skipped(where, reason) for where, reason in zip(paths, reasons)
                     if reason is not None]
         return Shard(kept, problems)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from retrieval.inputs.captions import Item, Manifest, Problem
+from retrieval.inputs.captions import Item, Manifest, Skipped
 from retrieval.models.clip import ClipModel
 from retrieval.models.files import encode_image_files
 from retrieval.models.inference import encode_images, encode_texts
@@ -29,7 +29,7 @@ class ManifestEmbeddings:
     text_emb: np.ndarray  # (n_texts, d)
     text_to_image: np.ndarray  # (n_texts,) row in image_emb of each caption's image
     labels: list[str | None]  # (n_images,)
-    problems: list[Problem] = field(default_factory=list)
+    problems: list[Skipped] = field(default_factory=list)
 
 
 def embed_manifest(clip: ClipModel, manifest: Manifest, batch_size: int = 64,
@@ -71,7 +71,7 @@ def evaluate_embeddings(clip: ClipModel, emb: ManifestEmbeddings) -> dict[str, f
 
 
 def evaluate(clip: ClipModel, manifest: Manifest, batch_size: int = 64,
-             workers: int | None = None) -> tuple[dict[str, float], list[Problem]]:
+             workers: int | None = None) -> tuple[dict[str, float], list[Skipped]]:
     emb = embed_manifest(clip, manifest, batch_size, workers)
     return evaluate_embeddings(clip, emb), emb.problems
 

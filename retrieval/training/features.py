@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.errors import ManifestError
-from retrieval.inputs.captions import Manifest, Problem
+from retrieval.inputs.captions import Manifest, Skipped
 from retrieval.models.clip import ClipModel
 from retrieval.models.files import ImageBatch, encode_image_files, iter_image_batches
 from retrieval.models.inference import autocast_for, encode_texts, text_forward
@@ -88,14 +88,14 @@ def view_transform(clip: ClipModel, view: int) -> Callable:
 
 def _cache_images(clip: ClipModel, split: Split, paths: list[Path], config: TrainConfig,
                   label: str, view: int = 0, progress: ProgressFactory = no_progress
-                  ) -> tuple[torch.Tensor, list[int], list[Problem]]:
+                  ) -> tuple[torch.Tensor, list[int], list[Skipped]]:
     """Frozen features of every decodable image, from the disk cache when it has them."""
     folder = None
     if config.cache_dir:
         key = _cache_key(clip, paths, config.unlocked_image_stages, view)
         folder = Path(config.cache_dir) / f"image-features-{key}"
         if (folder / "kept.npy").exists():
-            problems = [Problem(**row) for row in json.loads((folder / "problems.json").read_text())]
+            problems = [Skipped(**row) for row in json.loads((folder / "problems.json").read_text())]
             return (torch.from_numpy(np.load(folder / "features.npy")),
                     np.load(folder / "kept.npy").tolist(), problems)
     chunks, kept, problems = [], [], []
@@ -140,11 +140,11 @@ def _cache_texts(clip: ClipModel, split: Split, texts: list[str],
 
 def prepare_features(clip: ClipModel, manifest: Manifest, config: TrainConfig,
                      views: int = 1, progress: ProgressFactory = no_progress
-                     ) -> tuple[Features, list[Problem]]:
+                     ) -> tuple[Features, list[Skipped]]:
     """Cache what the splits allow, with `views` - 1 augmented views of each image (see
     `view_transform`); keep paths and texts for what is streamed."""
     paths = [item.image for item in manifest.items]
-    problems: list[Problem] = []
+    problems: list[Skipped] = []
     split = image_split(clip, config)
     image, image_views = None, []
     kept = list(range(len(paths)))
@@ -255,7 +255,7 @@ def _metrics_for_kept(image_emb: np.ndarray, kept: np.ndarray, clip: ClipModel,
 
 
 def step_batches(clip: ClipModel, config: TrainConfig, feats: Features, order: list[int]
-                 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[Problem]]]:
+                 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[Skipped]]]:
     """(image rows, pixels or None, problems) per micro-batch, in `order`.
 
     Streamed pixels come from DataLoader workers that decode ahead of the model; images

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from retrieval.errors import CheckpointError, ManifestError, ModelLoadError
-from retrieval.inputs.captions import Manifest, Problem
+from retrieval.inputs.captions import Manifest, Skipped
 from retrieval.models import card as model_card
 from retrieval.models.clip import ClipModel
 from retrieval.models.inference import autocast_for
@@ -262,12 +262,12 @@ def _imagenet_targets(clip: ClipModel, config: TrainConfig, feats: Features
 class _ErrorReport:
     """errors.jsonl: every skipped input with its reason, each written once."""
 
-    def __init__(self, path: Path, problems: list[Problem]):
+    def __init__(self, path: Path, problems: list[Skipped]):
         self.path, self.seen = path, set()
         path.write_text("")
         self.add(problems)
 
-    def add(self, problems: list[Problem]) -> None:
+    def add(self, problems: list[Skipped]) -> None:
         fresh = [p for p in problems if (p.path, p.reason) not in self.seen]
         self.seen.update((p.path, p.reason) for p in fresh)
         with open(self.path, "a") as handle:

@@ -277,7 +277,7 @@ def test_a_build_hands_the_store_vectors_on_disk_and_records_a_batch_at_a_time(
     Captions stay linked to their images across batch edges, a broken image's caption
     stays as a text of its own, and the vectors are the ones encoded."""
     import indexer.build
-    import indexer.encoded
+    import indexer.shards
 
     names = ["red", "green", "blue", "white", "black"]
     folder = folder_of_images(tmp_path / "photos", names)
@@ -286,7 +286,7 @@ def test_a_build_hands_the_store_vectors_on_disk_and_records_a_batch_at_a_time(
     (folder / "broken.png").write_bytes(b"not a png")
     (folder / "broken.txt").write_text("a caption of nothing\n")
     (tmp_path / "corpus.txt").write_text("a poem\nan essay\na list\n")
-    monkeypatch.setattr(indexer.encoded, "RECORD_BATCH", 2)
+    monkeypatch.setattr(indexer.shards, "RECORD_BATCH", 2)
     handed: dict = {}
     real = indexer.build.write_generation
 

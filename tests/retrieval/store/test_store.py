@@ -17,7 +17,7 @@ from retrieval.errors import (
     IndexStoreError,
     UnknownItemError,
 )
-from retrieval.inputs.captions import Problem
+from retrieval.inputs.captions import Skipped
 from retrieval.models.identity import ModelIdentity
 from retrieval.store import (
     FORMAT,
@@ -265,9 +265,9 @@ def test_job_shards_round_trip_and_stale_add_jobs_are_dropped(tmp_path):
     build_job.start(parent=None)
     add_job.start(parent="000001")
     vectors = unit(np.ones((2, DIM)))
-    build_job.save("images", 0, [(0, vectors[0]), (2, vectors[1])], [(1, Problem("/x", "bad"))])
+    build_job.save("images", 0, [(0, vectors[0]), (2, vectors[1])], [(1, Skipped("/x", "bad"))])
     shard = build_job.load("images", 0)
-    assert shard.positions == [0, 2] and shard.problems == [Problem("/x", "bad")]
+    assert shard.positions == [0, 2] and shard.problems == [Skipped("/x", "bad")]
     np.testing.assert_array_equal(build_job.vectors("images", 0, len(shard.positions)), vectors)
     with pytest.raises(IndexStoreError, match="does not match"):
         build_job.vectors("images", 0, 3)
@@ -282,13 +282,13 @@ def test_parquet_shards_round_trip_in_position_order(tmp_path):
     job = ParquetJobFolder(tmp_path, "ray")
     job.start(parent=None)
     vectors = unit(np.arange(2 * DIM, dtype=np.float32).reshape(2, DIM) + 1)
-    job.save("texts", 3, [(7, vectors[1]), (5, vectors[0])], [(6, Problem("/y", "bad"))],
+    job.save("texts", 3, [(7, vectors[1]), (5, vectors[0])], [(6, Skipped("/y", "bad"))],
              metadata=lambda position: {"row": position})
     shard = job.load("texts", 3)
-    assert shard.positions == [5, 7] and shard.problems == [Problem("/y", "bad")]
+    assert shard.positions == [5, 7] and shard.problems == [Skipped("/y", "bad")]
     np.testing.assert_array_equal(job.vectors("texts", 3, len(shard.positions)), vectors)
     assert sorted(p.name for p in job.path.iterdir()) == ["job.json", "texts-00003.parquet"]
-    job.save("texts", 4, [], [(9, Problem("/z", "gone"))])
+    job.save("texts", 4, [], [(9, Skipped("/z", "gone"))])
     assert job.load("texts", 4).positions == [] and job.vectors("texts", 4, 0).shape == (0, 0)
     assert job.load("texts", 5) is None
 

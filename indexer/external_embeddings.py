@@ -83,7 +83,7 @@ class EmbeddingShard:
 
 
 @dataclass
-class _Pass:
+class _KeptRows:
     """What the first pass over the shards kept: per shard, the rows of its img_emb and of
     its text_emb that become items (their vectors already staged on disk, in this order)."""
 
@@ -234,10 +234,10 @@ def build_from_embeddings(folder: Path, out: Path, model: ModelIdentity | Extern
 
 
 def _stage(shards: list[EmbeddingShard], staged: dict[str, StagedRows],
-           progress: ProgressFactory | None) -> _Pass:
+           progress: ProgressFactory | None) -> _KeptRows:
     """First pass: each shard's usable vectors appended to the staged rows, the rows kept
     noted."""
-    kept = _Pass()
+    kept = _KeptRows()
     bar = progress("shards", len(shards)) if progress else None
     with staged["image"], staged["text"]:
         for shard in shards:
@@ -249,7 +249,7 @@ def _stage(shards: list[EmbeddingShard], staged: dict[str, StagedRows],
     return kept
 
 
-def _stage_shard(shard: EmbeddingShard, kept: _Pass, out: dict[str, StagedRows]) -> None:
+def _stage_shard(shard: EmbeddingShard, kept: _KeptRows, out: dict[str, StagedRows]) -> None:
     image_ok = _write_unit(shard.images, out["image"], kept)
     kept.images.append(np.flatnonzero(image_ok))
     kept.skip("bad_vector", int((~image_ok).sum()), shard.images,
@@ -268,7 +268,7 @@ def _stage_shard(shard: EmbeddingShard, kept: _Pass, out: dict[str, StagedRows])
               "zero or non-finite text embeddings", rows=_few(~text_ok))
 
 
-def _write_unit(path: Path | None, out: StagedRows, kept: _Pass,
+def _write_unit(path: Path | None, out: StagedRows, kept: _KeptRows,
                 wanted: np.ndarray | None = None) -> np.ndarray:
     """Append the usable unit rows of one .npy (also in `wanted`, when given) to `out`, a
     chunk at a time; returns the (rows,) mask of usable rows (finite, not zero). Rows whose
@@ -303,7 +303,7 @@ def _caption_mask(metadata: Path) -> np.ndarray:
     return np.concatenate(mask) if mask else np.zeros(0, bool)
 
 
-def _records(shards: list[EmbeddingShard], kept: _Pass,
+def _records(shards: list[EmbeddingShard], kept: _KeptRows,
              roots: list[str]) -> Iterator[list[ItemRecord]]:
     """Second pass: the item records, a metadata batch at a time, ids as `_stage` ordered
     the vectors (images 1.., then texts). A batch's kept images, and its kept texts, have
@@ -348,7 +348,7 @@ def _metadata_batches(path: Path, size: int = 1 << 16) -> Iterator[tuple[int, li
         offset += len(rows)
 
 
-def _image_item(row: dict[str, Any], roots: list[str], kept: _Pass) -> NewImage:
+def _image_item(row: dict[str, Any], roots: list[str], kept: _KeptRows) -> NewImage:
     path, metadata = row.get("image_path"), _metadata(row)
     if isinstance(path, str) and path.startswith("/"):
         if roots and media.within(path, roots):

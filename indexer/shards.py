@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.inputs.captions import Problem
+from retrieval.inputs.captions import Skipped
 from retrieval.store import (
     ItemRecord,
     JobFolder,
@@ -36,7 +36,7 @@ JobText = tuple[str, dict[str, Any], int | None]
 
 
 @dataclass(frozen=True)
-class Encoded:
+class FinishedShards:
     """A job's finished shards of each prefix (number -> kept positions and problems)."""
 
     shards: dict[str, dict[int, Shard]]
@@ -46,13 +46,13 @@ class Encoded:
         parts = [self.shards[prefix][n].positions for n in sorted(self.shards[prefix])]
         return np.array([p for part in parts for p in part], dtype=np.int64)
 
-    def problems(self) -> list[Problem]:
+    def problems(self) -> list[Skipped]:
         return [x for prefix in PREFIXES
                 for n in sorted(self.shards[prefix]) for x in self.shards[prefix][n].problems]
 
 
 @contextmanager
-def staged(work: JobFolder, root: Path, encoded: Encoded, dim: int
+def staged(work: JobFolder, root: Path, encoded: FinishedShards, dim: int
            ) -> Iterator[dict[str, np.ndarray]]:
     """Each modality's kept embeddings, in position order, copied a shard at a time into
     DIR/work/staged-<job>-<modality>.npy and yielded memory-mapped; removed on the way out."""
@@ -73,7 +73,7 @@ def staged(work: JobFolder, root: Path, encoded: Encoded, dim: int
             rows.remove()
 
 
-def streamed_records(images: Sequence[Any], texts: Sequence[JobText], encoded: Encoded,
+def streamed_records(images: Sequence[Any], texts: Sequence[JobText], encoded: FinishedShards,
                      first_id: int) -> StreamedRecords:
     """The records of a new generation, ids from `first_id` (kept images in input order,
     then kept texts), made a batch at a time as the store asks for them."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from clipdex.main import main
-from indexer.embeddings import ExternalModel, build_from_embeddings, find_shards
+from indexer.external_embeddings import ExternalModel, build_from_embeddings, find_shards
 from retrieval.errors import ExternalModelError, ManifestError
 from retrieval.models.identity import model_identity
 from retrieval.store import (
