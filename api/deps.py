@@ -23,7 +23,7 @@ from api.errors import Problem
 from api.limits import BODY_LIMIT_KEY, NO_BODY_LIMIT, RoutePolicy
 from api.settings import Settings
 from api.state import ServiceState
-from retrieval.search.searcher import Searcher
+from retrieval.index import Index
 
 AUTH_HEADERS = {"WWW-Authenticate": 'Bearer realm="clipdex"'}
 
@@ -123,15 +123,15 @@ def route_policy(route: BaseRoute, default_max_body: int) -> RoutePolicy:
     return RoutePolicy(need, (route.openapi_extra or {}).get(BODY_LIMIT_KEY, fallback))
 
 
-async def lease_searcher(state: State) -> AsyncIterator[Searcher]:
-    """The current searcher, held for the whole request even if a reload swaps it meanwhile."""
+async def lease_index(state: State) -> AsyncIterator[Index]:
+    """The served index, held for the whole request even if a reload swaps it meanwhile."""
     problem = state.ready_problem()
     if problem is not None or state.slot is None:
         raise Problem(503, "Not ready", problem or "not ready", headers={"Retry-After": "5"})
-    with state.slot.lease() as searcher:
-        yield searcher
+    with state.slot.lease() as index:
+        yield index
 
 
 ReadAccess = Depends(require_read)
 AdminAccess = Depends(require_admin)
-Leased = Annotated[Searcher, Depends(lease_searcher)]
+Leased = Annotated[Index, Depends(lease_index)]

@@ -6,11 +6,9 @@ writer lock); the service then swaps to it while in-flight requests finish on th
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi import Path as PathParam
 from pydantic import Field
@@ -23,23 +21,12 @@ from api.schemas import MAX_ITEM_ID, AddTextsRequest, ReloadResponse, WriteRespo
 from api.settings import EMPTY_BODY_BYTES, MAX_TEXT_CHARS
 from api.state import ServiceState
 from retrieval.errors import DuplicateItemError
-from retrieval.fields.values import check_metadata
-from retrieval.inputs.images import image_format
-from retrieval.store import (
-    ItemRecord,
-    append_items,
-    image_with_captions,
-    keep_upload,
-    text_records,
-    update_generation,
-    upload_path,
-)
+from retrieval.index import Added
 
 # Any write can meet these: no or a wrong key, writes disabled, an index that no longer
 # fits the model or cannot be read (a core error); bodies add 400/413, uploads 415.
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminAccess],
                    responses=problem_responses(401, 403, 409, 422, 503))
-SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif"}
 Caption = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 MAX_METADATA_CHARS = 16_384
 
@@ -54,20 +41,20 @@ async def reload(state: State) -> ReloadResponse:
 
 @router.post("/items/texts", response_model=WriteResponse, summary="Add caption texts",
              responses=problem_responses(400, 413))
-async def add_texts(body: AddTextsRequest, state: State, searcher: Leased) -> WriteResponse:
+async def add_texts(body: AddTextsRequest, state: State, index: Leased) -> WriteResponse:
     if body.metadata and body.image_id is not None:
         raise Problem(422, "Bad metadata", "metadata: captions (texts with image_id) are "
                       "filtered by their image's metadata and take none of their own")
-    vectors = await state.run(searcher.encoder.texts, body.texts)
-    records = text_records(body.texts, image_id=body.image_id, metadata=body.metadata)
-    return await _append(state, records, {"text": vectors})
+    _root(state)
+    return await _written(state, await state.run(index.add_texts, body.texts, body.image_id,
+                                                 body.metadata))
 
 
 @router.post("/items/image", response_model=WriteResponse,
              responses=problem_responses(400, 413, 415), openapi_extra=upload_openapi("image"),
              summary="Add an image (kept under the index root) with optional captions; the "
                      "same bytes again answer the existing item (duplicate: true)")
-async def add_image(state: State, searcher: Leased, image: Annotated[UploadFile, File()],
+async def add_image(state: State, index: Leased, image: Annotated[UploadFile, File()],
                     captions: Annotated[list[Caption] | None, Form(max_length=20, description=(
                         f"0 to 20 captions, each up to {MAX_TEXT_CHARS} characters; blank ones "
                         "are dropped"))] = None,
@@ -78,50 +65,26 @@ async def add_image(state: State, searcher: Leased, image: Annotated[UploadFile,
                     ) -> WriteResponse:
     data = await image.read()
     fields = form_json(metadata, "metadata") or {}
-    check_metadata(fields)  # before the upload is decoded, encoded or kept
-    captions = [c.strip() for c in captions or [] if c.strip()]
-    root = _root(state)
-    suffix = SUFFIX[await asyncio.to_thread(image_format, data, state.upload_limits)]
-    stored = upload_path(data, suffix)
-    existing = (await asyncio.to_thread(searcher.generation.ids_for_paths, [stored])).get(stored)
-    if existing is not None:
-        return _duplicate(existing, captions, searcher.generation.name)
-    image_vectors = await state.run(searcher.encoder.images, [data])  # (1, d)
-    caption_vectors = await state.run(searcher.encoder.texts, captions)  # (n, d)
-    await asyncio.to_thread(keep_upload, root, stored, data)
-    records = image_with_captions(stored, captions, fields)
-    vectors = {"image": image_vectors}
-    if captions:
-        vectors["text"] = caption_vectors
-    try:  # the check above is a shortcut; the store's, under its lock, is the one that holds
-        return await _append(state, records, vectors, unique_paths=True)
-    except DuplicateItemError as duplicate:
-        _, current = await state.reload()
-        return _duplicate(duplicate.item_id, captions, current)
-
-
-def _duplicate(existing: int, captions: list[str], generation: str) -> WriteResponse:
-    """Uploads are kept by content hash, so the same bytes are the same item: adding them
-    again would make two items of one file. Captions sent with a duplicate are refused rather
-    than dropped: they belong to POST /admin/items/texts with the existing image's id."""
-    if captions:
-        raise Problem(409, "Already indexed", f"this image is already item {existing}; add "
-                      "its captions with POST /admin/items/texts and "
-                      f'{{"image_id": {existing}}}')
-    return WriteResponse(ids=[existing], generation=generation, duplicate=True)
+    _root(state)
+    try:
+        added = await state.run(index.add_image, data, captions or [], fields,
+                                state.upload_limits)
+    except DuplicateItemError as duplicate:  # the same bytes, with captions of their own
+        raise Problem(409, "Already indexed", f"this image is already item "
+                      f"{duplicate.item_id}; add its captions with POST /admin/items/texts "
+                      f'and {{"image_id": {duplicate.item_id}}}') from duplicate
+    return await _written(state, added)
 
 
 # `:int` keeps /items/image (POST) apart: DELETE /admin/items/image is then 405, not a bad id.
 @router.delete("/items/{item_id:int}", response_model=WriteResponse,
                responses=problem_responses(404),
                summary="Delete an item (an image takes its captions along)")
-async def delete_item(state: State, item_id: Annotated[int, PathParam(ge=0, le=MAX_ITEM_ID)]
-                      ) -> WriteResponse:
-    root, model = _root(state), state.write_model()
-    async with state.write_lock:
-        await asyncio.to_thread(update_generation, root, model, delete_ids=[item_id])
-        _, current = await state.reload()
-    return WriteResponse(ids=[item_id], generation=current)
+async def delete_item(state: State, index: Leased,
+                      item_id: Annotated[int, PathParam(ge=0, le=MAX_ITEM_ID)]) -> WriteResponse:
+    _root(state)
+    await state.run(index.delete, [item_id])
+    return await _written(state, Added([item_id], ""))
 
 
 def _root(state: ServiceState) -> Path:
@@ -131,13 +94,9 @@ def _root(state: ServiceState) -> Path:
     return Path(state.settings.index)
 
 
-async def _append(state: ServiceState, records: list[ItemRecord],
-                  vectors: dict[str, np.ndarray], unique_paths: bool = False) -> WriteResponse:
-    """The store allocates the ids under its writer lock (the records carry provisional ones),
-    so this never conflicts with an `index add` running beside the service."""
-    root, model = _root(state), state.write_model()
-    async with state.write_lock:
-        appended = await asyncio.to_thread(append_items, root, model, records, vectors,
-                                           unique_paths=unique_paths)
-        _, current = await state.reload()
-    return WriteResponse(ids=appended.ids, generation=current)
+async def _written(state: ServiceState, added: Added) -> WriteResponse:
+    """Serve what the write made (or, for a duplicate, what is current) before answering, so
+    the caller's next search sees it. The store allocated the ids under its writer lock, so
+    this never conflicts with an `index add` running beside the service."""
+    _, current = await state.reload()
+    return WriteResponse(ids=added.ids, generation=current, duplicate=added.duplicate)

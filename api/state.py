@@ -21,15 +21,16 @@ from api.errors import EXTERNAL_MODEL_HINT, redact_paths
 from api.images import upload_limits
 from api.metrics import Metrics
 from api.settings import Settings
-from retrieval.errors import ClipdexError, ExternalModelError
+from retrieval.errors import ClipdexError
+from retrieval.index import Index, external_of, open_index
 from retrieval.inputs.images import draft_side_of
 from retrieval.models.clip import ClipModel
-from retrieval.models.identity import ModelIdentity, external_note, model_identity
+from retrieval.models.identity import ModelIdentity, model_identity
 from retrieval.models.inference import encode_image_batch, encode_texts
 from retrieval.search.batcher import MicroBatcher
-from retrieval.search.query_encoders import BatchedEncoder, QueryEncoder, UnavailableEncoder
-from retrieval.search.searcher import GenerationLike, Searcher
-from retrieval.store import external_model, open_generation, read_current, read_generation_manifest
+from retrieval.search.query_encoders import BatchedEncoder
+from retrieval.search.searcher import GenerationLike
+from retrieval.store import read_current, read_generation_manifest
 
 log = logging.getLogger("api")
 Result = TypeVar("Result")
@@ -37,64 +38,45 @@ Result = TypeVar("Result")
 
 @dataclass
 class _Slot:
-    searcher: Searcher
+    index: Index
     users: int = 0
     retired: bool = False
 
 
 class GenerationSlot:
-    """The served Searcher. `swap` replaces it atomically; the old generation is closed when
+    """The served Index. `swap` replaces it atomically; the old generation is closed when
     the last request that leased it is done, so in-flight searches never lose their index."""
 
-    def __init__(self, searcher: Searcher):
+    def __init__(self, index: Index):
         self._lock = threading.Lock()
-        self._slot = _Slot(searcher)
+        self._slot = _Slot(index)
 
     @property
-    def current(self) -> Searcher:
-        return self._slot.searcher
+    def current(self) -> Index:
+        return self._slot.index
 
     @contextmanager
-    def lease(self) -> Iterator[Searcher]:
+    def lease(self) -> Iterator[Index]:
         with self._lock:
             slot = self._slot
             slot.users += 1
         try:
-            yield slot.searcher
+            yield slot.index
         finally:
             with self._lock:
                 slot.users -= 1
                 finished = slot.retired and slot.users == 0
             if finished:
-                _close(slot.searcher.generation)
+                slot.index.close()
 
-    def swap(self, searcher: Searcher) -> Searcher:
+    def swap(self, index: Index) -> Index:
         with self._lock:
-            old, self._slot = self._slot, _Slot(searcher)
+            old, self._slot = self._slot, _Slot(index)
             old.retired = True
             finished = old.users == 0
         if finished:
-            _close(old.searcher.generation)
-        return old.searcher
-
-
-def _close(generation: GenerationLike) -> None:
-    generation.close()
-
-
-def open_index(root: Path, model: ModelIdentity | None,
-               query_seconds: float) -> GenerationLike:
-    """The current generation under `root`, checked against the served model. One made of
-    embeddings from an external model fits no model: it opens as it is, for vector and item
-    queries (its Searcher's encoder says why texts and images are refused). Each statement
-    on its items table stops after `query_seconds` (QueryTimeoutError)."""
-    info = read_generation_manifest(Path(root))
-    if info.model.external:
-        return open_generation(Path(root), name=info.name, query_seconds=query_seconds)
-    if model is None:
-        raise ClipdexError("the model is not loaded")
-    return open_generation(Path(root), model_sha256=model.sha256, embed_dim=model.embed_dim,
-                           name=info.name, query_seconds=query_seconds)
+            old.index.close()
+        return old.index
 
 
 def holds_external(root: Path | None, generation: GenerationLike | None) -> bool:
@@ -110,11 +92,6 @@ def holds_external(root: Path | None, generation: GenerationLike | None) -> bool
         return read_generation_manifest(Path(root)).model.external
     except ClipdexError:
         return False
-
-
-def external_of(generation: GenerationLike) -> ModelIdentity | None:
-    """The external model of a generation's embeddings, None when clipdex made them."""
-    return external_model(getattr(generation, "manifest", None) or {})  # fakes may have none
 
 
 class ServiceState:
@@ -135,7 +112,6 @@ class ServiceState:
         self.request_executor = ThreadPoolExecutor(
             max_workers=max(8, settings.max_in_flight or 64), thread_name_prefix="clipdex-req")
         self._reload_lock = asyncio.Lock()
-        self.write_lock = asyncio.Lock()  # API writes one at a time (ids come from next_id)
 
     # --- lifecycle ---
     async def start(self, clip: ClipModel | None, generation: GenerationLike | None) -> None:
@@ -145,11 +121,13 @@ class ServiceState:
             index = self.settings.index
             if clip is not None or not await asyncio.to_thread(holds_external, index, generation):
                 await self._load_model(clip)
-            if generation is None and index is not None:
-                generation = await asyncio.to_thread(open_index, index, self.model,
-                                                      self.settings.query_seconds)
+            served = None
             if generation is not None:
-                self.slot = GenerationSlot(self._searcher(generation))
+                served = self._index(generation)
+            elif index is not None:
+                served = await asyncio.to_thread(self._open, index)
+            if served is not None:
+                self.slot = GenerationSlot(served)
                 self._observe_counts()
         except ClipdexError as error:  # the service stays up and /readyz says why
             self.load_error = str(error)
@@ -185,12 +163,18 @@ class ServiceState:
             wave=min(config.max_batch, config.queue_size), model_sha256=model.sha256,
             decode_deadline_s=self.settings.decode_deadline_s)
 
-    def _searcher(self, generation: GenerationLike) -> Searcher:
-        external = external_of(generation)
-        encoder: QueryEncoder | None = self.encoder
-        if external is not None:
-            encoder = UnavailableEncoder(generation.embed_dim, external_note(external))
-        return Searcher(generation, encoder, max_depth=self.settings.max_depth)
+    def _open(self, root: Path) -> Index:
+        """Root's current generation with the service's encoder (an index of external
+        embeddings needs none; any other needs the model loaded)."""
+        if self.encoder is None and not holds_external(root, None):
+            raise ClipdexError(self.load_error or "the model is not loaded")
+        return open_index(root, self.encoder, query_seconds=self.settings.query_seconds,
+                          max_depth=self.settings.max_depth, follow_writes=False)
+
+    def _index(self, generation: GenerationLike) -> Index:
+        """A generation handed in (tests, tools) served like one opened from the root."""
+        return Index(self.settings.index, generation, self.encoder, self.settings.max_depth,
+                     self.settings.query_seconds, follow_writes=False)
 
     async def run(self, call: Callable[..., Result], *args: Any) -> Result:
         """`call(*args)` on a request thread: Searcher calls block while the batchers work."""
@@ -221,17 +205,6 @@ class ServiceState:
                     f"{self.slot.current.embed_dim}")
         return None
 
-    def write_model(self) -> ModelIdentity:
-        """The model new items are stored under: the loaded one. An index of external
-        embeddings is served without one, and its ExternalModelError says what works."""
-        if self.model is None:
-            generation = self.slot.current.generation if self.slot else None
-            external = external_of(generation) if generation is not None else None
-            if external is not None:
-                raise ExternalModelError(external_note(external))
-            raise ClipdexError(self.load_error or "the model is not loaded")
-        return self.model
-
     async def reload(self, generation: GenerationLike | None = None) -> tuple[str | None, str]:
         """Serve the index root's current generation (or `generation`); (previous, new) names."""
         async with self._reload_lock:
@@ -241,23 +214,22 @@ class ServiceState:
                     raise ClipdexError("this service was started without --index; nothing to "
                                        "reload")
                 await self._model_for(self.settings.index, None)
-                generation = await asyncio.to_thread(open_index, self.settings.index, self.model,
-                                                      self.settings.query_seconds)
+                served = await asyncio.to_thread(self._open, self.settings.index)
             else:
                 await self._model_for(None, generation)
-            if previous is not None and generation.name == previous:
-                _close(generation)
+                served = self._index(generation)
+            if previous is not None and served.name == previous:
+                served.close()
                 return previous, previous
-            searcher = self._searcher(generation)
             if self.slot is None:
-                self.slot = GenerationSlot(searcher)
+                self.slot = GenerationSlot(served)
             else:
-                self.slot.swap(searcher)
+                self.slot.swap(served)
             self.load_error = None
             self.metrics.reloads.inc()
             self._observe_counts()
-            log.info("serving generation %s (was %s)", generation.name, previous)
-            return previous, generation.name
+            log.info("serving generation %s (was %s)", served.name, previous)
+            return previous, served.name
 
     async def _model_for(self, root: Path | None, generation: GenerationLike | None) -> None:
         """Load the model now if the next generation needs it and it was never loaded (the
@@ -282,13 +254,7 @@ class ServiceState:
         """What /readyz reports: the model and generation served, and the queries they answer
         (an index of external embeddings answers vectors and item ids only, and says why)."""
         assert self.slot is not None
-        generation = self.slot.current.generation
-        counts = {"generation": generation.name, "images": generation.count("image"),
-                  "texts": generation.count("text")}
-        external = external_of(generation)
-        if external is not None:
-            return {"model": external.arch, "embed_dim": external.embed_dim,
-                    "external_model": True, "queries": ["vector", "item"],
-                    "note": f"{external_note(external)}; {EXTERNAL_MODEL_HINT}", **counts}
-        assert self.clip is not None
-        return {"model": self.clip.arch, "embed_dim": self.clip.embed_dim, **counts}
+        info = self.slot.current.info()
+        if info.get("external_model"):
+            info["note"] = f"{info['note']}; {EXTERNAL_MODEL_HINT}"
+        return info

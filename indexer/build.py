@@ -97,16 +97,6 @@ def add(sources: Sequence[Path], index: Path, clip: ClipModel,
     return job.finish(appended.manifest, counts, problems, started)
 
 
-def delete(index: Path, ids: Sequence[int] = (), paths: Sequence[Path] = (),
-           config: BuildConfig = DEFAULT_CONFIG) -> str:
-    """Tombstone items by id or image path into a new generation (captions go too); the
-    store resolves the paths under its writer lock."""
-    identity = read_generation_manifest(index).model
-    return update_generation(index, identity, delete_ids=ids,
-                             delete_paths=[str(Path(p).resolve()) for p in paths],
-                             options=config.store_options(), build_info={"action": "delete"})
-
-
 def compact(index: Path, config: BuildConfig = DEFAULT_CONFIG) -> str:
     """Rewrite the index without tombstones (and re-choose the index type for its size)."""
     identity = read_generation_manifest(index).model

@@ -18,19 +18,26 @@ queries, and every text or image says why it cannot (ExternalModelError).
 Adding an item has one owner here: sniff the upload, name it by its content, answer a
 duplicate with the item that holds it, encode, keep the file, write the records, commit. A
 write makes a new generation under the store's writer lock (safe beside an `index add`), and
-this object then serves it. The service runs these same calls on its request threads.
+this object then serves it. The service runs these same calls on its request threads, on an
+Index that many requests share: that one does not follow its writes (`follow_writes=False`);
+the service opens the new generation and swaps it in between requests instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from typing_extensions import Self
 
-from retrieval.errors import DuplicateItemError, ExternalModelError, ModelLoadError
+from retrieval.errors import (
+    DuplicateItemError,
+    ExternalModelError,
+    IndexStoreError,
+    ModelLoadError,
+)
 from retrieval.inputs.images import DecodeLimits, image_format
 from retrieval.models.clip import ClipModel
 from retrieval.models.identity import ModelIdentity, external_note
@@ -48,6 +55,7 @@ from retrieval.store import (
     image_with_captions,
     keep_upload,
     open_generation,
+    read_current,
     read_generation_manifest,
     text_records,
     update_generation,
@@ -77,9 +85,9 @@ class Index:
 
     def __init__(self, root: Path | None, generation: GenerationLike,
                  encoder: QueryEncoder | None, max_depth: int = MAX_DEPTH,
-                 query_seconds: float = QUERY_SECONDS):
+                 query_seconds: float = QUERY_SECONDS, follow_writes: bool = True):
         self.root = None if root is None else Path(root)
-        self.query_seconds = query_seconds
+        self.query_seconds, self.follow_writes = query_seconds, follow_writes
         self.searcher = Searcher(generation, encoder_for(generation, encoder), max_depth)
 
     # --- what it is ---
@@ -90,6 +98,10 @@ class Index:
     @property
     def name(self) -> str:
         return self.searcher.generation.name
+
+    @property
+    def embed_dim(self) -> int:
+        return self.searcher.embed_dim
 
     @property
     def encoder(self) -> QueryEncoder | None:
@@ -160,7 +172,7 @@ class Index:
         model, root = self.write_model(), self._root()
         captions = [caption.strip() for caption in captions if caption.strip()]
         records = image_with_captions("", captions, metadata)  # checks the metadata first
-        stored = upload_path(data, UPLOAD_SUFFIX[image_format(data, limits)])
+        stored = upload_path(data, UPLOAD_SUFFIX[image_format(data, limits or DecodeLimits())])
         existing = self.generation.ids_for_paths([stored]).get(stored)
         if existing is not None:
             return self._duplicate(existing, captions, self.name)
@@ -173,16 +185,16 @@ class Index:
         try:  # the check above is a shortcut; the store's, under its lock, is the one that holds
             return self._append(model, records, vectors, unique_paths=True)
         except DuplicateItemError as duplicate:
-            return self._duplicate(duplicate.item_id, captions, self.reopen())
+            return self._duplicate(duplicate.item_id, captions, self._after_write())
 
     def delete(self, ids: Sequence[int] = (), paths: Sequence[str | Path] = (),
                options: StoreOptions = DEFAULT_OPTIONS) -> str:
         """Tombstone items by id or image path (an image takes its captions along) into a new
-        generation; the store resolves the paths under its writer lock."""
-        update_generation(self._root(), self.generation.info.model, delete_ids=ids,
-                          delete_paths=[str(Path(path).resolve()) for path in paths],
-                          options=options, build_info={"action": "delete"})
-        return self.reopen()
+        generation (`delete_items`), then serve it. An index of external embeddings is
+        served read-only: its writes belong to the tool that made its embeddings."""
+        self.write_model()
+        delete_items(self._root(), ids, paths, options)
+        return self._after_write()
 
     def reopen(self) -> str:
         """Serve the root's current generation (after a write here or elsewhere); its name."""
@@ -205,9 +217,14 @@ class Index:
         self.close()
 
     # --- helpers ---
+    def _after_write(self) -> str:
+        """The generation the root now points at, served here when this Index follows it."""
+        return self.reopen() if self.follow_writes else read_current(self._root())
+
     def _root(self) -> Path:
         if self.root is None:
-            raise ModelLoadError("this index was opened without its directory; it cannot write")
+            raise IndexStoreError("this index was opened without its directory; it cannot "
+                                  "write")
         return self.root
 
     def _encoder(self) -> QueryEncoder:
@@ -218,7 +235,7 @@ class Index:
     def _append(self, model: ModelIdentity, records: list, vectors: dict,
                 unique_paths: bool = False) -> Added:
         appended = append_items(self._root(), model, records, vectors, unique_paths=unique_paths)
-        return Added(appended.ids, self.reopen())
+        return Added(appended.ids, self._after_write())
 
     @staticmethod
     def _duplicate(existing: int, captions: list[str], generation: str) -> Added:
@@ -241,22 +258,40 @@ def encoder_for(generation: GenerationLike, encoder: QueryEncoder | None) -> Que
     return encoder
 
 
-def open_index(root: str | Path, model: ClipModel | QueryEncoder | None = None, *,
-               query_seconds: float = QUERY_SECONDS, max_depth: int = MAX_DEPTH) -> Index:
-    """The current generation under `root`, with the encoder its queries need: `model` (a
-    loaded ClipModel, or an encoder such as the service's batched one); None loads the
-    bundled model that built it, or opens an index of external embeddings without one."""
+def delete_items(root: Path, ids: Sequence[int] = (), paths: Sequence[str | Path] = (),
+                 options: StoreOptions = DEFAULT_OPTIONS) -> str:
+    """Tombstone items by id or image path into a new generation; its name. Deleting needs
+    no model (`clipdex index delete` opens nothing); the store resolves the paths under its
+    writer lock."""
+    model = read_generation_manifest(Path(root)).model
+    return update_generation(Path(root), model, delete_ids=ids,
+                             delete_paths=[str(Path(path).resolve()) for path in paths],
+                             options=options, build_info={"action": "delete"})
+
+
+ModelSource = ClipModel | QueryEncoder | Callable[[], ClipModel] | None
+
+
+def open_index(root: str | Path, model: ModelSource = None, *,
+               query_seconds: float = QUERY_SECONDS, max_depth: int = MAX_DEPTH,
+               follow_writes: bool = True) -> Index:
+    """The current generation under `root`, with the encoder its queries need: `model` is a
+    loaded ClipModel, an encoder (the service's batched one), or a function that loads one,
+    called only when the index needs a model; None loads the bundled model that built it. An
+    index of external embeddings opens without one, whatever `model` is."""
     root = Path(root)
     built = read_generation_manifest(root)
     if built.model.external:
         generation = open_generation(root, name=built.name, query_seconds=query_seconds)
-        return Index(root, generation, None, max_depth, query_seconds)
+        return Index(root, generation, None, max_depth, query_seconds, follow_writes)
     if model is None:
         from retrieval.models.loading import bundled_spec_for, load_model
 
         model = load_model(bundled_spec_for(built.model))
+    elif callable(model):
+        model = model()
     encoder = ModelEncoder(model) if isinstance(model, ClipModel) else model
     generation = open_generation(root, model_sha256=encoder.model_sha256,
                                  embed_dim=encoder.embed_dim, name=built.name,
                                  query_seconds=query_seconds)
-    return Index(root, generation, encoder, max_depth, query_seconds)
+    return Index(root, generation, encoder, max_depth, query_seconds, follow_writes)

@@ -232,11 +232,11 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from indexer.build import delete
     from indexer.config import BuildConfig
+    from retrieval.index import delete_items
 
-    name = delete(args.index, ids=args.ids or (), paths=args.paths or (),
-                  config=BuildConfig(max_memory=args.max_memory))
+    name = delete_items(args.index, ids=args.ids or (), paths=args.paths or (),
+                        options=BuildConfig(max_memory=args.max_memory).store_options())
     log(f"generation {name}: deleted {len(args.ids or args.paths)} item(s)")
     return 0
 

@@ -1,5 +1,5 @@
 """`clipdex search`: answer a query from the command line, no server needed (as rclip does):
-the same Searcher the service uses, with the model called directly."""
+the same Index the service serves (retrieval.index), with the model called directly."""
 
 from __future__ import annotations
 
@@ -35,25 +35,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from retrieval import ModelEncoder, Query, Searcher, Term, load_model, open_generation
-    from retrieval.errors import ExternalModelError, InvalidQueryError
-    from retrieval.models.identity import external_note
-    from retrieval.store import read_generation_manifest
+    from retrieval import Query, Term, load_model, open_index
+    from retrieval.errors import InvalidQueryError
 
     terms = ([Term(text=args.text)] if args.text else []) + (
         [Term(image=args.image.read_bytes())] if args.image else [])
     if not terms:
         raise InvalidQueryError("give a text query, --image FILE, or both")
     target = args.target or ("image" if args.text else "text")
-    built = read_generation_manifest(args.index).model
-    if built.external:  # its vectors came from a model no --model can load: nothing to encode
-        raise ExternalModelError(external_note(built))
-    clip = load_model(args.model, args.device, backend=args.backend)
-    with open_generation(args.index) as generation:
-        searcher = Searcher(generation, ModelEncoder(clip))  # refuses another model's index
-        result = searcher.search(Query(tuple(terms), target=target, k=args.k,
-                                       threshold=args.threshold, filter=args.filter,
-                                       mode=args.mode))
+    # the model loads only when the index needs one: an index of external embeddings has no
+    # model --model could load, and its encoder says so when the query needs encoding
+    with open_index(args.index, lambda: load_model(args.model, args.device,
+                                                   backend=args.backend)) as index:
+        result = index.search(Query(tuple(terms), target=target, k=args.k,
+                                    threshold=args.threshold, filter=args.filter,
+                                    mode=args.mode))
     rows = [_row(rank, hit) for rank, hit in enumerate(result.hits, start=1)]
     if args.json:
         print(json.dumps({"generation": result.generation, "hits": rows}, indent=2))
