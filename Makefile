@@ -40,6 +40,7 @@ run: $(STAMP) $(DEMO_INDEX)/CURRENT
 	$(CLIPDEX) serve --index $(DEMO_INDEX) --host 127.0.0.1 --port 8000
 
 test: $(STAMP) browser
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 

@@ -21,7 +21,7 @@ from fastapi_offline import FastAPIOffline
 
 from api import errors
 from api.deps import check_key, route_policy
-from api.limits import Door, DoorConfig, InFlightLimitMiddleware
+from api.limits import AdmissionMiddleware, BodyLimits, InFlightLimitMiddleware
 from api.metrics import Metrics, RequestMetricsMiddleware
 from api.routes_admin import router as admin_router
 from api.routes_compat import router as compat_router
@@ -73,16 +73,17 @@ def create_app(settings: Settings, clip: ClipModel | None = None,
     async def index_page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
-    # The last added runs first: metrics see every answer, refusals at the door included;
-    # the Door (keys, body caps and timeouts) runs before a request counts as in flight.
+    # The last added runs first: metrics see every answer, refusals on admission included;
+    # admission (keys, body caps and timeouts) runs before a request counts as in flight.
     if settings.max_in_flight is not None:
         app.add_middleware(InFlightLimitMiddleware, max_in_flight=settings.max_in_flight,
                            retry_after_s=settings.retry_after_s)
-    door = DoorConfig(settings.max_body_bytes, settings.body_idle_s, settings.body_deadline_s,
-                      settings.max_buffered_bytes)
+    bodies = BodyLimits(settings.max_body_bytes, settings.body_idle_s, settings.body_deadline_s,
+                        settings.max_buffered_bytes)
     # The routers' own APIRoutes (FastAPI nests included routers in private wrappers): each
     # carries its path, its key dependency and its body cap.
-    app.add_middleware(Door, config=door, routes=[r for router in routers for r in router.routes],
+    app.add_middleware(AdmissionMiddleware, limits=bodies,
+                       routes=[r for router in routers for r in router.routes],
                        policy_of=route_policy,
                        check=lambda need, headers: check_key(settings, need, headers))
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)

@@ -58,7 +58,7 @@ def _matches(key: str, candidates: list[str]) -> bool:
 
 def check_key(settings: Settings, need: str, headers: Headers) -> None:
     """Raise the 401/403 Problem when `headers` carry no key good for `need` ("read" or
-    "admin"). Called by the route dependencies and, before any body is read, by the Door."""
+    "admin"). Called by the route dependencies and, before any body is read, by the AdmissionMiddleware."""
     if need == "admin":
         _check_admin(settings, presented_key(headers))
         return
@@ -112,7 +112,7 @@ def require_admin(request: Request, state: State, _bearer: Bearer = None,
 
 
 def route_policy(route: BaseRoute, default_max_body: int) -> RoutePolicy:
-    """What the Door enforces for a route: the key its dependencies require, and the body cap
+    """What the AdmissionMiddleware enforces for a route: the key its dependencies require, and the body cap
     in its openapi_extra (routes that take a body default to the upload cap)."""
     if not isinstance(route, APIRoute):
         return RoutePolicy(None, NO_BODY_LIMIT)  # static files, the page

@@ -1,35 +1,51 @@
 """Every error leaves the service as an RFC 9457 problem: application/problem+json
 {type, title, status, detail}. Core error types are mapped to HTTP statuses here, only here.
+
+A problem's body is rendered by `problem_body` alone, and written by one of three writers,
+whatever answers: `problem_response` (the app's exception handlers), `send_problem` (ASGI
+middleware below them) and `problem_http` (the HTTP server's own refusals, before any ASGI).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from api.schemas import ProblemBody
 from retrieval import errors as core_errors
 from retrieval.search.batcher import QueueFullError
 
 PROBLEM_TYPE = "https://clipdex.dev/problems/"  # + slug; documentation anchors, not fetched
+PROBLEM_MEDIA_TYPE = "application/problem+json"
 log = logging.getLogger("api")
 
 
 class Problem(Exception):
-    """An HTTP problem raised by the service's own code."""
+    """An HTTP problem: raised by the service's own code, or built to refuse a request.
+    `headers` go on the response (Retry-After, WWW-Authenticate); `extra` are RFC 9457
+    extension members of the body."""
 
     def __init__(self, status: int, title: str, detail: str, slug: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, extra: Mapping[str, Any] | None = None):
         super().__init__(detail)
         self.status, self.title, self.detail = status, title, detail
         self.slug = slug or title.lower().replace(" ", "-")
         self.headers = headers or {}
+        self.extra = dict(extra or {})
+
+
+def internal_error() -> Problem:
+    """What a client hears when the service failed unexpectedly (the log has the rest)."""
+    return Problem(500, "Internal error", "the service failed unexpectedly; the log has details")
 
 
 # Core error class name -> (status, title); the most specific class in the MRO wins.
@@ -84,11 +100,52 @@ def redact_paths(text: str) -> str:
     return _ABSOLUTE_PATH.sub(lambda match: match.group(1) or "(a folder)", text)
 
 
-def problem_response(problem: Problem) -> JSONResponse:
-    body = {"type": PROBLEM_TYPE + problem.slug, "title": problem.title,
-            "status": problem.status, "detail": problem.detail}
-    return JSONResponse(body, status_code=problem.status, headers=problem.headers,
-                        media_type="application/problem+json")
+def problem_body(problem: Problem) -> bytes:
+    """The one rendering of a problem's body: type, title, status and detail, then its
+    extension members (which never replace those four). Compact UTF-8 JSON, as Starlette's
+    JSONResponse renders it."""
+    members: dict[str, Any] = {"type": PROBLEM_TYPE + problem.slug, "title": problem.title,
+                               "status": problem.status, "detail": problem.detail}
+    members.update((key, value) for key, value in problem.extra.items() if key not in members)
+    return json.dumps(members, ensure_ascii=False, allow_nan=False, indent=None,
+                      separators=(",", ":")).encode("utf-8")
+
+
+def problem_response(problem: Problem) -> Response:
+    """The problem as the app's exception handlers return it."""
+    return Response(problem_body(problem), status_code=problem.status,
+                    headers=problem.headers, media_type=PROBLEM_MEDIA_TYPE)
+
+
+def problem_headers(problem: Problem, body: bytes,
+                    close: bool = False) -> list[tuple[bytes, bytes]]:
+    """The response headers of a problem written below the app: its type and length, its own
+    headers, and `connection: close` when the connection ends after it."""
+    headers = [(b"content-type", PROBLEM_MEDIA_TYPE.encode()),
+               (b"content-length", str(len(body)).encode()),
+               *((name.lower().encode("latin-1"), value.encode("latin-1"))
+                 for name, value in problem.headers.items())]
+    if close:
+        headers.append((b"connection", b"close"))
+    return headers
+
+
+async def send_problem(send: Send, problem: Problem, close: bool = False) -> None:
+    """The problem straight onto an ASGI channel, for middleware below the app's exception
+    handlers; `close` when the rest of the request body will not be read."""
+    body = problem_body(problem)
+    await send({"type": "http.response.start", "status": problem.status,
+                "headers": problem_headers(problem, body, close)})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def problem_http(problem: Problem, reason: str) -> bytes:
+    """The problem as a whole HTTP/1.1 response that closes its connection, for the server's
+    refusals written before any request reaches ASGI (`reason`: the status line's phrase)."""
+    body = problem_body(problem)
+    head = b"".join(name + b": " + value + b"\r\n"
+                    for name, value in problem_headers(problem, body, close=True))
+    return f"HTTP/1.1 {problem.status} {reason}\r\n".encode() + head + b"\r\n" + body
 
 
 def _validation_detail(error: RequestValidationError) -> str:
@@ -139,16 +196,16 @@ HTTP_TITLES = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "
 
 
 def install(app: FastAPI) -> None:
-    async def on_problem(request: Request, error: Problem) -> JSONResponse:
+    async def on_problem(request: Request, error: Problem) -> Response:
         return problem_response(error)
 
-    async def on_core(request: Request, error: core_errors.ClipdexError) -> JSONResponse:
+    async def on_core(request: Request, error: core_errors.ClipdexError) -> Response:
         return problem_response(core_problem(error))
 
-    async def on_validation(request: Request, error: RequestValidationError) -> JSONResponse:
+    async def on_validation(request: Request, error: RequestValidationError) -> Response:
         return problem_response(Problem(422, "Invalid request", _validation_detail(error)))
 
-    async def on_http(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    async def on_http(request: Request, error: StarletteHTTPException) -> Response:
         title = HTTP_TITLES.get(error.status_code, "HTTP error")
         detail = error.detail if isinstance(error.detail, str) else str(error.detail)
         if error.status_code == 404 and detail == "Not Found":
@@ -156,15 +213,14 @@ def install(app: FastAPI) -> None:
         return problem_response(Problem(error.status_code, title, detail,
                                         headers=dict(error.headers or {})))
 
-    async def on_busy(request: Request, error: QueueFullError) -> JSONResponse:
+    async def on_busy(request: Request, error: QueueFullError) -> Response:
         retry = str(request.app.state.settings.retry_after_s)
         return problem_response(Problem(503, "Service busy", f"{error}; retry after {retry} s",
                                         headers={"Retry-After": retry}))
 
-    async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
+    async def on_unexpected(request: Request, error: Exception) -> Response:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return problem_response(Problem(500, "Internal error",
-                                        "the service failed unexpectedly; the log has details"))
+        return problem_response(internal_error())
 
     handlers: list[tuple[Any, Any]] = [
         (Problem, on_problem), (core_errors.ClipdexError, on_core),

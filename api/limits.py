@@ -1,6 +1,8 @@
-"""Limits at the door, as pure ASGI middleware, in the order a request meets them:
+"""Limits on admission into the app, as pure ASGI middleware, in the order a request meets
+them:
 
-1. `Door` finds the route and applies its policy before the application sees anything:
+1. `AdmissionMiddleware` finds the route and applies its policy before the application sees
+   anything:
    - the key the route needs (read or admin) is checked from the headers, so a client
      without a valid key is answered 401/403 before one byte of its body is read;
    - the route's own body cap (a text query needs kilobytes, an upload megabytes): a declared
@@ -12,10 +14,11 @@
    - a multipart form may hold at most MAX_FORM_DELIMITERS boundary delimiters: the form
      parser steps through each one in Python on the event loop (a 10 MB part made of them
      held the loop for 1.5 s);
-   - the whole body is read before the request counts as in flight, within an idle timeout
-     and a total deadline (408 past either), and within a byte budget shared by every body
-     being received (503 past it). A stalled or trickling upload therefore holds only its
-     connection and the bytes it sent, never a place that complete requests need.
+   - the whole body is read before the request counts as in flight, within the
+     `BodyLimits`: an idle timeout and a total deadline (408 past either), and a byte budget
+     shared by every body being received (503 past it). A stalled or trickling upload
+     therefore holds only its connection and the bytes it sent, never a place that complete
+     requests need.
 2. `InFlightLimitMiddleware` admits at most `max_in_flight` complete requests into the
    application and answers the next one 503 with Retry-After, before routing.
 
@@ -28,7 +31,6 @@ the client loses the answer). What a refused client can still do is spend its ow
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -39,7 +41,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.datastructures import Headers
 from starlette.routing import BaseRoute, Match
 
-from api.errors import PROBLEM_TYPE, Problem
+from api.errors import Problem, send_problem
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -57,7 +59,8 @@ MAX_FORM_DELIMITERS = 256
 
 
 def body_limit(max_bytes: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A route's `openapi_extra` naming its body cap (the Door enforces it; /docs shows it)."""
+    """A route's `openapi_extra` naming its body cap (AdmissionMiddleware enforces it; /docs
+    shows it)."""
     return {**(extra or {}), BODY_LIMIT_KEY: max_bytes}
 
 
@@ -68,7 +71,10 @@ def structure_limit(max_bytes: int, extra: dict[str, Any] | None = None) -> dict
 
 
 @dataclass(frozen=True)
-class DoorConfig:
+class BodyLimits:
+    """How large request bodies may be, how fast they must arrive, and how many bytes of
+    bodies being received the service holds at once."""
+
     max_body_bytes: int  # cap of routes that take uploads, and default of body routes
     body_idle_s: float = 10.0  # longest silence while a body arrives, then 408
     body_deadline_s: float = 60.0  # longest time for a whole body, then 408
@@ -96,10 +102,13 @@ class ClientGone(Exception):
     pass
 
 
-class Door:
-    def __init__(self, app: ASGIApp, config: DoorConfig, routes: Sequence[BaseRoute],
+class AdmissionMiddleware:
+    """Admits a request into the app once its route's key is checked and its whole body has
+    arrived within its caps and the `BodyLimits` (the module docstring lists each check)."""
+
+    def __init__(self, app: ASGIApp, limits: BodyLimits, routes: Sequence[BaseRoute],
                  policy_of: Callable[[BaseRoute, int], RoutePolicy], check: AccessCheck):
-        self.app, self.config, self.routes = app, config, routes
+        self.app, self.limits, self.routes = app, limits, routes
         self.policy_of, self.check = policy_of, check
         self.buffered = 0  # bytes of bodies being received now (one event loop: no lock)
 
@@ -117,26 +126,24 @@ class Door:
                 raise BodyTooLarge
             body = await self._read_body(receive, declared, policy)
         except Problem as problem:
-            await send_problem(send, problem.status, problem.title, problem.slug,
-                               problem.detail, extra_headers=[(k.lower().encode(), v.encode())
-                                                              for k, v in problem.headers.items()])
+            await send_problem(send, problem)
             return
         except BodyTooLarge as error:
-            await send_problem(send, 413, "Request too large", "request-too-large",
-                               error.detail or too_large_detail(policy.max_body))
+            await send_problem(send, Problem(413, "Request too large",
+                                             error.detail or too_large_detail(policy.max_body)))
             return
         except ClientGone:
             return  # nobody to answer
         except BodyTimeout:
-            await send_problem(send, 408, "Request timeout", "request-timeout",
-                               f"the request body did not arrive in time (no byte for "
-                               f"{self.config.body_idle_s:g} s, or not all of it in "
-                               f"{self.config.body_deadline_s:g} s)", close=True)
+            await send_problem(send, Problem(
+                408, "Request timeout", f"the request body did not arrive in time (no byte "
+                f"for {self.limits.body_idle_s:g} s, or not all of it in "
+                f"{self.limits.body_deadline_s:g} s)"), close=True)
             return
         if _too_many_parts(headers, body):
-            await send_problem(send, 400, "Malformed form", "malformed-form",
-                               f"the multipart body holds more than {MAX_FORM_DELIMITERS} "
-                               "boundary delimiters; a form here has a few parts")
+            await send_problem(send, Problem(
+                400, "Malformed form", f"the multipart body holds more than "
+                f"{MAX_FORM_DELIMITERS} boundary delimiters; a form here has a few parts"))
             return
         scope[UPLOAD_SCOPE_KEY] = _is_upload(headers, body)
         await self.app(scope, _replay(body, receive), send)
@@ -146,7 +153,7 @@ class Door:
         if route is None:
             return RoutePolicy(None, NO_BODY_LIMIT)
         extra = getattr(route, "openapi_extra", None) or {}
-        return replace(self.policy_of(route, self.config.max_body_bytes),
+        return replace(self.policy_of(route, self.limits.max_body_bytes),
                        max_structure=extra.get(STRUCTURE_LIMIT_KEY))
 
     def _route(self, scope: Scope) -> BaseRoute | None:
@@ -171,10 +178,10 @@ class Door:
                 reserved = self._reserve(declared)
             received, more = 0, True
             while more:
-                left = self.config.body_deadline_s - (time.monotonic() - started)
+                left = self.limits.body_deadline_s - (time.monotonic() - started)
                 try:
                     message = await asyncio.wait_for(
-                        receive(), min(self.config.body_idle_s, max(left, 0.0)))
+                        receive(), min(self.limits.body_idle_s, max(left, 0.0)))
                 except asyncio.TimeoutError:
                     raise BodyTimeout from None
                 if message["type"] != "http.request":
@@ -194,7 +201,7 @@ class Door:
             self.buffered -= reserved
 
     def _reserve(self, count: int) -> int:
-        if self.buffered + count > self.config.max_buffered_bytes:
+        if self.buffered + count > self.limits.max_buffered_bytes:
             raise Problem(503, "Service busy", "too many request bodies are arriving at once; "
                           "retry after 1 s", slug="service-busy", headers={"Retry-After": "1"})
         self.buffered += count
@@ -268,7 +275,7 @@ def too_large_detail(max_bytes: int) -> str:
             "smaller image (downscale or recompress it) or fewer terms")
 
 
-UPLOAD_SCOPE_KEY = "clipdex.upload"  # set by the Door: the request carries an image (or more)
+UPLOAD_SCOPE_KEY = "clipdex.upload"  # set on admission: the request carries an image (or more)
 UPLOAD_MIN_BYTES = 64 * 1024  # a JSON body this large holds base64 images, not a query
 
 
@@ -279,7 +286,7 @@ def _is_upload(headers: Headers, body: bytes) -> bool:
 
 class InFlightLimitMiddleware:
     """At most `max_in_flight` requests inside the app, and of them at most half carrying
-    uploads (the Door marks those); the next one gets 503 at once.
+    uploads (AdmissionMiddleware marks those); the next one gets 503 at once.
 
     The uploads' own cap is a bulkhead: forty clients resending scan bombs held every place
     and the text searches beside them got 503. Each bomb is refused cheaply now, but the
@@ -308,10 +315,9 @@ class InFlightLimitMiddleware:
                                                                     "requests"))
             # The connection stays open: uvicorn discards any unread body, the client reads
             # its 503 (closing with unread bytes would reset the connection).
-            await send_problem(send, 503, "Service busy", "service-busy",
-                               f"{held} {what} are already in progress; retry "
-                               f"after {self.retry_after} s",
-                               extra_headers=[(b"retry-after", self.retry_after.encode())])
+            await send_problem(send, Problem(
+                503, "Service busy", f"{held} {what} are already in progress; retry after "
+                f"{self.retry_after} s", headers={"Retry-After": self.retry_after}))
             return
         self.in_flight += 1
         self.uploads += upload
@@ -320,21 +326,6 @@ class InFlightLimitMiddleware:
         finally:
             self.in_flight -= 1
             self.uploads -= upload
-
-
-async def send_problem(send: Send, status: int, title: str, slug: str, detail: str,
-                       close: bool = False,
-                       extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    """An RFC 9457 problem straight onto the ASGI channel, for middleware below the app's
-    exception handlers; `close` when the rest of the request body will not be read."""
-    body = json.dumps({"type": PROBLEM_TYPE + slug, "title": title, "status": status,
-                       "detail": detail}).encode()
-    headers = [(b"content-type", b"application/problem+json"),
-               (b"content-length", str(len(body)).encode()), *(extra_headers or [])]
-    if close:
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -49,8 +49,8 @@ CLIENT_GONE = "499"  # the status label of a request whose client left before it
 class RequestMetricsMiddleware:
     """Counts requests and times them under the route's template (/items/{item_id}),
     never the raw path, so ids in URLs do not explode the label set. A request the app
-    returned from without answering had lost its client (the Door heard it leave, or the
-    server stopped its connection): it is counted as 499, not as a server error."""
+    returned from without answering had lost its client (AdmissionMiddleware heard it leave,
+    or the server stopped its connection): it is counted as 499, not as a server error."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app, self.metrics = app, metrics

@@ -1,14 +1,11 @@
-"""The answers the HTTP server writes itself, before or outside the app: each an RFC 9457
-problem on the wire (uvicorn's own are plain text)."""
+"""The answers the HTTP server writes itself, before any request reaches the app: each an
+RFC 9457 problem on the wire (`api.errors.problem_http`; uvicorn's own are plain text)."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
-
-from api.errors import PROBLEM_TYPE
+from api.errors import Problem, problem_http
 
 REFUSALS = {  # status: (reason phrase, title, slug, detail with the limits' fields)
     400: ("Bad Request", "Malformed request", "malformed-request",
@@ -32,28 +29,14 @@ REFUSALS = {  # status: (reason phrase, title, slug, detail with the limits' fie
 RETRY_AFTER = (429, 503)
 
 
+def refusal(status: int, limits: dict[str, Any]) -> Problem:
+    """The problem refusing a request or connection with `status`; its detail names the
+    limit from `limits`."""
+    _, title, slug, detail = REFUSALS[status]
+    headers = {"Retry-After": "1"} if status in RETRY_AFTER else None
+    return Problem(status, title, detail.format(**limits), slug=slug, headers=headers)
+
+
 def refusal_bytes(status: int, limits: dict[str, Any]) -> bytes:
-    """A whole response refusing a request or connection with `status` (closing it); the
-    detail names the limit from `limits`."""
-    reason, title, slug, detail = REFUSALS[status]
-    body = json.dumps({"type": PROBLEM_TYPE + slug, "title": title, "status": status,
-                       "detail": detail.format(**limits)}).encode()
-    retry = "retry-after: 1\r\n" if status in RETRY_AFTER else ""
-    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/problem+json\r\n"
-            f"content-length: {len(body)}\r\n{retry}connection: close\r\n\r\n".encode()
-            + body)
-
-
-def problem_500(cycle: RequestResponseCycle) -> Any:
-    """uvicorn's answer when the app fails before responding, as a problem (it is plain text)."""
-
-    async def send_500_response() -> None:
-        body = json.dumps({"type": PROBLEM_TYPE + "internal-error", "title": "Internal error",
-                           "status": 500, "detail": "the service failed unexpectedly; the log "
-                           "has details"}).encode()
-        await cycle.send({"type": "http.response.start", "status": 500, "headers": [
-            (b"content-type", b"application/problem+json"),
-            (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
-        await cycle.send({"type": "http.response.body", "body": body, "more_body": False})
-
-    return send_500_response
+    """A whole response refusing a request or connection with `status` (closing it)."""
+    return problem_http(refusal(status, limits), REFUSALS[status][0])

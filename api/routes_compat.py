@@ -16,7 +16,7 @@ from api.deps import Leased, ReadAccess, State
 from api.errors import Problem, problem_responses
 from api.images import decode_base64
 from api.limits import structure_limit
-from api.responses import hit_body
+from api.responses import knn_results
 from api.schemas import INTEGRAL
 from api.settings import MAX_K, MAX_TEXT_CHARS, VECTOR_QUERY_BODY_BYTES
 from retrieval.search.query import Query, Term
@@ -84,8 +84,7 @@ async def knn_service(body: KnnRequest, state: State, searcher: Leased,
     ignored = [name for name in IGNORED_OPTIONS if getattr(body, name)]
     if ignored:
         response.headers["X-Clipdex-Ignored"] = ", ".join(ignored)
-    return [_result(hit_body(hit, state.settings.public_url).model_dump())
-            for hit in result.hits]
+    return knn_results(result, state.settings.public_url)
 
 
 def _term(body: KnnRequest) -> Term:
@@ -97,10 +96,3 @@ def _term(body: KnnRequest) -> Term:
     if body.embedding_input:
         return Term(vector=body.embedding_input)
     raise Problem(422, "Bad query", "send one of text, image or embedding_input")
-
-
-def _result(hit: dict[str, Any]) -> dict[str, Any]:
-    caption = hit["text"] or (hit["captions"][0] if hit["captions"] else None)
-    folded = {"duplicates": hit["duplicates"]} if hit["duplicates"] else {}
-    return {**hit["metadata"], "id": hit["id"], "similarity": hit["score"],
-            "url": hit["image_url"], "caption": caption, **folded}

@@ -10,9 +10,8 @@ from fastapi.responses import FileResponse
 
 from api.deps import Leased, ReadAccess, State
 from api.errors import problem_responses
-from api.responses import hit_body
+from api.responses import item_body
 from api.schemas import MAX_ITEM_ID, ItemResponse
-from retrieval.search.searcher import Hit
 
 router = APIRouter(prefix="/items", tags=["items"], dependencies=[ReadAccess],
                    responses=problem_responses(401, 404, 422, 503))
@@ -25,8 +24,7 @@ ItemId = Annotated[int, PathParam(ge=0, le=MAX_ITEM_ID, description="an id from 
 @router.get("/{item_id}", response_model=ItemResponse, summary="One indexed item's record")
 async def get_item(item_id: ItemId, state: State, searcher: Leased) -> ItemResponse:
     record = await state.run(searcher.item, item_id)
-    body = hit_body(Hit(item_id, 0.0, record), state.settings.public_url)
-    return ItemResponse(**{**body.model_dump(), "score": None})
+    return item_body(item_id, record, state.settings.public_url)
 
 
 @router.get("/{item_id}/image", response_class=FileResponse, responses=IMAGE_FILE,

@@ -12,7 +12,7 @@ from api.deps import Leased, ReadAccess, State
 from api.errors import Problem, problem_responses
 from api.images import decode_base64, form_json, upload_openapi
 from api.limits import body_limit, structure_limit
-from api.responses import hit_body, search_response
+from api.responses import browse_response, hit_body, search_response
 from api.schemas import (
     FILTER_DESCRIPTION,
     LABELS_DESCRIPTION,
@@ -22,7 +22,6 @@ from api.schemas import (
     BrowseResponse,
     CaptionResponse,
     ClassifyResponse,
-    ItemResponse,
     LabelProbability,
     QueryTerm,
     SearchMultiRequest,
@@ -34,7 +33,6 @@ from api.schemas import (
 )
 from api.settings import MAX_K, MAX_LABELS, TEXT_QUERY_BODY_BYTES, VECTOR_QUERY_BODY_BYTES
 from retrieval.search.query import ZERO_SHOT_TEMPLATE, Listing, Query, Term
-from retrieval.search.searcher import Hit
 
 # Every search can meet these; routes add what their inputs make possible (cursors and
 # texts or images against an index of external embeddings: 409, uploads: 415, item ids: 404).
@@ -106,12 +104,8 @@ async def search_multi(body: SearchMultiRequest, state: State,
 async def browse(body: BrowseRequest, state: State, searcher: Leased) -> BrowseResponse:
     listing = Listing(filter=body.filter, target=body.target, order_by=body.order_by,
                       descending=body.descending, k=body.k, cursor=body.cursor)
-    result = await state.run(searcher.browse, listing)
-    base = state.settings.public_url
-    hits = [ItemResponse(**hit_body(Hit(hit.id, 0.0, hit.item), base).model_dump(
-        exclude={"score"})) for hit in result.hits]
-    return BrowseResponse(hits=hits, generation=result.generation,
-                          next_cursor=result.next_cursor, took_ms=result.took_ms)
+    return browse_response(await state.run(searcher.browse, listing),
+                           state.settings.public_url)
 
 
 def _term(term: QueryTerm) -> Term:

@@ -17,10 +17,20 @@ enforced on the bytes as they arrive, before httptools buffers them.
   more are let in for one request each, which must be a health check or carry a key. The
   rest are answered 503 (or 429) and closed.
 
-Every refusal is an RFC 9457 problem (`api.refusals`), protocol errors (bad framing, smuggling attempts,
-obsolete line folding) included. A refused connection is closed gracefully: our side is shut
-for writing and whatever the client still sends is read and dropped for a moment, so it
-receives the answer rather than a reset (those turned away on arrival are closed at once).
+Every refusal is an RFC 9457 problem (`api.refusals`), protocol errors (bad framing, smuggling
+attempts, obsolete line folding) and uvicorn's own 500 included. A refused connection is closed
+gracefully: our side is shut for writing and whatever the client still sends is read and
+dropped for a moment, so it receives the answer rather than a reset (those turned away on
+arrival are closed at once).
+
+Why a subclass of uvicorn's httptools protocol, which uvicorn does not document for
+extension: no uvicorn setting does this. With httptools it caps no head; the h11 parser's
+`h11_max_incomplete_event_size` answers a plain-text 400; `limit_concurrency` has no
+per-address cap or reserve and answers plain text; `timeout_keep_alive` bounds the silence
+between requests, not a head arriving. ASGI middleware runs only once a head is parsed whole.
+So the class goes to uvicorn through its `http=` option, and this module alone touches
+uvicorn's internals: tests/api/test_uvicorn_guard.py pins what it relies on and the versions
+read against (`UVICORN_CHECKED`), and says what to re-check after an upgrade.
 
 Left to a reverse proxy in front of a public service: clients with many addresses (each gets
 its own per-address cap, and together they can fill the total and its reserve, which they
@@ -32,6 +42,7 @@ and let the proxy cap each client.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +51,10 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from api.connections import ConnectionCounts, ConnectionLimits, admit
-from api.refusals import problem_500, refusal_bytes
+from api.errors import internal_error, send_problem
+from api.refusals import refusal_bytes
+
+UVICORN_CHECKED = ("0.55.0",)  # the uvicorn versions whose httptools_impl this was read against
 
 LINGER_S = 2.0  # how long a refused connection's late bytes are read and dropped
 # A chunked body is parsed this much at a time, so that bytes carrying no body data (trailers)
@@ -230,7 +244,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._body_left = _declared_length(self.headers)
         super().on_headers_complete()
         if self.cycle is not None:
-            self.cycle.send_500_response = problem_500(self.cycle)  # type: ignore[method-assign]
+            self.cycle.send_500_response = _problem_500(self.cycle)  # type: ignore[method-assign]
             if self._reserve_only is not None:
                 self.cycle.keep_alive = False  # one request, then the place is free again
 
@@ -342,6 +356,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _problem(self, status: int) -> bytes:
         return refusal_bytes(status, {**vars(self.limits), **vars(self.connection_limits)})
+
+
+def _problem_500(cycle: RequestResponseCycle) -> Callable[[], Awaitable[None]]:
+    """uvicorn's answer when the app fails before responding (plain text there), as a
+    problem."""
+
+    async def send_500_response() -> None:
+        await send_problem(cycle.send, internal_error(), close=True)  # type: ignore[arg-type]
+
+    return send_500_response
 
 
 def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -2,12 +2,19 @@
 
 Every field can come from the environment with the `CLIPDEX_` prefix (`CLIPDEX_PORT=9000`,
 `CLIPDEX_ADMIN_KEY`, `CLIPDEX_READ_KEYS=k1,k2`); values passed explicitly (the CLI's flags, a
-test's arguments) win over the environment. Keys are `SecretStr`: they never reach a repr, a
-log line or a traceback.
+test's arguments) win over the environment. The micro-batcher's fields are nested under
+`batching`, one variable each after a double underscore (`CLIPDEX_BATCHING__MAX_BATCH=8`,
+`CLIPDEX_BATCHING__MAX_WAIT_MS`, `CLIPDEX_BATCHING__QUEUE_SIZE`,
+`CLIPDEX_BATCHING__MAX_QUEUE_WAIT_MS`) or as one JSON object (`CLIPDEX_BATCHING='{"max_batch":
+8}'`). `clipdex serve` takes what neither a flag nor the environment sets from the defaults
+here, except three it derives: the batch size from the device, the requests in flight from
+the batch size, and the backend (auto). Keys are `SecretStr`: they never reach a repr, a log
+line or a traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,7 +36,8 @@ EMPTY_BODY_BYTES = 4 * 1024
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CLIPDEX_", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="CLIPDEX_", env_nested_delimiter="__",
+                                      frozen=True)
 
     index: Path | None = None  # the index root the indexer wrote (None: generation injected)
     model: str = "default"
@@ -38,7 +46,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     batching: BatcherConfig = Field(default_factory=BatcherConfig)
-    max_in_flight: int | None = 256  # requests inside the app at once, then 503; None: no cap
+    max_in_flight: int | None = 256  # requests inside the app at once, then 503; 0/None: no cap
     admin_key: SecretStr | None = None  # None: write endpoints are disabled
     # empty: searching needs no key; from the environment, comma-separated
     read_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
@@ -79,6 +87,20 @@ class Settings(BaseSettings):
         """`CLIPDEX_READ_KEYS=a, b,` is two keys: blanks and empty entries are dropped."""
         if isinstance(value, str):
             return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
+    @field_validator("max_in_flight")
+    @classmethod
+    def _zero_is_no_cap(cls, value: int | None) -> int | None:
+        """0 turns the cap off, as `--max-in-flight 0` does."""
+        return value or None
+
+    @field_validator("batching")
+    @classmethod
+    def _zero_wait_is_off(cls, value: BatcherConfig) -> BatcherConfig:
+        """A queue-wait budget of 0 turns it off, as `--max-queue-wait-ms 0` does."""
+        if value.max_queue_wait_ms == 0:
+            return dataclasses.replace(value, max_queue_wait_ms=None)
         return value
 
     @field_validator("admin_key", mode="before")

@@ -57,20 +57,22 @@ def _tags(count: int, rng: np.random.Generator) -> list[str]:
     return [" ".join(f"w{w}" for w in row) for row in words]
 
 
+def _ask(searcher: Searcher, query: np.ndarray, mode: str, keywords: str | None) -> None:
+    searcher.search(Query.vector(query.tolist(), k=K, mode=mode, keywords=keywords))
+
+
 def _modes(searcher: Searcher, queries: np.ndarray, rng: np.random.Generator) -> dict:
     """p50 / p95 latency (ms) and queries/s, one query per call, of each search mode with
     the same vectors and two tag words of middling frequency as the keywords."""
     words = [f"w{a} w{b}" for a, b in rng.integers(10, 200, size=(len(queries), 2))]
     out = {}
     for mode in MODES:
-        def ask(i: int) -> None:
-            searcher.search(Query.vector(queries[i].tolist(), k=K, mode=mode,
-                                         keywords=None if mode == "vector" else words[i]))
-        ask(0)  # warm the caches
+        keywords = [None] * len(queries) if mode == "vector" else words
+        _ask(searcher, queries[0], mode, keywords[0])  # warm the caches
         latencies = []
-        for i in range(len(queries)):
+        for query, keyword in zip(queries, keywords, strict=True):
             started = time.perf_counter()
-            ask(i)
+            _ask(searcher, query, mode, keyword)
             latencies.append(time.perf_counter() - started)
         out[mode] = {"p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 2),
                      "p95_ms": round(float(np.percentile(latencies, 95)) * 1000, 2),

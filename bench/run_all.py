@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,15 +89,15 @@ def encoder_part(args: argparse.Namespace) -> dict:
         size = size if isinstance(size, int) else size[0]
         padded = clip.tokenizer([TYPICAL_QUERY])  # (1, context_length)
         tokens = trim_padding(padded, clip.pad_token_id)  # (1, L): what clipdex encodes
-        image_flops = count_flops(lambda: clip.model.encode_image(torch.zeros(1, 3, size, size)))
-        text_flops = count_flops(lambda: text_forward(clip, padded, trim=True))
+        image_flops = count_flops(partial(clip.model.encode_image, torch.zeros(1, 3, size, size)))
+        text_flops = count_flops(partial(text_forward, clip, padded, trim=True))
         texts = [TYPICAL_QUERY] * args.text_n
-        text_rate = _best_rate(lambda: encode_texts(clip, texts, batch_size=64), len(texts),
+        text_rate = _best_rate(partial(encode_texts, clip, texts, batch_size=64), len(texts),
                                args.repeats)
         rows = {"text": _row(text_rate, text_flops, peak, batch=64, tokens=tokens.shape[1])}
         for batch in sorted({args.image_batch, args.image_batch_large}):
             pixels = torch.randn(batch, 3, size, size)
-            rate = _best_rate(lambda: encode_image_batch(clip, pixels), batch, args.repeats)
+            rate = _best_rate(partial(encode_image_batch, clip, pixels), batch, args.repeats)
             rows[f"image_b{batch}"] = _row(rate, image_flops, peak, batch=batch)
         out["models"][spec] = {"image_flops": image_flops, "text_flops": text_flops,
                                "image_size": size, "rows": rows}

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-BACKENDS = ("auto", "torch", "onnx")  # retrieval.models.onnx.BACKENDS, without importing torch
+from retrieval.models.choices import BACKENDS, PRECISIONS
+
 MODEL_HELP = ("'default' (bundled), a .safetensors checkpoint, a clipdex architecture, an "
               "open_clip ARCH[:TAG], an hf-hub:ORG/NAME spec, or a local open_clip model folder "
               "(default: %(default)s)")
@@ -39,19 +39,40 @@ def tqdm_progress(label: str, total: int) -> Any:
 
 def model_options(parser: argparse.ArgumentParser, precision: bool = False,
                   model_default: str | None = "default", model_help: str = MODEL_HELP,
-                  backend: bool = True) -> None:
-    """--model and --device; --backend for commands that only encode (training needs torch)."""
-    parser.add_argument("--model", default=model_default, help=model_help)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
+                  backend: bool = True, device_default: str = "auto",
+                  backend_default: str = "auto", env_prefix: str | None = None) -> None:
+    """--model and --device; --backend for commands that only encode (training needs torch).
+
+    With `env_prefix` (`clipdex serve`, whose settings read the environment) a flag not given
+    is left out of the parsed arguments, so the environment (`{env_prefix}MODEL`, ...) comes
+    before the defaults, which the help still shows."""
+    def unset_or(default: Any) -> Any:
+        return default if env_prefix is None else argparse.SUPPRESS
+
+    parser.add_argument("--model", default=unset_or(model_default),
+                        help=_shown(model_help, model_default, "model", env_prefix))
+    parser.add_argument("--device", default=unset_or(device_default),
+                        help=_shown("auto, cpu, cuda, cuda:1 … (default: %(default)s)",
+                                    device_default, "device", env_prefix))
     if backend:
-        parser.add_argument("--backend", default="auto", choices=BACKENDS,
-                            help="what runs the towers: onnx (ONNX Runtime, CPU; exported on "
-                                 "first use and cached beside the model), torch, or auto: "
-                                 "onnx on CPU when installed, torch on CUDA "
-                                 "(default: %(default)s)")
+        parser.add_argument("--backend", default=unset_or(backend_default), choices=BACKENDS,
+                            help=_shown("what runs the towers: onnx (ONNX Runtime, CPU; "
+                                        "exported on first use and cached beside the model), "
+                                        "torch, or auto: onnx on CPU when installed, torch on "
+                                        "CUDA (default: %(default)s)",
+                                        backend_default, "backend", env_prefix))
     if precision:
         parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                             help="autocast precision (auto: fp16 on CUDA, fp32 on CPU)")
+
+
+def _shown(text: str, default: Any, name: str, env_prefix: str | None) -> str:
+    """`text` with its "(default: %(default)s)" spelt out, and the environment variable named
+    when there is one (argparse cannot show a default it does not hold)."""
+    if env_prefix is None:
+        return text
+    shown = f"{default}, or env {env_prefix}{name.upper()}".replace("%", "%%")
+    return text.replace("%(default)s", shown)
 
 
 @dataclasses.dataclass(frozen=True)

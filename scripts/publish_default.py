@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from retrieval.inputs.demo import DATA_DIR
 from retrieval.atomic import write_json_atomic
+from retrieval.inputs.demo import DATA_DIR
 from retrieval.models.card import card_path, read_weights, write_checkpoint
 from retrieval.models.loading import BUNDLED
 

@@ -19,6 +19,7 @@ from clipdex.options import (
 )
 from retrieval.ann.engines import KINDS
 from retrieval.errors import EngineError, ManifestError, ModelLoadError
+from retrieval.models.choices import PRECISIONS
 
 BUILD_FLAGS = {
     "batch_size": Flag("images per model call"),
@@ -28,7 +29,7 @@ BUILD_FLAGS = {
     "max_memory": Flag("index memory budget, e.g. 4GB"),
     "index_kind": Flag("force an index type instead of choosing by size and memory",
                        name="--index-type", choices=KINDS),
-    "precision": Flag("autocast precision", choices=("auto", "fp32", "fp16", "bf16")),
+    "precision": Flag("autocast precision", choices=PRECISIONS),
     "target_recall": Flag("recall@10 against exact search that an approximate index's search "
                           "settings are tuned to reach; lower answers faster (default: 0.95, "
                           "or for `add` the index's own)"),

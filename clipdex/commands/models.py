@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 
 from clipdex.options import (
-    PRECISIONS,
     Flag,
     config_flags,
     config_from,
@@ -19,6 +18,7 @@ from clipdex.options import (
     model_options,
     tqdm_progress,
 )
+from retrieval.models.choices import PRECISIONS
 
 TRAIN_FLAGS = {
     "out": Flag("run folder (checkpoints, log)"),

@@ -27,10 +27,9 @@ from retrieval.inputs.images import (
     normalise_uint8,
     split_tensor_tail,
 )
+from retrieval.models.choices import PRECISIONS
 from retrieval.models.clip import ClipModel, Towers
 from retrieval.models.text import text_features, text_trims, trim_padding
-
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:

@@ -34,10 +34,10 @@ from PIL import Image
 
 from retrieval.atomic import fsync_path
 from retrieval.errors import ModelLoadError
+from retrieval.models.choices import BACKENDS
 from retrieval.models.clip import ClipModel
 from retrieval.models.text import text_features, text_trims, trim_padding
 
-BACKENDS = ("auto", "torch", "onnx")
 EXPORT_FORMAT = "clipdex-onnx/2"  # bump when the exported graphs change: old keys re-export
 FORMAT_TAG = "v2"
 OPSET = 17

@@ -22,13 +22,38 @@ def _run(*argv: str, **options) -> subprocess.CompletedProcess:
                           **options)
 
 
+def _copy_sources(dest: Path) -> Path:
+    """The checkout's files as a fresh clone has them, plus new files not yet committed (git
+    ignores neither): setuptools writes build/ and *.egg-info into the tree it builds, and a
+    stale build/ (files that moved away stay there) would ship in the wheel."""
+    listed = _run("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard",
+                  cwd=ROOT)
+    assert listed.returncode == 0, listed.stderr
+    for name in filter(None, listed.stdout.split("\0")):
+        source = ROOT / name
+        if source.is_file():  # a tracked file deleted in the work tree is not there
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    return dest
+
+
+def _build_outputs(root: Path) -> dict[str, int]:
+    """What a setuptools build leaves in the tree it builds: the top-level names, and every
+    file under build/ and *.egg-info with its modification time."""
+    found = {path.name: 0 for path in root.iterdir()}
+    for folder in [root / "build", *root.glob("*.egg-info")]:
+        for path in folder.rglob("*"):
+            found[str(path.relative_to(root))] = path.stat().st_mtime_ns
+    return found
+
+
 def test_the_wheel_carries_the_default_model_and_runs_the_demo(tmp_path):
-    # setuptools stages files in the checkout's build/ and never removes a file that moved
-    # away: a stale copy there would ship in the wheel.
-    shutil.rmtree(ROOT / "build", ignore_errors=True)
+    checkout = _build_outputs(ROOT)
+    sources = _copy_sources(tmp_path / "sources")
     built = _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                 "-q", "-w", str(tmp_path / "dist"), str(ROOT))
+                 "-q", "-w", str(tmp_path / "dist"), str(sources))
     assert built.returncode == 0, built.stderr[-3000:]
+    assert _build_outputs(ROOT) == checkout  # the build wrote nothing into the checkout
     [wheel] = (tmp_path / "dist").glob("clipdex-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert set(SHIPPED) <= names

@@ -17,8 +17,8 @@ from api.app import create_app
 from api.settings import Settings
 from indexer.build import BuildConfig, build
 from retrieval.store import open_generation
-from tests.api.helpers import ServerThread
 from tests.conftest import COLOURS, make_image
+from tests.support.server import ServerThread
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN = "admin-key"

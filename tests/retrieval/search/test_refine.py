@@ -3,8 +3,6 @@ collapse near-duplicates when asked; checked on a real store generation."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import pytest
 
@@ -13,6 +11,7 @@ from retrieval.errors import InvalidQueryError
 from retrieval.models.identity import ModelIdentity
 from retrieval.search.calibration import Calibration
 from retrieval.store import ItemRecord, write_generation
+from tests.support.encoders import TableEncoder
 
 DIM = 16
 MODEL = ModelIdentity(sha256="ee" * 32, arch="synthetic", embed_dim=DIM)
@@ -22,22 +21,6 @@ FIT = Calibration((17.0, 20.0, 0.0), -9.0)
 
 def unit(rows: np.ndarray) -> np.ndarray:
     return (rows / np.linalg.norm(rows, axis=-1, keepdims=True)).astype(np.float32)
-
-
-class WordEncoder:
-    """Texts are looked up in a table of vectors: a model stand-in with the real interface."""
-
-    embed_dim, logit_scale = DIM, 100.0
-    model_sha256 = None  # no model: the index's own is not checked
-
-    def __init__(self, table: dict[str, np.ndarray], calibrations: dict[str, Calibration]):
-        self.table, self.calibrations = table, calibrations
-
-    def texts(self, texts: Sequence[str]) -> np.ndarray:
-        return np.stack([self.table[text] for text in texts])
-
-    def images(self, images: Sequence[object]) -> np.ndarray:
-        raise NotImplementedError
 
 
 @pytest.fixture
@@ -55,8 +38,8 @@ def generation(tmp_path):
 def searcher(generation, calibrations=None) -> Searcher:
     opened, images = generation
     table = {"the scene": unit(images[0] + 0.3 * unit(np.ones(DIM))), "vague": unit(np.ones(DIM))}
-    return Searcher(opened, WordEncoder(table, {"text_to_image": FIT}
-                                        if calibrations is None else calibrations))
+    return Searcher(opened, TableEncoder(table, {"text_to_image": FIT}
+                                         if calibrations is None else calibrations))
 
 
 def test_hits_carry_relevance_that_falls_with_the_score(generation):

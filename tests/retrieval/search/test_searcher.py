@@ -15,15 +15,19 @@ import retrieval
 from retrieval import ModelEncoder, Query, Searcher, Term, open_generation
 from retrieval.errors import BadCursorError, InvalidQueryError, StaleCursorError, TooDeepError
 from retrieval.search.cursor import Cursor, decode_cursor, encode_cursor
-from tests.api.helpers import build_index
 from tests.conftest import COLOURS, make_image
+from tests.support.colours import build_index, colour_generation
 
 
 @pytest.fixture(scope="module")
-def searcher(tiny, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("searcher")
-    images = {name: make_image(folder / f"{name}.png", rgb) for name, rgb in COLOURS.items()}
-    root = build_index(folder / "index", tiny, images)
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("colours")
+    return {name: make_image(folder / f"{name}.png", rgb) for name, rgb in COLOURS.items()}
+
+
+@pytest.fixture(scope="module")
+def searcher(tiny, images, tmp_path_factory):
+    root = build_index(tmp_path_factory.mktemp("searcher") / "index", tiny, images)
     with open_generation(root) as generation:
         yield Searcher(generation, ModelEncoder(tiny), max_depth=20)
 
@@ -59,6 +63,17 @@ def test_a_cursor_belongs_to_its_query_and_generation(searcher):
         searcher.search(Query.text("a red square", k=2, cursor=other))
     with pytest.raises(TooDeepError):
         searcher.search(Query.text("a red square", k=19, cursor=page.next_cursor))
+
+
+def test_a_stored_generation_answers_as_the_exact_oracle(searcher, tiny, images):
+    exact = Searcher(colour_generation(tiny, images), ModelEncoder(tiny), max_depth=20)
+    photo = images["blue"].read_bytes()
+    for query in (Query.text("a red square", k=8), Query.text("a green square", k=16,
+                                                                target="text"),
+                  Query.image(photo, k=8), Query.image(photo, k=5, target="text")):
+        stored, oracle = searcher.search(query).hits, exact.search(query).hits
+        assert [hit.id for hit in stored] == [hit.id for hit in oracle]
+        assert np.allclose([h.score for h in stored], [h.score for h in oracle], atol=1e-5)
 
 
 @pytest.mark.parametrize("field,raw", [("n", "Infinity"), ("n", "1e400"), ("s", "NaN"),
