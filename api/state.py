@@ -24,6 +24,7 @@ from api.settings import Settings
 from retrieval.errors import ClipdexError
 from retrieval.index import Index, external_of, open_index
 from retrieval.inputs.images import draft_side_of
+from retrieval.models.choices import MODALITIES
 from retrieval.models.clip import ClipModel
 from retrieval.models.identity import ModelIdentity, model_identity
 from retrieval.models.inference import encode_image_batch, encode_texts
@@ -247,7 +248,7 @@ class ServiceState:
         if self.slot is None:
             return
         generation = self.slot.current.generation
-        for modality in ("image", "text"):
+        for modality in MODALITIES:
             self.metrics.index_items.labels(modality).set(generation.count(modality))
 
     def describe(self) -> dict[str, Any]:

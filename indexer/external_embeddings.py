@@ -42,6 +42,7 @@ from indexer.config import DEFAULT_CONFIG, BuildConfig, Summary
 from retrieval.ann.ondisk import BlockFiller, fill_here
 from retrieval.ann.rowscan import row_chunks
 from retrieval.errors import IndexMismatchError, ManifestError, ModelLoadError
+from retrieval.models.choices import MODALITIES
 from retrieval.models.identity import ModelIdentity, external_identity
 from retrieval.progress import ProgressFactory
 from retrieval.store import (
@@ -136,7 +137,7 @@ def find_shards(folder: Path) -> list[EmbeddingShard]:
 
 
 def _checked(folder: Path, number: str, metadata: Path) -> EmbeddingShard:
-    images, texts = (_beside(folder, modality, number) for modality in ("image", "text"))
+    images, texts = (_beside(folder, modality, number) for modality in MODALITIES)
     rows = _parquet_rows(metadata)
     dims = set()
     for path in (p for p in (images, texts) if p is not None):

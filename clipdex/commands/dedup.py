@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from retrieval.models.choices import MODALITIES
 from retrieval.search.dedup import DEFAULT_THRESHOLD
 
 TABLE_GROUPS = 20  # the table shows the largest groups; --json has them all
@@ -19,7 +20,7 @@ def add_parser(actions: argparse._SubParsersAction) -> None:
     dedup.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                        help="cosine at or above which two items are duplicates "
                             "(default: %(default)s)")
-    dedup.add_argument("--modality", choices=("image", "text"), default="image")
+    dedup.add_argument("--modality", choices=MODALITIES, default="image")
     dedup.add_argument("--json", action="store_true", help="print every group as JSON")
     dedup.set_defaults(func=cmd_dedup)
 

@@ -152,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _calibrate(clip: Any, embeddings: Any, args: argparse.Namespace) -> dict[str, Any]:
     """Fit, report on held-out halves, and store the fit in the checkpoint's card."""
     from retrieval.errors import ModelLoadError
-    from retrieval.search.calibration import calibrate, store_in_card
+    from retrieval.training.calibration import calibrate, store_in_card
 
     if clip.source is None:
         raise ModelLoadError(f"--calibrate stores the fit in a model card: {args.model!r} is "

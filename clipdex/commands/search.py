@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from clipdex.options import model_options
+from retrieval.models.choices import MODALITIES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     search.add_argument("--index", type=Path, required=True, help="index directory")
     search.add_argument("--image", type=Path, default=None,
                         help="an image query (with a text too, both count equally)")
-    search.add_argument("--target", choices=("image", "text"), default=None,
+    search.add_argument("--target", choices=MODALITIES, default=None,
                         help="search images or texts (default: images for a text query, "
                              "texts for an image query)")
     search.add_argument("-k", type=int, default=10, help="hits (default: %(default)s)")

@@ -14,10 +14,10 @@ from PIL import Image
 
 from retrieval.errors import InvalidQueryError
 from retrieval.fields.filters import canonical
+from retrieval.models.choices import MODALITIES
 from retrieval.search.cursor import query_fingerprint
 from retrieval.search.hybrid import MODES
 
-TARGETS = ("image", "text")
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
 
 
@@ -69,8 +69,8 @@ class Query:
     min_relevance: float | None = None  # cut where the calibrated relevance falls below it
 
     def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise InvalidQueryError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.target not in MODALITIES:
+            raise InvalidQueryError(f"target must be one of {MODALITIES}, got {self.target!r}")
         if self.mode not in MODES:
             raise InvalidQueryError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.mode != "vector" and self.threshold is not None:
@@ -145,8 +145,8 @@ class Listing:
     cursor: str | None = None
 
     def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise InvalidQueryError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.target not in MODALITIES:
+            raise InvalidQueryError(f"target must be one of {MODALITIES}, got {self.target!r}")
         if self.k < 1:
             raise InvalidQueryError(f"k must be at least 1, got {self.k}")
 

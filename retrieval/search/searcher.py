@@ -25,15 +25,15 @@ from retrieval.errors import (
     UnknownItemError,
 )
 from retrieval.fields.filters import Filter, parse_filter
+from retrieval.models.choices import MODALITIES
 from retrieval.search import refine
 from retrieval.search.calibration import Calibration
 from retrieval.search.cursor import Cursor, decode_cursor, encode_cursor
 from retrieval.search.hybrid import HYBRID_DEPTH, fuse
-from retrieval.search.query import TARGETS, ZERO_SHOT_TEMPLATE, Listing, Query, Term
+from retrieval.search.query import ZERO_SHOT_TEMPLATE, Listing, Query, Term
 from retrieval.search.query_encoders import ImageLike, QueryEncoder
 from retrieval.store.manifest import mismatch_note
 
-MODALITIES = TARGETS
 MAX_DEPTH = 10_000  # deepest hit reachable by paging
 SLACK = 16  # extra hits fetched past a page's end, so float wobble cannot drop one
 Vector = np.ndarray  # (d,) float32, L2-normalised

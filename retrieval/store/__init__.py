@@ -12,14 +12,7 @@
 """
 
 from retrieval.store.commit import StoreOptions
-from retrieval.store.layout import (
-    FORMAT,
-    MODALITIES,
-    current_name,
-    keep_upload,
-    read_current,
-    upload_path,
-)
+from retrieval.store.layout import FORMAT, current_name, keep_upload, read_current, upload_path
 from retrieval.store.manifest import (
     GenerationManifest,
     external_model,
@@ -48,7 +41,6 @@ from retrieval.store.write import Appended, append_items, update_generation, wri
 
 __all__ = [
     "FORMAT",
-    "MODALITIES",
     "PROVISIONAL_BASE",
     "Appended",
     "Generation",

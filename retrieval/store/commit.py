@@ -23,10 +23,11 @@ from retrieval.ann.rowscan import RowWriter, gather_rows, row_chunks
 from retrieval.atomic import fsync_path
 from retrieval.digest import sha256_file
 from retrieval.errors import IndexStoreError
+from retrieval.models.choices import MODALITIES
 from retrieval.models.identity import ModelIdentity
 from retrieval.store import fields, keywords, layout, manifest, reduced
 from retrieval.store.faults import fault_point
-from retrieval.store.layout import MODALITIES, PLURAL
+from retrieval.store.layout import PLURAL
 from retrieval.store.manifest import GenerationManifest
 
 KEEP_GENERATIONS = 2

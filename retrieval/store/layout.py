@@ -35,7 +35,6 @@ from retrieval.atomic import write_bytes_atomic
 from retrieval.errors import IndexCorruptError, IndexNotFoundError
 
 FORMAT = "clipdex-index/1"
-MODALITIES = ("image", "text")
 PLURAL = {"image": "images", "text": "texts"}  # file-name stem of each modality
 MANIFEST = "manifest.json"
 ITEMS = "items.sqlite"

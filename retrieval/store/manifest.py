@@ -37,6 +37,7 @@ from retrieval.ann import engines as ann
 from retrieval.digest import sha256_file
 from retrieval.errors import ExternalModelError, IndexCorruptError, IndexMismatchError
 from retrieval.fields.values import TYPES
+from retrieval.models.choices import MODALITIES
 from retrieval.models.identity import ModelIdentity, external_note
 from retrieval.store import layout
 
@@ -138,7 +139,7 @@ def _shape_problem(manifest: dict[str, Any]) -> str | None:
     """What is wrong with the parts of a manifest that readers act on (manifests written
     before they were sealed with a checksum are only checked this way)."""
     try:
-        for modality in layout.MODALITIES:
+        for modality in MODALITIES:
             section = manifest["modalities"][modality]
             spec = ann.IndexSpec(**section["index"])
             counts = [section[key] for key in ("rows", "live", "deleted")]

@@ -30,9 +30,9 @@ from retrieval.errors import (
     UnknownItemError,
 )
 from retrieval.fields.filters import Filter
+from retrieval.models.choices import MODALITIES
 from retrieval.store import fields, keywords, layout, manifest, media, reduced
 from retrieval.store.filtered import Stored, exact_within, search_within
-from retrieval.store.layout import MODALITIES
 from retrieval.store.manifest import GenerationManifest
 from retrieval.store.readers import QUERY_SECONDS, Readers
 from retrieval.store.records import COLUMNS, ItemRecord, from_row

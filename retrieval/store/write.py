@@ -17,10 +17,11 @@ import numpy as np
 
 from retrieval.ann import engines as ann
 from retrieval.errors import DuplicateItemError, IndexStoreError, UnknownItemError
+from retrieval.models.choices import MODALITIES
 from retrieval.models.identity import ModelIdentity
 from retrieval.store import layout, media
 from retrieval.store.commit import Plan, StoreOptions, Table, commit, save_rows
-from retrieval.store.layout import MODALITIES, SCHEMA
+from retrieval.store.layout import SCHEMA
 from retrieval.store.manifest import GenerationManifest
 from retrieval.store.read import Generation, open_generation
 from retrieval.store.records import ItemRecord, StreamedRecords, insert

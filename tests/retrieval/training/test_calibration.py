@@ -9,6 +9,7 @@ import json
 import numpy as np
 
 from retrieval.search import calibration
+from retrieval.training import calibration as fitting
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
@@ -27,7 +28,7 @@ def validation_set(images: int = 400, dim: int = 32, seed: int = 0):
 
 
 def test_held_out_relevance_is_calibrated_and_beats_a_fixed_cutoff():
-    fitted, report = calibration.calibrate(*validation_set())
+    fitted, report = fitting.calibrate(*validation_set())
     assert set(fitted) == set(calibration.DIRECTIONS)
     for direction in calibration.DIRECTIONS:
         figures = report[direction]
@@ -40,7 +41,7 @@ def test_held_out_relevance_is_calibrated_and_beats_a_fixed_cutoff():
 
 
 def test_relevance_grows_with_the_score_and_reads_back_from_a_card(tmp_path):
-    fitted, _ = calibration.calibrate(*validation_set())
+    fitted, _ = fitting.calibrate(*validation_set())
     fit = fitted["text_to_image"]
     ranked = np.array([0.8, 0.5, 0.45, 0.4, 0.38, 0.35, 0.3, 0.3, 0.29, 0.28])
     relevance = fit.relevance(ranked, ranked)
@@ -53,5 +54,5 @@ def test_relevance_grows_with_the_score_and_reads_back_from_a_card(tmp_path):
 def test_expected_calibration_error_of_perfect_and_of_overconfident_predictions():
     labels = np.array([1] * 30 + [0] * 70)
     honest = np.full(100, 0.3)
-    assert calibration.expected_calibration_error(honest, labels) < 1e-9
-    assert calibration.expected_calibration_error(np.full(100, 0.9), labels) > 0.5
+    assert fitting.expected_calibration_error(honest, labels) < 1e-9
+    assert fitting.expected_calibration_error(np.full(100, 0.9), labels) > 0.5
