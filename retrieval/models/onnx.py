@@ -3,7 +3,7 @@ itself, from the very weights it loaded, caches the files, and encodes with ONNX
 
 Why: PyTorch eager runs the default model's depthwise convolutions at a small fraction of a
 CPU's matmul peak; ONNX Runtime's fused kernels and graph optimisations run the same graph
-about twice as fast (bench/onnx_speed.py), with the same embeddings (tests/retrieval/test_onnx.py).
+about twice as fast (bench/onnx_speed.py), with the same embeddings (tests/retrieval/models/test_onnx.py).
 
 Where the exports live, one folder per model fingerprint and export format (`KEY`):
   - beside a checkpoint, `x.safetensors` -> `x.onnx/KEY/`, when that folder is writable; a new
