@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from retrieval.inputs.demo import ensure_demo_corpus
+from tests.support.process import start, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -173,10 +174,8 @@ def tour(tmp_path_factory) -> Iterator[Tour]:
 
 def start_service(index: Path, port: int, log: Path) -> subprocess.Popen:
     """`clipdex serve` as `make run` starts it, on a free loopback port."""
-    with log.open("wb") as sink:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen([str(CLIPDEX), "serve", "--index", str(index), "--host",
-                                 "127.0.0.1", "--port", str(port)], cwd=index.parent, env=ENV,
-                                stdout=sink, stderr=subprocess.STDOUT)
+    return start([str(CLIPDEX), "serve", "--index", str(index), "--host", "127.0.0.1",
+                  "--port", str(port)], log, env=ENV, cwd=index.parent)
 
 
 def wait_ready(tour: Tour, timeout: float = 90) -> None:
@@ -191,16 +190,6 @@ def wait_ready(tour: Tour, timeout: float = 90) -> None:
         except OSError:
             time.sleep(0.2)
     raise AssertionError(f"not ready in {timeout} s:\n{tour.service_log.read_text()[-3000:]}")
-
-
-def stop(service: subprocess.Popen | None) -> None:
-    if service is not None:
-        service.terminate()
-        try:
-            service.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            service.kill()
-            service.wait()
 
 
 def test_the_library_snippet_prints_ranked_hits(tour, capsys):

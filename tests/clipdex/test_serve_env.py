@@ -10,7 +10,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,8 +25,9 @@ from clipdex.commands.serve import (
     settings_from,
 )
 from clipdex.main import build_parser
-from tests.api.helpers import build_index
 from tests.conftest import COLOURS, make_image
+from tests.support.colours import build_index
+from tests.support.process import start, stop, wait_ready
 
 CLIPDEX = Path(sys.executable).parent / "clipdex"
 # The tiny model on torch (no ONNX export to wait for), named by the environment as well.
@@ -58,30 +58,11 @@ def serve(env: dict[str, str], *flags: str, log: Path) -> Iterator[subprocess.Po
     """`clipdex serve` with only `env` of the CLIPDEX_ variables; stopped on leaving."""
     clean = {name: value for name, value in os.environ.items()
              if not name.startswith("CLIPDEX_")}
-    command = [str(CLIPDEX), "serve", *flags]
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, env={**clean, **MODEL_ENV, **env}, stdout=sink,
-                                   stderr=subprocess.STDOUT)
+    process = start([str(CLIPDEX), "serve", *flags], log, env={**clean, **MODEL_ENV, **env})
     try:
         yield process
     finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-def wait_ready(port: int, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"clipdex serve exited ({process.returncode}):\n"
-                                 f"{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"not ready on port {port} in {timeout} s:\n{log.read_text()[-3000:]}")
+        stop(process)
 
 
 def text_batch_sizes(metrics: str) -> tuple[float, float]:

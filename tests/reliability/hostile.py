@@ -33,8 +33,8 @@ from tests.reliability.overload import (
     memory_kib,
     sample_memory,
     start_service,
-    wait_ready,
 )
+from tests.support.process import stop, wait_ready
 
 READ, ADMIN = "hostile-read-key", "hostile-admin-key"
 # What no response may contain: an absolute path under the places the service lives, or a
@@ -538,12 +538,7 @@ class _service:
         return self.port, self.process.pid
 
     def __exit__(self, *exc: object) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except Exception:  # noqa: BLE001 - whatever happened, do not leave it running
-            self.process.kill()
-            self.process.wait()
+        stop(self.process)
 
 
 def failed_checks(result: dict[str, Any]) -> list[str]:

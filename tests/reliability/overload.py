@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
 import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -36,6 +34,7 @@ from bench.load import (
     open_loop,
     percentile_ms,
 )
+from tests.support.process import get_status, start, stop, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,32 +107,7 @@ def start_service(index: Path, port: int, options: ServeOptions, log: Path) -> s
     command = ([sys.executable, "-c", SLOWED_SERVE, str(options.model_delay_ms), *serve]
                if options.model_delay_ms > 0 else [sys.executable, "-m", "clipdex", *serve])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with log.open("wb") as sink:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
-
-
-def wait_ready(port: int, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the service exited ({process.returncode}):\n"
-                               f"{log.read_text()[-3000:]}")
-        if get_status(port, "/readyz") == 200:
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"the service was not ready in {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def get_status(port: int, path: str, timeout: float = 5.0) -> int:
-    """Status of GET `path`, 0 when the service cannot be reached."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        connection.request("GET", path)
-        return connection.getresponse().status
-    except OSError:
-        return 0
-    finally:
-        connection.close()
+    return start(command, log, env, ROOT)
 
 
 def model_summary(before: dict[str, float], after: dict[str, float], elapsed: float) -> dict:
@@ -222,12 +196,7 @@ def run_overload(seconds: float, factor: float = 4.0, *, options: ServeOptions =
                 summary["rss_peak_kib"] = max(summary["rss_peak_kib"],
                                               memory_kib(process.pid)["VmHWM"])
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
         summary.update(memory_figures(ready_kib, summary.pop("rss_peak_kib"), rss_allowance_mib))
         summary["exit_code"] = process.returncode  # -15: our SIGTERM; anything else: it died
         summary["service"] = {**asdict(options), "seconds": seconds, "factor": factor}
