@@ -8,21 +8,25 @@ line), is a text corpus searchable on its own. A webdataset `.tar` shard (img2da
 folder's shards are read too) gives an image per sample, its `.txt` / `.json` members read
 like the sidecars above, with the sample's key and shard name added to its metadata.
 
-Every image of a folder gets the fields `folder`, `file_name`, `modified`, `width`, `height`
-and, when its EXIF says, `taken`; a manifest's extra columns and a sidecar's keys are fields
+Every image of a folder gets the fields `folder`, `file_name`, `modified`, `file_size`,
+`sha256` (of its bytes: `index sync` knows a moved or only touched file by it), `width`,
+`height` and, when its EXIF says, `taken`; a manifest's extra columns and a sidecar's keys are fields
 too (CSV cells typed as `retrieval.inputs.captions.cell_value` says). See retrieval/fields/values.py.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from indexer.selection import EVERYTHING_VISIBLE, Selection
 from indexer.webdataset import TAR_EXTENSIONS, Sample, read_shard
+from retrieval.digest import sha256_file
 from retrieval.errors import ManifestError
 from retrieval.inputs.captions import (
     CAPTION_COLUMNS,
@@ -71,22 +75,26 @@ class Collection:
     images: list[ImageEntry]
     texts: list[TextEntry]
     problems: list[Skipped]
+    excluded: int = 0  # folder entries left out by `Selection` (counted, not listed)
 
     @property
     def num_captions(self) -> int:
         return sum(len(entry.captions) for entry in self.images)
 
 
-def collect(sources: Sequence[Path]) -> Collection:
+def collect(sources: Sequence[Path], selection: Selection = EVERYTHING_VISIBLE) -> Collection:
     """Read every source into one de-duplicated collection, in a stable order."""
     images: dict[Path, ImageEntry] = {}
     texts: list[TextEntry] = []
     problems: list[Skipped] = []
+    excluded = 0
     for source in map(Path, sources):
         if source.resolve() == DEMO_DIR.resolve():
             ensure_demo_corpus()  # a fresh clone has no data/demo: captions ship in the package
         if source.is_dir():
-            _merge(images, _scan_folder(source, problems))
+            found, left_out = _scan_folder(source, problems, selection)
+            _merge(images, found)
+            excluded += left_out
             for shard in sorted(source.rglob("*.tar")):
                 _merge(images, _shard_images(shard, problems))
             for manifest in sorted(p for p in source.iterdir()
@@ -105,7 +113,7 @@ def collect(sources: Sequence[Path]) -> Collection:
                                 "webdataset shard (.tar) or text corpus (.txt)")
         else:
             raise ManifestError(f"source {source} does not exist")
-    return Collection(list(images.values()), texts, problems)
+    return Collection(list(images.values()), texts, problems, excluded)
 
 
 def _merge(images: dict[Path, ImageEntry], found: Iterable[ImageEntry]) -> None:
@@ -118,24 +126,38 @@ def _merge(images: dict[Path, ImageEntry], found: Iterable[ImageEntry]) -> None:
         known.metadata.update(entry.metadata)
 
 
-def _scan_folder(folder: Path, problems: list[Skipped]) -> list[ImageEntry]:
+def _scan_folder(folder: Path, problems: list[Skipped], selection: Selection
+                 ) -> tuple[list[ImageEntry], int]:
+    """The folder's images (sidecars read, facts gathered) and how many entries the
+    selection left out."""
     entries = []
-    for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+    paths, excluded = selection.walk(folder)
+    for path in paths:
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
             captions, metadata = _sidecars(path, problems)
-            facts = _file_facts(path, folder)
+            facts = _file_facts(path, folder, selection.hash_files)
             entries.append(ImageEntry(path.resolve(), captions, {**facts, **metadata}))
-    return entries
+    return entries, excluded
 
 
-def _file_facts(path: Path, root: Path) -> dict[str, Any]:
+def _file_facts(path: Path, root: Path, content_hash: bool = True) -> dict[str, Any]:
     """What a folder tells about each image, as filterable fields (a sidecar's keys win):
     `folder` relative to the source root ("" at its top; never the server's own layout),
-    `file_name`, `modified` (UTC), and from the header `width`, `height` and `taken`."""
+    `file_name`, `modified` (UTC), `file_size`, `sha256` of the bytes (unless
+    `content_hash` is off: a sync hashes only the files it must), and from the header
+    `width`, `height` and `taken`."""
     folder = path.parent.relative_to(root).as_posix()
-    modified = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
-    return {"folder": "" if folder == "." else folder, "file_name": path.name,
-            "modified": modified.isoformat(timespec="seconds"), **header_facts(path)}
+    stat = path.stat()
+    facts = {"folder": "" if folder == "." else folder, "file_name": path.name,
+             "modified": modified_of(stat), "file_size": stat.st_size}
+    if content_hash:
+        facts["sha256"] = sha256_file(path)
+    return {**facts, **header_facts(path)}
+
+
+def modified_of(stat: os.stat_result) -> str:
+    """A file's modification time as stored in `modified` (UTC, whole seconds)."""
+    return datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat(timespec="seconds")
 
 
 def _sidecars(image: Path, problems: list[Skipped]) -> tuple[list[str], dict[str, Any]]:

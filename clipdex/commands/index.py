@@ -102,9 +102,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_inspection(actions: argparse._SubParsersAction) -> None:
-    from clipdex.commands import dedup
+    from clipdex.commands import dedup, sync
 
     dedup.add_parser(actions)
+    sync.add_parser(actions)
     info_parser = actions.add_parser("info", help="print the current generation's manifest")
     info_parser.add_argument("index", type=Path)
     info_parser.set_defaults(func=cmd_info)

@@ -9,6 +9,7 @@ tombstones (filtered inside FAISS by an IDSelector); compaction drops them.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections import OrderedDict
@@ -174,6 +175,15 @@ class Generation:
             if rows:
                 result[str(path)] = int(rows[0][0])
         return result
+
+    def image_files(self, folder: str) -> list[tuple[int, str, dict[str, Any]]]:
+        """(id, path, metadata) of the live images stored under `folder` (a resolved path),
+        in path order: what a sync compares with the folder (a range scan of the path index)."""
+        low = folder.rstrip("/") + "/"
+        rows = self._query("SELECT id, path, metadata FROM items WHERE deleted = 0 AND "
+                           "modality = 'image' AND path >= ? AND path < ? ORDER BY path",
+                           [low, low[:-1] + "0"])  # "0" is the character after "/"
+        return [(int(i), str(path), json.loads(metadata)) for i, path, metadata in rows]
 
     def ids_for_texts(self, texts: Iterable[str]) -> dict[str, int]:
         """Live free texts (not captions) by exact content, so re-adding a corpus is a no-op."""

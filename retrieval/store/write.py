@@ -5,10 +5,11 @@ committed atomically by `retrieval.store.commit`."""
 from __future__ import annotations
 
 import fcntl
+import json
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,9 @@ class Changes:
     delete_paths: Sequence[str] = ()  # live images by stored path
     compact: bool | None = None
     media_roots: Sequence[str | Path] = ()  # joining the parent's
+    # live images that keep their id and embedding under a new path and metadata (a file
+    # moved or renamed, or only touched: same content)
+    repath: dict[int, tuple[str, dict[str, Any]]] = field(default_factory=dict)
 
 
 def write_generation(root: Path, model: ModelIdentity,
@@ -117,13 +121,16 @@ def update_generation(root: Path, model: ModelIdentity, add: Sequence[ItemRecord
                       delete_ids: Iterable[int] = (), options: StoreOptions = DEFAULT_OPTIONS,
                       compact: bool | None = None, build_info: dict[str, Any] | None = None,
                       delete_paths: Sequence[str] = (),
-                      media_roots: Sequence[str | Path] = ()) -> str:
+                      media_roots: Sequence[str | Path] = (),
+                      repath: dict[int, tuple[str, dict[str, Any]]] | None = None) -> str:
     """Derive a new generation from CURRENT: append items (ids >= next_id, embeddings given),
     tombstone `delete_ids` and the live images stored under `delete_paths` (an image takes
     its captions along), and compact when asked or when tombstones pass
     `options.compact_ratio`. Nothing already stored is re-encoded. Returns its name.
-    `media_roots` join the parent's (the folders whose files may be served)."""
-    changes = Changes(list(add), add_vectors, delete_ids, delete_paths, compact, media_roots)
+    `media_roots` join the parent's (the folders whose files may be served); `repath` moves
+    live images to a new path and metadata, keeping their ids and embeddings."""
+    changes = Changes(list(add), add_vectors, delete_ids, delete_paths, compact, media_roots,
+                      repath or {})
     with _writer_lock(root):
         parent = open_generation(root, model.sha256, model.embed_dim)
         try:
@@ -135,9 +142,13 @@ def update_generation(root: Path, model: ModelIdentity, add: Sequence[ItemRecord
 def append_items(root: Path, model: ModelIdentity, records: Sequence[ItemRecord],
                  vectors: dict[str, np.ndarray], options: StoreOptions = DEFAULT_OPTIONS,
                  build_info: dict[str, Any] | None = None,
-                 media_roots: Sequence[str | Path] = (), unique_paths: bool = False) -> Appended:
+                 media_roots: Sequence[str | Path] = (), unique_paths: bool = False,
+                 delete_ids: Iterable[int] = (),
+                 repath: dict[int, tuple[str, dict[str, Any]]] | None = None) -> Appended:
     """Add `records` with ids allocated under the writer lock, so concurrent writers (an
-    `index add` and the service's admin API) never collide or fail on stale ids.
+    `index add` and the service's admin API) never collide or fail on stale ids. In the same
+    generation, `delete_ids` are tombstoned and `repath` moves live images to a new path
+    and metadata, keeping their ids and embeddings (what `index sync` writes).
 
     The records' ids are provisional: a contiguous block (any base; the builders in
     `retrieval.store.records` use one below every stored id) that is shifted to start at
@@ -161,7 +172,8 @@ def append_items(root: Path, model: ModelIdentity, records: Sequence[ItemRecord]
                 r.image_id + shift if r.image_id is not None and base <= r.image_id < end
                 else r.image_id)) for r in records]
             written = _derive(root, parent, model,
-                              Changes(placed, vectors, media_roots=media_roots), options,
+                              Changes(placed, vectors, delete_ids, media_roots=media_roots,
+                                      repath=repath or {}), options,
                               build_info or {})
         finally:
             parent.close()
@@ -191,7 +203,7 @@ def _derive(root: Path, parent: Generation, model: ModelIdentity, changes: Chang
         tables = {m: _grown_table(parent, m, [r for r in add if r.modality == m],
                                   vectors.get(m), doomed, scratch[m]) for m in MODALITIES}
         roots = media.cover([*media.recorded_roots(parent.manifest), *changes.media_roots])
-        return _commit_derived(root, parent, model, add, doomed, tables, changes.compact,
+        return _commit_derived(root, parent, model, add, doomed, tables, changes,
                                options, build_info, live, tuple(roots))
     finally:
         for path in [*scratch.values(), *live.values()]:
@@ -200,12 +212,13 @@ def _derive(root: Path, parent: Generation, model: ModelIdentity, changes: Chang
 
 def _commit_derived(root: Path, parent: Generation, model: ModelIdentity,
                     add: list[ItemRecord], doomed: set[int], tables: dict[str, Table],
-                    compact: bool | None, options: StoreOptions,
+                    changes: Changes, options: StoreOptions,
                     build_info: dict[str, Any], live: dict[str, Path],
                     media_roots: tuple[str, ...]) -> GenerationManifest:
     rows = sum(len(t.ids) for t in tables.values())
     dead = sum(int(t.deleted.sum()) for t in tables.values())
     on_disk = any(t.spec is not None and t.spec.kind == ann.DISK_KIND for t in tables.values())
+    compact, repath = changes.compact, _checked_repath(parent, changes.repath, doomed)
     if compact is None:  # never on its own for an index on disk: compacting retrains it
         compact = rows > 0 and dead / rows > options.compact_ratio and not on_disk
     if compact:  # an on-disk table's live rows go through `live` (a scratch file)
@@ -215,15 +228,30 @@ def _commit_derived(root: Path, parent: Generation, model: ModelIdentity,
     def fill(db: sqlite3.Connection) -> None:
         _copy_database(parent.items_path, db)
         insert(db, add)
+        db.executemany("UPDATE items SET path = ?, metadata = ? WHERE id = ?",
+                       ((path, json.dumps(meta, default=str), i) for i, (path, meta) in repath.items()))
         db.executemany("UPDATE items SET deleted = 1 WHERE id = ?", ((i,) for i in sorted(doomed)))
         if compact:
             db.execute("DELETE FROM items WHERE deleted = 1")
 
     info = {**build_info, "compacted": bool(compact), "deleted_now": len(doomed)}
-    changes = None if compact else ([r.id for r in add], sorted(doomed))
-    plan = Plan(model, next_id, parent.name, info, options.inheriting(parent.info), changes,
+    # a re-pathed item's words and fields change in place: the tables are rebuilt then
+    delta = None if compact or repath else ([r.id for r in add], sorted(doomed))
+    plan = Plan(model, next_id, parent.name, info, options.inheriting(parent.info), delta,
                 media_roots)
     return commit(root, plan, tables, fill)
+
+
+def _checked_repath(parent: Generation, repath: dict[int, tuple[str, dict[str, Any]]],
+                    doomed: set[int]) -> dict[int, tuple[str, dict[str, Any]]]:
+    """`repath` once every id in it is a live image that is not being deleted."""
+    ids = sorted(repath)
+    records = parent.items(ids)
+    bad = [i for i, record in zip(ids, records)
+           if record is None or record.modality != "image" or i in doomed]
+    if bad:
+        raise UnknownItemError(f"cannot move ids {bad[:10]}: not live images in {parent.name}")
+    return repath
 
 
 def _doomed(root: Path, parent: Generation, changes: Changes) -> set[int]:

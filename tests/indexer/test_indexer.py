@@ -65,9 +65,10 @@ def test_builds_from_a_folder_manifests_and_a_text_corpus(tmp_path, capsys):
         assert by_path["blue.png"].metadata == {"owner": "ann"}
         assert by_path["white.png"].metadata == {"year": 2020}
         assert generation.fields() == {
-            "file_name": "string", "folder": "string", "height": "number", "line": "number",
-            "modified": "datetime", "owner": "string", "site": "string", "source": "string",
-            "width": "number", "year": "number"}
+            "file_name": "string", "file_size": "number", "folder": "string",
+            "height": "number", "line": "number", "modified": "datetime", "owner": "string",
+            "sha256": "string", "site": "string", "source": "string", "width": "number",
+            "year": "number"}
         captions = [r for r in records if r.modality == "text" and r.image_id is not None]
         assert {generation.items([r.image_id])[0].path for r in captions} == {
             str(r.path) for r in by_path.values()}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from datetime import datetime, timezone
 
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 
 from indexer.sources import collect
+from retrieval.digest import sha256_file
 from retrieval.inputs.captions import cell_value
 from tests.conftest import make_image
 
@@ -24,12 +26,15 @@ def test_a_folder_gives_each_image_its_folder_name_time_size_and_exif_time(tmp_p
     rotated.save(root / "cam.jpg", exif=exif)
     os.utime(root / "cam.jpg", (1_700_000_000, 1_700_000_000))
     found = {entry.path.name: entry.metadata for entry in collect([root]).images}
+    beach, cam = root / "2024" / "trip" / "beach.png", root / "cam.jpg"
     assert found["beach.png"] == {
         "folder": "2024/trip", "file_name": "beach.png", "width": 64, "height": 32,
-        "modified": found["beach.png"]["modified"]}
+        "modified": found["beach.png"]["modified"], "file_size": beach.stat().st_size,
+        "sha256": sha256_file(beach)}
     assert found["cam.jpg"] == {
         "folder": "", "file_name": "cam.jpg", "width": 20, "height": 30,
-        "taken": "2024-06-01T12:30:00",
+        "taken": "2024-06-01T12:30:00", "file_size": cam.stat().st_size,
+        "sha256": hashlib.sha256(cam.read_bytes()).hexdigest(),
         "modified": datetime.fromtimestamp(1_700_000_000, timezone.utc).isoformat()}
 
 
@@ -39,7 +44,7 @@ def test_a_sidecar_key_wins_over_a_folder_fact_and_a_broken_image_keeps_its_name
     (tmp_path / "broken.png").write_bytes(b"not a png")
     found = {entry.path.name: entry.metadata for entry in collect([tmp_path]).images}
     assert found["a.png"]["folder"] == "albums/summer" and found["a.png"]["stars"] == 4
-    assert set(found["broken.png"]) == {"folder", "file_name", "modified"}
+    assert set(found["broken.png"]) == {"folder", "file_name", "modified", "file_size", "sha256"}
 
 
 @pytest.mark.parametrize("cell,value", [
