@@ -13,10 +13,11 @@ from api.errors import Problem
 from retrieval.errors import BadImageError
 from retrieval.inputs.images import DecodeLimits
 
-# GIF and animations: the first frame; MPO (phones' and cameras' multi-picture JPEG): the
-# primary image
-ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF")
-UPLOAD_MEDIA_TYPES = "image/jpeg, image/png, image/webp, image/gif"
+# GIF and animations: the first frame; MPO (phones' and cameras' multi-picture JPEG) and
+# HEIF (phones' HEIC): the primary image; AVIF: the first frame of a sequence
+ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "HEIF", "AVIF")
+UPLOAD_MEDIA_TYPES = "image/jpeg, image/png, image/webp, image/gif, image/heic, image/heif, " \
+    "image/avif"
 
 
 def upload_openapi(*fields: str) -> dict[str, Any]:

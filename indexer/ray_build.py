@@ -269,7 +269,7 @@ class _ShardSink:
 def image_transform(preprocess: Callable) -> Callable:
     """The decode tasks' half of `preprocess`: up to uint8 pixels when it ends in ToTensor +
     Normalize (the encoder normalises, as in the single-process path), else all of it."""
-    from retrieval.inputs.images import split_tensor_tail
+    from retrieval.inputs.tensors import split_tensor_tail
 
     split = split_tensor_tail(preprocess)
     return split[0] if split else preprocess

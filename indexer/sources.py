@@ -41,7 +41,8 @@ from retrieval.inputs.demo import DEMO_DIR, ensure_demo_corpus
 from retrieval.inputs.images import header_facts
 from retrieval.models.files import ImageFile, TarMember
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".mpo", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".mpo", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff",
+                    ".heic", ".heif", ".hif", ".avif"}
 MANIFEST_EXTENSIONS = {".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"}
 SIDECAR_CAPTION_KEYS = ("caption", "captions", "text", "texts")
 

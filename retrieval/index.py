@@ -66,7 +66,8 @@ from retrieval.store.readers import QUERY_SECONDS
 from retrieval.store.write import DEFAULT_OPTIONS
 
 # the file suffix an upload is kept under, by the format its bytes are sniffed as
-UPLOAD_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif"}
+UPLOAD_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif",
+                 "HEIF": ".heic", "AVIF": ".avif"}
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,21 @@ decoders allocate beside the raster:
   canvases of the full size when the file is opened: a 138-byte two-frame 6000x6000 WebP
   costs 275 MiB before a pixel is decoded. Its size is read from the RIFF header first;
 - animated WebP and PNG say how many frames they hold; only the first is ever decoded, and
-  files claiming more than `max_frames` are refused as malformed input.
+  files claiming more than `max_frames` are refused as malformed input;
+- HEIF (HEIC) and AVIF are ISOBMFF containers whose items each declare their size (`ispe`).
+  libheif refuses an HEVC stream coded larger than its item declares, but libavif lets dav1d
+  decode whatever size the AV1 sequence header names (up to 16384x16384): a 1 KB file that
+  declares 1000x1000 decoded a 64 MP picture here. So the largest picture any item declares,
+  or any AV1 item or track codes, is read from the boxes before a decoder runs.
 """
 
 from __future__ import annotations
 
 import math
-import mmap
 import struct
 from dataclasses import dataclass
+
+from retrieval.inputs.isobmff import Buffer, Unreadable, container_pictures
 
 _JPEG_STANDALONE = {0x01, *range(0xD0, 0xDA)}  # markers without a length field
 _SOS = 0xDA
@@ -35,9 +41,12 @@ class Structure:
     jpeg_scans: int = 0
     frames: int = 1
     webp_size: tuple[int, int] | None = None  # the canvas libwebp allocates at open
+    # HEIF and AVIF: the largest picture any item declares or any AV1 stream codes, each of
+    # which a decoder may decode whole; (0, 0) when the size of one cannot be read
+    coded_size: tuple[int, int] | None = None
+    coded_pixels: int = 0  # all those pictures together: a grid's tiles are each decoded whole
 
 
-Buffer = bytes | mmap.mmap  # an upload's bytes, or a file mapped without reading it all
 
 
 def inspect(data: Buffer, max_scans: int) -> Structure:
@@ -50,6 +59,17 @@ def inspect(data: Buffer, max_scans: int) -> Structure:
         return Structure(frames=frames, webp_size=size)
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return Structure(frames=png_frames(data))
+    if data[4:8] == b"ftyp":
+        try:
+            declared, coded, frames = container_pictures(data)
+        except Unreadable:
+            return Structure(coded_size=(0, 0))
+        pictures = declared + coded
+        largest = (0, 0) if (0, 0) in pictures else max(
+            pictures, key=lambda size: size[0] * size[1], default=None)
+        # an AV1 item both declares and codes its size: each list counts it once
+        total = max(sum(w * h for w, h in declared), sum(w * h for w, h in coded))
+        return Structure(frames=frames, coded_size=largest, coded_pixels=total)
     return Structure()
 
 

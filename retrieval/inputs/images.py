@@ -1,30 +1,28 @@
 """The one decoder of untrusted images (files for the indexer, uploads for the service): it
-turns whatever Pillow can open into a safe, upright 8-bit RGB image at a bounded cost."""
+turns whatever Pillow can open (HEIC/HEIF through pi-heif, AVIF through Pillow's own
+plugin, as well as its usual formats) into a safe, upright 8-bit RGB image at a bounded cost."""
 
 from __future__ import annotations
 
-import functools
 import io
 import mmap
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+from pi_heif import register_heif_opener
 from PIL import Image, ImageOps
 
 from retrieval.errors import BadImageError, ImageTooLargeError, UnsupportedImageError
 from retrieval.fields.values import parse_datetime
 from retrieval.heap import release_freed_memory
 from retrieval.inputs.imagecost import Structure, coefficient_bytes, inspect, webp_canvas_bytes
-
-if TYPE_CHECKING:  # torch is imported where tensors are made: decoding alone needs none
-    import torch
 
 DEFAULT_MAX_PIXELS = 50_000_000
 # Peak bytes one decode may allocate: the decoded raster plus its RGB conversion. Pillow keeps
@@ -36,6 +34,18 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 _BAND_ROWS = 256  # high-bit-depth images are scaled this many rows at a time
 _OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+# Bytes per pixel a HEIF or AVIF decode allocates beyond what the same image costs as a PNG:
+# the peak resident memory of `load_image` over 12 MP photographs here, less that of the same
+# pixels as a PNG of the same mode. libheif's YCbCr planes and output 0.3-0.5 (4:2:0 and
+# 4:4:4, 8 and 10 bits, grid or single, alpha); libavif's planes and the RGB bytes Pillow
+# copies out 2.3-4.0 at 8 bits, and a 10- or 12-bit 4:4:4 stream's planes hold 3 more.
+# Counted over every pixel coded (a grid's tiles too): a 48 MP iPhone HEIC, 50 MP of tiles,
+# stays under the default byte cap; a 48 MP AVIF needs a larger one.
+_CONTAINER_BYTES = {"HEIF": 1, "AVIF": 7}
+
+# Phones write HEIC. Only the primary image is ever decoded, so the thumbnails, depth maps
+# and auxiliary images a HEIC holds are not even listed when it is opened.
+register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 
 
 @dataclass(frozen=True)
@@ -218,7 +228,8 @@ def _open(source: str | Path | bytes, limits: DecodeLimits,
     (`retrieval.inputs.imagecost`): too many scans or frames, or a WebP canvas over the byte cap,
     is refused before any decoder sees the file."""
     if isinstance(source, bytes) and not source:
-        raise BadImageError("the image is empty; send a JPEG, PNG, WebP or GIF file")
+        raise BadImageError("the image is empty; send a JPEG, PNG, WebP, GIF, HEIC or AVIF "
+                            "file")
     structure = _structure(source, limits, name)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -251,7 +262,27 @@ def _structure(source: str | Path | bytes, limits: DecodeLimits, name: str) -> S
             raise ImageTooLargeError(
                 f"{name}: a {width}x{height} WebP needs about {cost / 2**20:,.0f} MiB to "
                 f"decode, over the {limits.max_bytes / 2**20:,.0f} MiB cap; downscale it")
+    if structure.coded_size is not None:
+        _check_pictures(structure, limits, name)
     return structure
+
+
+def _check_pictures(structure: Structure, limits: DecodeLimits, name: str) -> None:
+    """Refuse a HEIF or AVIF container any of whose pictures (the image, a grid's tile, an
+    alpha plane, what an AV1 stream codes) is over the pixel cap, or cannot be sized, or
+    whose pictures together are: libheif decodes every tile of a grid whole, those outside
+    the image too, so a 100x100 image can cost many megapixels."""
+    width, height = structure.coded_size or (0, 0)
+    if width * height == 0:
+        raise BadImageError(f"{name}: the size of a picture in this HEIF or AVIF file cannot "
+                            "be read; save it again")
+    if width * height > limits.max_pixels:
+        raise ImageTooLargeError(f"{name}: it holds a {width}x{height} picture, over the "
+                                 f"pixel cap of {limits.max_pixels:,}; downscale it")
+    if structure.coded_pixels > limits.max_pixels:
+        raise ImageTooLargeError(f"{name}: its pictures (a grid's tiles each decoded whole) "
+                                 f"hold {structure.coded_pixels:,} pixels, over the pixel cap "
+                                 f"of {limits.max_pixels:,}; save it again or downscale it")
 
 
 def _check_work(image: Image.Image, structure: Structure, limits: DecodeLimits,
@@ -271,7 +302,17 @@ def _check_work(image: Image.Image, structure: Structure, limits: DecodeLimits,
         return coefficient_bytes(width, height, sampling)
     if structure.webp_size is not None:
         return webp_canvas_bytes(width, height)
+    if structure.coded_size is not None:
+        return _container_bytes(image, structure.coded_pixels)
     return 0
+
+
+def _container_bytes(image: Image.Image, coded_pixels: int) -> int:
+    """What a HEIF or AVIF decode allocates beside the raster, over every pixel it decodes:
+    the image's, or all its coded pictures' (a grid's tiles are decoded whole)."""
+    width, height = image.size
+    pixels = max(width * height, coded_pixels)
+    return _CONTAINER_BYTES.get(str(image.format), max(_CONTAINER_BYTES.values())) * pixels
 
 
 def check_header(image: Image.Image, limits: DecodeLimits, name: str, extra: int = 0) -> None:
@@ -313,84 +354,3 @@ def model_pixels(image: bytes | Image.Image, preprocess: Callable, limits: Decod
     if large:
         release_freed_memory()
     return pixels
-
-
-def split_tensor_tail(preprocess: Any) -> tuple[Callable, tuple[float, ...], tuple[float, ...]] | None:
-    """Split an open_clip-style `Compose([..PIL steps.., ToTensor, Normalize])` into
-    (PIL steps followed by a uint8 CHW tensor, mean, std); None for any other shape.
-
-    Decoding workers then ship uint8 (a quarter of the bytes through shared memory) and
-    skip the per-image float conversion, which cost as much as the resize; the batch is
-    converted and normalised in one vectorised step where it is encoded (on the GPU there).
-    When the PIL steps are open_clip's usual resize and centre crop, they run on the uint8
-    tensor instead (`_tensor_steps`).
-    """
-    steps = list(getattr(preprocess, "transforms", []))
-    if len(steps) < 2 or type(steps[-2]).__name__ not in ("ToTensor", "MaybeToTensor"):
-        return None
-    normalize = steps[-1]
-    if type(normalize).__name__ != "Normalize":
-        return None
-    head = steps[:-2]
-    on_tensor = _tensor_steps(head)
-
-    def to_uint8(image: Image.Image) -> torch.Tensor:
-        if on_tensor is not None and image.mode == "RGB":
-            pixels = _chw(image)
-            for step in on_tensor:
-                pixels = step(pixels)
-            return pixels.contiguous()
-        for step in head:
-            image = step(image)
-        if not isinstance(image, Image.Image) or image.mode != "RGB":
-            raise BadImageError(f"preprocessing gave {type(image).__name__} "
-                                f"{getattr(image, 'mode', '')}, expected an RGB image")
-        return _chw(image)
-
-    return to_uint8, tuple(map(float, normalize.mean)), tuple(map(float, normalize.std))
-
-
-def _chw(image: Image.Image) -> torch.Tensor:
-    """An RGB image as a (3, H, W) uint8 tensor that owns its pixels."""
-    import torch
-
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-def _tensor_steps(head: Sequence[Any]) -> list[Callable] | None:
-    """PIL steps that torchvision runs the same way on a uint8 tensor (bicubic or bilinear
-    antialiased resize, centre crop; an RGB conversion is a no-op on an RGB image), else
-    None. torchvision's v2 uint8 resize is vectorised: 0.55 ms for a 512-pixel photograph
-    where Pillow's bicubic takes 2-3 ms, the largest cost of decoding a PNG after inflating
-    it. Pixels differ from Pillow's by a rounding, embeddings by a cosine above 0.9999
-    (tests/retrieval/test_pipeline.py)."""
-    from torchvision import transforms
-    from torchvision.transforms.v2 import functional
-
-    modes = (transforms.InterpolationMode.BICUBIC, transforms.InterpolationMode.BILINEAR)
-    steps: list[Callable] = []
-    for step in head:
-        if type(step).__name__ == "MaybeConvertMode" and getattr(step, "mode", "") == "RGB":
-            continue
-        if isinstance(step, transforms.Resize) and step.interpolation in modes \
-                and step.antialias is not False:
-            steps.append(functools.partial(functional.resize, size=step.size,
-                                           interpolation=step.interpolation,
-                                           max_size=step.max_size, antialias=True))
-        elif isinstance(step, transforms.CenterCrop):
-            steps.append(functools.partial(functional.center_crop, output_size=step.size))
-        else:
-            return None
-    return steps
-
-
-def normalise_uint8(pixels: torch.Tensor, mean: Sequence[float],
-                    std: Sequence[float]) -> torch.Tensor:
-    """(n, 3, H, W) uint8 -> float32, exactly as ToTensor then Normalize would compute it."""
-    import torch
-
-    values = pixels.float().div_(255)
-    shape = (1, -1, 1, 1)
-    mean_t = torch.as_tensor(mean, dtype=values.dtype, device=values.device).view(shape)
-    std_t = torch.as_tensor(std, dtype=values.dtype, device=values.device).view(shape)
-    return values.sub_(mean_t).div_(std_t)

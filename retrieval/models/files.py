@@ -19,13 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from retrieval.errors import BadImageError
 from retrieval.inputs.captions import Skipped
-from retrieval.inputs.images import (
-    DEFAULT_MAX_PIXELS,
-    DecodeLimits,
-    draft_side_of,
-    load_image,
-    split_tensor_tail,
-)
+from retrieval.inputs.images import DEFAULT_MAX_PIXELS, DecodeLimits, draft_side_of, load_image
+from retrieval.inputs.tensors import split_tensor_tail
 from retrieval.models.clip import ClipModel
 from retrieval.models.inference import encode_image_batch
 

@@ -24,9 +24,8 @@ from retrieval.inputs.images import (
     ImageInput,
     draft_side_of,
     load_image,
-    normalise_uint8,
-    split_tensor_tail,
 )
+from retrieval.inputs.tensors import normalise_uint8, split_tensor_tail
 from retrieval.models.choices import PRECISIONS
 from retrieval.models.clip import ClipModel, Towers
 from retrieval.models.text import text_features, text_trims, trim_padding

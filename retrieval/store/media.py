@@ -24,12 +24,13 @@ from typing import Any
 
 from PIL import Image
 
+from retrieval.inputs import images as _registers_heic  # noqa: F401  (sniff opens HEIC)
 from retrieval.store import layout
 
 # Formats the indexer decodes and browsers show; anything else is not served as an image.
 SERVABLE_FORMATS = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png",
                     "GIF": "image/gif", "WEBP": "image/webp", "BMP": "image/bmp",
-                    "TIFF": "image/tiff"}
+                    "TIFF": "image/tiff", "HEIF": "image/heic", "AVIF": "image/avif"}
 
 
 def real(path: str | Path) -> Path:

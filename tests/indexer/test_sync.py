@@ -23,6 +23,7 @@ from retrieval.fields.filters import parse_filter
 from retrieval.models.inference import encode_images
 from retrieval.store import open_generation
 from tests.conftest import COLOURS, make_image
+from tests.support.formats import encoded
 
 CONFIG = BuildConfig(workers=0)
 
@@ -57,14 +58,16 @@ def test_a_sync_follows_edits_deletions_moves_and_new_files(album, tiny):
     os.utime(photos / "yellow.png", (1_800_000_000, 1_800_000_000))  # touched
     make_image(photos / "white.png", COLOURS["white"])  # new
     make_image(photos / "trips" / "black.png", COLOURS["black"])  # new
+    (photos / "phone.heic").write_bytes(encoded(Image.new("RGB", (64, 48), COLOURS["orange"]),
+                                                "HEIF"))  # new, as a phone writes it
 
     report = sync([photos], index, lambda: tiny, CONFIG)
 
-    assert (report.added, report.changed, report.moved, report.removed) == (2, 1, 1, 1)
+    assert (report.added, report.changed, report.moved, report.removed) == (3, 1, 1, 1)
     assert (report.unchanged, report.touched) == (2, 1) and report.generation is not None
     after = ids_by_name(index)
     assert set(after) == {"red.png", "sea.png", "yellow.png", "purple.png", "white.png",
-                          "black.png"}
+                          "black.png", "phone.heic"}
     assert after["sea.png"] == before["blue.png"]  # moved: same id, same embedding
     assert after["yellow.png"] == before["yellow.png"] and after["purple.png"] == before[
         "purple.png"]
@@ -83,7 +86,7 @@ def test_a_sync_follows_edits_deletions_moves_and_new_files(album, tiny):
             "image", parse_filter({"field": "folder", "eq": "trips"}, generation.fields()))
         ) == {after["sea.png"], after["black.png"]}
     again = sync([photos], index, never, CONFIG)
-    assert again.generation is None and again.unchanged == 6  # nothing to do: no generation
+    assert again.generation is None and again.unchanged == 7  # nothing to do: no generation
 
 
 def test_a_dry_run_reports_and_writes_nothing(album):

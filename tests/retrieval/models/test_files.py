@@ -8,7 +8,7 @@ import os
 import numpy as np
 import torch
 
-from retrieval.inputs.images import _tensor_steps, split_tensor_tail
+from retrieval.inputs.tensors import _tensor_steps, split_tensor_tail
 from retrieval.models.files import encode_image_files, iter_image_batches
 from retrieval.models.inference import encode_image_batch
 from tests.conftest import COLOURS, make_image
