@@ -153,5 +153,7 @@ def _paging(body: SearchTextRequest | SearchVectorRequest | SearchMultiRequest
             ) -> dict[str, Any]:
     return {"target": body.target, "k": body.k, "threshold": body.threshold,
             "cursor": body.cursor, "filter": body.filter, "mode": body.mode,
-            "keywords": body.keywords, "dedup": body.dedup, "min_relevance": body.min_relevance}
+            "keywords": body.keywords, "dedup": body.dedup, "min_relevance": body.min_relevance,
+            "order_by": body.order_by, "descending": body.descending,
+            "candidates": body.candidates}
 

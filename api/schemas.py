@@ -74,6 +74,13 @@ class _Paged(BaseModel):
     min_relevance: float | None = Field(None, ge=0.0, le=1.0, description=(
         "vector mode, text to image or image to text, with a calibrated model: stop where a "
         "hit's relevance (the probability it truly matches) falls below this"))
+    order_by: str | None = Field(None, min_length=1, max_length=64, description=(
+        "vector mode: a date field (taken, modified, ...): the relevant hits (above "
+        "min_relevance, else the best `candidates` by score) in date order, each with its "
+        "score and relevance"))
+    descending: bool = Field(True, description="with order_by: newest first (false: oldest)")
+    candidates: int = Field(500, ge=1, le=10_000, description=(
+        "with order_by: how many of the best hits by score are re-ordered"))
 
 
 class SearchTextRequest(_Paged):

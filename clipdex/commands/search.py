@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     search.add_argument("--mode", choices=("vector", "keyword", "hybrid"), default="vector",
                         help="vector (embeddings), keyword (BM25 over captions, texts, file "
                              "names, metadata) or hybrid (both, fused); default: %(default)s")
+    search.add_argument("--order-by", default=None, metavar="FIELD",
+                        help="a date field (taken, modified): the relevant hits newest first")
+    search.add_argument("--oldest-first", action="store_true", help="with --order-by")
     search.add_argument("--json", action="store_true", help="print the hits as JSON")
     model_options(search)
     search.set_defaults(func=cmd_search)
@@ -50,7 +53,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                                                    backend=args.backend)) as index:
         result = index.search(Query(tuple(terms), target=target, k=args.k,
                                     threshold=args.threshold, filter=args.filter,
-                                    mode=args.mode))
+                                    mode=args.mode, order_by=args.order_by,
+                                    descending=not args.oldest_first))
     rows = [_row(rank, hit) for rank, hit in enumerate(result.hits, start=1)]
     if args.json:
         print(json.dumps({"generation": result.generation, "hits": rows}, indent=2))

@@ -67,6 +67,11 @@ class Query:
     keywords: str | None = None  # the words for keyword/hybrid (default: the text terms)
     dedup: bool = False  # collapse near-duplicates among a page's hits (retrieval.search.dedup)
     min_relevance: float | None = None  # cut where the calibrated relevance falls below it
+    # a date field: the relevant hits (above min_relevance, else the best `candidates` by
+    # score) in date order, newest first unless `descending` is False (retrieval.search.dates)
+    order_by: str | None = None
+    descending: bool = True
+    candidates: int = 500
 
     def __post_init__(self) -> None:
         if self.target not in MODALITIES:
@@ -87,6 +92,11 @@ class Query:
                                     f"{self.min_relevance}")
         if self.min_relevance is not None and self.mode != "vector":
             raise InvalidQueryError("min_relevance applies to vector-mode scores only")
+        if self.order_by is not None and self.mode != "vector":
+            raise InvalidQueryError("order_by re-orders the relevant hits of a vector-mode "
+                                    f"query, not {self.mode}")
+        if not 1 <= self.candidates <= 10_000:
+            raise InvalidQueryError(f"candidates must be 1 to 10000, got {self.candidates}")
 
     def query_modality(self) -> str | None:
         """'text' or 'image' when every term is of that kind (what a relevance calibration
@@ -129,6 +139,8 @@ class Query:
             more += (self.mode, self.keyword_text())
         if self.dedup or self.min_relevance is not None:
             more += (f"dedup={self.dedup}", f"min_relevance={self.min_relevance}")
+        if self.order_by is not None:
+            more += (f"order_by={self.order_by}", self.descending, self.candidates)
         return query_fingerprint(terms, self.target, self.threshold, self.extra, *more)
 
 

@@ -26,7 +26,7 @@ from retrieval.errors import (
 )
 from retrieval.fields.filters import Filter, parse_filter
 from retrieval.models.choices import MODALITIES
-from retrieval.search import refine
+from retrieval.search import dates, refine
 from retrieval.search.calibration import Calibration
 from retrieval.search.cursor import Cursor, decode_cursor, encode_cursor
 from retrieval.search.hybrid import HYBRID_DEPTH, fuse
@@ -158,16 +158,31 @@ class Searcher:
         if served + query.k > self.max_depth:
             raise TooDeepError(f"paging stops at {self.max_depth} hits; narrow the query or "
                                "raise the threshold")
-        if vector is not None and query.mode == "vector":
-            page = self.page(query.target, vector, query.k, query.threshold, after, served,
-                             within)
+        if query.order_by is not None:
+            page = self.dated(query, vector, within, served)
+        elif vector is not None and query.mode == "vector":
+            page = self.refined(query, vector, self.page(
+                query.target, vector, query.k, query.threshold, after, served, within))
         else:
             ranked = self.keyword_hits(query, vector, where, within, served + query.k + SLACK)
-            page = cut_page(ranked, query.k, after, served)
-        page = self.refined(query, vector, page)
+            page = self.refined(query, vector, cut_page(ranked, query.k, after, served))
         token = (encode_cursor(Cursor(name, fingerprint, page.after, page.served))
                  if page.after is not None else None)
         return Result(page.hits, name, token, round((time.perf_counter() - started) * 1000, 3))
+
+    def dated(self, query: Query, vector: Vector | None, within: np.ndarray | None,
+              served: int) -> Page:
+        """A page of the relevant hits in date order (retrieval/search/dates.py): the same
+        candidates on every page, so paging by position is stable."""
+        dates.check_date_field(str(query.order_by), self.generation.fields())
+        assert vector is not None  # vector mode: Query checks it
+        best = self.page(query.target, vector, query.candidates, query.threshold, None, 0,
+                         within)
+        relevant = self.refined(query, vector, best).hits
+        ordered = dates.in_date_order(relevant, str(query.order_by), query.descending)
+        hits = ordered[served:served + query.k]
+        more = served + len(hits) < len(ordered)
+        return Page(hits, (hits[-1].score, hits[-1].id) if more else None, served + len(hits))
 
     def refined(self, query: Query, vector: Vector | None, page: Page) -> Page:
         """Relevance (and the min_relevance cut) when the model has a calibration for this

@@ -4,6 +4,7 @@ stored embeddings, as a table or as JSON."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -79,3 +80,19 @@ def test_keyword_and_hybrid_modes_answer(index, mode, capsys):
                  "--mode", mode, "--json"]) == 0
     top = json.loads(capsys.readouterr().out)["hits"][0]
     assert top["what"].endswith("purple.png") and top["keyword_rank"] == 1
+
+
+def test_order_by_gives_the_relevant_hits_oldest_first_when_asked(index, capsys):
+    root, folder = index
+    for day, name in enumerate(COLOURS):  # each file's modification time, a day apart
+        stamp = 1_700_000_000 + 86_400 * day
+        os.utime(folder / f"{name}.png", (stamp, stamp))
+    rebuilt = root.parent / "dated-index"
+    assert main(["index", "build", str(folder), "--out", str(rebuilt), "--model",
+                 "clipdex-tiny", "--device", "cpu", "--workers", "0"]) == 0
+    capsys.readouterr()
+    assert main(["search", "--index", str(rebuilt), "a red square", "--model", "clipdex-tiny",
+                 "-k", "8", "--json", "--order-by", "modified", "--oldest-first"]) == 0
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    modified = [hit["metadata"]["modified"] for hit in hits]
+    assert len(hits) == 8 and modified == sorted(modified)

@@ -19,7 +19,8 @@ def colour_records(image_paths: dict[str, Path]) -> list[ItemRecord]:
     return linked_records(images, texts, start_id=0)
 
 
-def _encode(clip, records: list[ItemRecord], image_paths: dict[str, Path]) -> dict[str, Any]:
+def encode_records(clip, records: list[ItemRecord], image_paths: dict[str, Path]
+                   ) -> dict[str, Any]:
     from retrieval.models.inference import encode_images, encode_texts
 
     return {"image": encode_images(clip, list(image_paths.values())),
@@ -29,7 +30,8 @@ def _encode(clip, records: list[ItemRecord], image_paths: dict[str, Path]) -> di
 def colour_generation(clip, image_paths: dict[str, Path], name: str = "g1") -> InMemoryGeneration:
     """The records of `colour_records`, encoded by `clip`, in an exact in-memory generation."""
     records = colour_records(image_paths)
-    return InMemoryGeneration(name, clip.embed_dim, records, _encode(clip, records, image_paths))
+    return InMemoryGeneration(name, clip.embed_dim, records,
+                              encode_records(clip, records, image_paths))
 
 
 def build_index(root: Path, clip, image_paths: dict[str, Path]) -> Path:
@@ -40,6 +42,6 @@ def build_index(root: Path, clip, image_paths: dict[str, Path]) -> Path:
 
     resolved = {colour: path.resolve() for colour, path in image_paths.items()}
     records = colour_records(resolved)
-    write_generation(root, model_identity(clip), records, _encode(clip, records, resolved),
+    write_generation(root, model_identity(clip), records, encode_records(clip, records, resolved),
                      media_roots={path.parent for path in resolved.values()})
     return root
