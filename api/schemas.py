@@ -79,8 +79,8 @@ class _Paged(BaseModel):
         "min_relevance, else the best `candidates` by score) in date order, each with its "
         "score and relevance"))
     descending: bool = Field(True, description="with order_by: newest first (false: oldest)")
-    candidates: int = Field(500, ge=1, le=10_000, description=(
-        "with order_by: how many of the best hits by score are re-ordered"))
+    candidates: Annotated[int, Field(ge=1, le=10_000, description=(
+        "with order_by: how many of the best hits by score are re-ordered")), INTEGRAL] = 500
 
 
 class SearchTextRequest(_Paged):
