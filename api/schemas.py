@@ -75,9 +75,9 @@ class _Paged(BaseModel):
         "vector mode, text to image or image to text, with a calibrated model: stop where a "
         "hit's relevance (the probability it truly matches) falls below this"))
     order_by: str | None = Field(None, min_length=1, max_length=64, description=(
-        "vector mode: a date field (taken, modified, ...): the relevant hits (above "
-        "min_relevance, else the best `candidates` by score) in date order, each with its "
-        "score and relevance"))
+        "vector mode: a date field (taken, modified, ...): the relevant hits (the best "
+        "`candidates` by score, cut at min_relevance) in date order, each with its score "
+        "and relevance"))
     descending: bool = Field(True, description="with order_by: newest first (false: oldest)")
     candidates: Annotated[int, Field(ge=1, le=10_000, description=(
         "with order_by: how many of the best hits by score are re-ordered")), INTEGRAL] = 500

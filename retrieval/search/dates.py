@@ -1,7 +1,7 @@
 """Date order among the relevant hits: what people ask of a photo search first ("the beach,
 newest first"). A flat score cutoff fails there (a vague query's true matches score low), so
-the set is the relevant hits, chosen as a ranked search chooses them (above `min_relevance`
-on a calibrated model, else the best `candidates` by score), and only their order changes.
+the set is the relevant hits, chosen as a ranked search chooses them (the best `candidates`
+by score, cut at `min_relevance` on a calibrated model), and only their order changes.
 Each hit keeps its score and relevance; hits without the date come last, in score order.
 """
 

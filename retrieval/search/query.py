@@ -67,8 +67,8 @@ class Query:
     keywords: str | None = None  # the words for keyword/hybrid (default: the text terms)
     dedup: bool = False  # collapse near-duplicates among a page's hits (retrieval.search.dedup)
     min_relevance: float | None = None  # cut where the calibrated relevance falls below it
-    # a date field: the relevant hits (above min_relevance, else the best `candidates` by
-    # score) in date order, newest first unless `descending` is False (retrieval.search.dates)
+    # a date field: the relevant hits (the best `candidates` by score, cut at min_relevance)
+    # in date order, newest first unless `descending` is False (retrieval.search.dates)
     order_by: str | None = None
     descending: bool = True
     candidates: int = 500
