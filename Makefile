@@ -21,8 +21,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The browser test needs Debian's Chromium; install it when we may, else the test skips.
+# The README's tour runs curl (installed when missing and we may); the browser test needs
+# Debian's Chromium, installed when we may, else that test skips.
 browser:
+	@command -v curl >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	       && (apt-get install -y -qq curl >/dev/null 2>&1 \
+	           || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq curl >/dev/null 2>&1)); } \
+	  || echo "curl is not installed and cannot be installed here: the README tour test will fail"
 	@command -v chromium >/dev/null 2>&1 \
 	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
 	       && (apt-get install -y -qq chromium >/dev/null 2>&1 \

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from indexer.build import Job, media_roots, skip_kind
+from indexer.build import Job, media_roots
 from indexer.config import DEFAULT_CONFIG, BuildConfig
 from indexer.selection import EVERYTHING_VISIBLE, Selection
 from indexer.shards import staged, streamed_records
@@ -30,7 +30,7 @@ from indexer.sources import Collection, ImageEntry, collect
 from retrieval.digest import sha256_file
 from retrieval.errors import ManifestError
 from retrieval.models.clip import ClipModel
-from retrieval.models.identity import model_identity
+from retrieval.models.identity import ModelIdentity, model_identity
 from retrieval.progress import ProgressFactory
 from retrieval.store import (
     PROVISIONAL_BASE,
@@ -83,8 +83,7 @@ def sync(sources: Sequence[Path], index: Path, load: Callable[[], ClipModel],
     when something must be encoded."""
     started = time.perf_counter()
     folders = _checked_folders(sources)
-    collection = collect(folders, Selection(selection.exclude, selection.include_hidden,
-                                            hash_files=False))
+    collection = collect(folders, replace(selection, hash_files=False))
     collection.images = [entry for entry in collection.images if entry.member is None]
     built = read_generation_manifest(index)
     with open_generation(index, built.model.sha256, built.model.embed_dim) as current:
@@ -94,8 +93,8 @@ def sync(sources: Sequence[Path], index: Path, load: Callable[[], ClipModel],
     report = SyncReport(excluded=collection.excluded, dry_run=dry_run)
     plan = _compare(collection.images, stored, report)
     if not plan.empty and not dry_run:
-        report.generation = _write(index, plan, collection, load, config, parent, progress,
-                                   folders, report)
+        report.generation = _write(index, built.model, plan, collection, load, config, parent,
+                                   progress, folders, report)
     report.seconds = round(time.perf_counter() - started, 2)
     return report
 
@@ -143,9 +142,9 @@ def _compare(found: list[ImageEntry], stored: dict[str, Stored], report: SyncRep
         else:
             plan.repath[item_id] = (str(entry.path), entry.metadata)
             report.moved += 1
-    moved = set(plan.repath)
-    plan.delete += [item_id for item_id, _ in stored.values() if item_id not in moved]
-    report.removed = len(stored) - sum(1 for item_id, _ in stored.values() if item_id in moved)
+    gone = [item_id for item_id, _ in stored.values() if item_id not in plan.repath]
+    plan.delete += gone
+    report.removed = len(gone)
     return plan
 
 
@@ -161,12 +160,12 @@ def _hashed(entry: ImageEntry) -> str:
     return str(entry.metadata["sha256"])
 
 
-def _write(index: Path, plan: Plan, collection: Collection, load: Callable[[], ClipModel],
-           config: BuildConfig, parent: str, progress: ProgressFactory | None,
-           folders: list[Path], report: SyncReport) -> str:
+def _write(index: Path, identity: ModelIdentity, plan: Plan, collection: Collection,
+           load: Callable[[], ClipModel], config: BuildConfig, parent: str,
+           progress: ProgressFactory | None, folders: list[Path], report: SyncReport) -> str:
     """Encode what is new or changed (a resumable job) and write one generation: the new
-    items, the deletions and the moves together, under the store's writer lock."""
-    identity = read_generation_manifest(index).model
+    items, the deletions and the moves together, under the store's writer lock. `identity`:
+    the model the index was built with (a loaded model must match it)."""
     info = {"action": "sync", "sources": [str(f) for f in folders], **report.as_json()}
     if not plan.encode:
         return update_generation(index, identity, delete_ids=plan.delete,
@@ -176,10 +175,9 @@ def _write(index: Path, plan: Plan, collection: Collection, load: Callable[[], C
     identity = model_identity(clip)
     work = Collection(plan.encode, [], [])
     job = Job(index, identity, work, config, parent=parent)
+    started = time.perf_counter()
     encoded = job.run(clip, progress=progress)
     problems = collection.problems + encoded.problems()
-    for problem in problems:
-        report.skipped[skip_kind(problem)] = report.skipped.get(skip_kind(problem), 0) + 1
     added = streamed_records(work.images, job.texts, encoded, PROVISIONAL_BASE)
     records = [record for batch in added.batches() for record in batch]
     with staged(job.work, index, encoded, clip.embed_dim) as vectors:
@@ -187,5 +185,5 @@ def _write(index: Path, plan: Plan, collection: Collection, load: Callable[[], C
                                 media_roots(folders, work, problems), delete_ids=plan.delete,
                                 repath=plan.repath)
     counts = {m: len(ids) for m, ids in added.ids.items()}
-    job.finish(appended.manifest, counts, problems, time.perf_counter())
+    report.skipped = job.finish(appended.manifest, counts, problems, started).skipped
     return appended.generation

@@ -38,6 +38,7 @@ from retrieval.errors import (
     IndexStoreError,
     ModelLoadError,
 )
+from retrieval.fields.values import check_metadata
 from retrieval.inputs.images import DecodeLimits, image_format
 from retrieval.models.clip import ClipModel
 from retrieval.models.identity import ModelIdentity, external_note
@@ -172,7 +173,7 @@ class Index:
         DuplicateItemError says so rather than dropping them."""
         model, root = self.write_model(), self._root()
         captions = [caption.strip() for caption in captions if caption.strip()]
-        records = image_with_captions("", captions, metadata)  # checks the metadata first
+        check_metadata(metadata or {})  # before the bytes are sniffed, encoded or kept
         stored = upload_path(data, UPLOAD_SUFFIX[image_format(data, limits or DecodeLimits())])
         existing = self.generation.ids_for_paths([stored]).get(stored)
         if existing is not None:

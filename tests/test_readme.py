@@ -205,7 +205,6 @@ def test_the_library_snippet_prints_ranked_hits(tour, capsys):
     assert scores == sorted(scores, reverse=True)
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_the_curl_calls_answer_from_a_running_service(tour):
     wait_ready(tour)
     answers = {}
